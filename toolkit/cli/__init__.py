@@ -1,0 +1,103 @@
+"""The bookgen-kit command line: a root group whose commands are imported only when invoked.
+
+Commands only parse options, call the library and render. Every failure reaches
+the user as one line on stderr (``bookgen-kit: error: ...`` and a hint) with the
+exit code of its KitError class; a bug adds a traceback to a crash log.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import click
+
+from toolkit import __version__
+from toolkit.cli.output import Output, current_output, report_bug, report_error
+from toolkit.errors import EXIT_BUG, EXIT_USAGE, KitError
+
+# name -> (module, attribute, one-line help). The help lives here so that
+# `bookgen-kit --help` lists every command without importing any of them.
+COMMANDS: Dict[str, Tuple[str, str, str]] = {
+    "version": ("toolkit.cli.version", "version_command",
+                "Show the version, build id, baked-in recipients and the targets inside the pyz."),
+    "self-check": ("toolkit.cli.selfcheck", "self_check_command",
+                   "Check what this run trusts: pyz, interpreter, native code, environment."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a command's module only when that command runs."""
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None:
+            return None
+        import importlib
+
+        module_name, attribute, _ = entry
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo("bookgen-kit %s" % __version__)
+    ctx.exit(0)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "json_output", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only results and errors.")
+@click.option("--no-color", is_flag=True, help="No colour (also when NO_COLOR is set).")
+@click.option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
+@click.pass_context
+def cli(ctx: click.Context, json_output: bool, quiet: bool, no_color: bool, verbose: int) -> None:
+    """bookgen-kit: offline forensics and recovery for BookGen hosts."""
+    output = current_output()
+    output.json = output.json or json_output
+    output.quiet = quiet
+    output.no_color = output.no_color or no_color
+    output.verbose = verbose
+    ctx.obj = output
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the console script and the zipapp; returns the exit code."""
+    output = current_output()
+    args = list(sys.argv[1:] if argv is None else argv)
+    output.verbose = sum(1 for a in args if a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}))
+    output.json = "--json" in args
+    try:
+        result = cli.main(args=args, prog_name="bookgen-kit", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.exceptions.Abort:
+        click.echo("bookgen-kit: aborted", err=True)
+        return EXIT_USAGE
+    except click.ClickException as error:
+        report_error(output, "usage", error.format_message(), "see `bookgen-kit --help`", EXIT_USAGE)
+        return EXIT_USAGE
+    except KitError as error:
+        report_error(output, type(error).__name__, error.message, error.hint, error.exit_code, error)
+        return error.exit_code
+    except KeyboardInterrupt:
+        click.echo("bookgen-kit: interrupted", err=True)
+        return 130
+    except Exception as error:  # a bug: one line for the user, the traceback in a crash log
+        report_bug(output, error)
+        return EXIT_BUG
+    return result if isinstance(result, int) else 0
+
+
+__all__ = ["cli", "main", "Output", "COMMANDS"]

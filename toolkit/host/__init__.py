@@ -1,0 +1,1 @@
+"""Reading the host safely: files, processes, system facts, host programs."""
