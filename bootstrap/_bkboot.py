@@ -434,7 +434,8 @@ def read_build_info(archive=None):
     return json.loads(_BundledFiles(archive).read("BUILD.json").decode("utf-8"))
 
 
-def main():
+def setup():
+    """Everything but running the CLI: target, sys.path, importers."""
     archive = _archive_path()
     STATE["archive"] = archive
     STATE["reexec"] = os.environ.pop("BOOKGEN_KIT_REEXEC", None) == "1"
@@ -453,6 +454,10 @@ def main():
     position = next((i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder), len(sys.meta_path))
     sys.meta_path.insert(position, tree)
     sys.meta_path.append(_BundledDistributions(files, tree, target.get("metadata_overlay")))
+
+
+def main():
+    setup()
     from toolkit.cli import main as cli_main
 
     return cli_main()

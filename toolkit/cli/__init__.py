@@ -86,7 +86,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         click.echo("bookgen-kit: aborted", err=True)
         return EXIT_USAGE
     except click.ClickException as error:
-        report_error(output, "usage", error.format_message(), "see `bookgen-kit --help`", EXIT_USAGE)
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "bookgen-kit"
+        report_error(output, "usage", error.format_message(), "see `%s --help`" % command, EXIT_USAGE)
         return EXIT_USAGE
     except KitError as error:
         report_error(output, type(error).__name__, error.message, error.hint, error.exit_code, error)

@@ -27,7 +27,7 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(no_color=self.no_color, highlight=False, soft_wrap=False)
+            self._console = Console(color_system=None if self.no_color else "auto", highlight=False, soft_wrap=False)
         return self._console
 
     @property
@@ -35,7 +35,7 @@ class Output:
         if self._err_console is None:
             from rich.console import Console
 
-            self._err_console = Console(stderr=True, no_color=self.no_color, highlight=False)
+            self._err_console = Console(stderr=True, color_system=None if self.no_color else "auto", highlight=False)
         return self._err_console
 
     @property
