@@ -22,6 +22,13 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
                 "Show the version, build id, baked-in recipients and the targets inside the pyz."),
     "self-check": ("toolkit.cli.selfcheck", "self_check_command",
                    "Check what this run trusts: pyz, interpreter, native code, environment."),
+    "keygen": ("toolkit.cli.keygen", "keygen_command",
+               "Make an age identity (-o FILE, 0600) or print an identity file's recipients (-y FILE)."),
+    "encrypt": ("toolkit.cli.crypt", "encrypt_command", "Encrypt a file to age recipients or a passphrase."),
+    "decrypt": ("toolkit.cli.crypt", "decrypt_command", "Decrypt an age file (binary or armored)."),
+    "sign": ("toolkit.cli.signing", "sign_command", "Sign a file with an OpenSSH key (SSHSIG)."),
+    "verify-signature": ("toolkit.cli.signing", "verify_signature_command",
+                         "Verify an SSHSIG signature against an allowed_signers file."),
 }
 
 

@@ -1,0 +1,42 @@
+"""`bookgen-kit keygen`: a new age identity, or the recipients of an identity file."""
+from __future__ import annotations
+
+import time
+
+import click
+
+from toolkit.cli.output import current_output, json_option
+from toolkit.errors import UsageError
+
+
+@click.command("keygen")
+@click.option("-o", "--output", "output", metavar="FILE", help="Write a new identity here (0600; never overwritten).")
+@click.option("-y", "identity_file", metavar="FILE", help="Print the recipients of this identity file.")
+@json_option
+def keygen_command(output, identity_file) -> None:
+    """Make a new age identity (written 0600 to -o FILE) and print its recipient; -y FILE prints the recipients
+    of an existing identity file. The secret key is never printed."""
+    from toolkit.crypto import age
+    from toolkit.crypto.files import load_identities, write_new_identity
+
+    out = current_output()
+    if output and identity_file:
+        raise UsageError("-o and -y do not go together")
+    if identity_file:
+        recipients = age.recipients_of(load_identities([identity_file], None))
+        if out.json:
+            out.emit_json({"identity_file": identity_file, "recipients": recipients})
+        else:
+            for recipient in recipients:
+                click.echo(recipient)
+        return
+    if not output:
+        raise UsageError("keygen writes the secret key only to a file", hint="give -o FILE")
+    identity = write_new_identity(output, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    recipient = str(identity.recipient())
+    if out.json:
+        out.emit_json({"identity_file": output, "recipient": recipient})
+        return
+    if not out.quiet:
+        click.echo("identity written to %s (mode 0600)" % output, err=True)
+    click.echo(recipient)
