@@ -437,7 +437,7 @@ class Encryptor:
         return size
 
     def _seal(self, chunk, last: bool) -> None:
-        self._out.write(self._aead.encrypt(_chunk_nonce(self._counter, last), bytes(chunk), None))
+        self._out.write(self._aead.encrypt(_chunk_nonce(self._counter, last), chunk, None))
         self._counter += 1
 
     def close(self) -> None:

@@ -1,7 +1,6 @@
 """Encrypting, decrypting and signing files and streams, with outputs that are atomic or absent."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, List, Optional, Sequence
@@ -10,23 +9,10 @@ from toolkit.crypto import age, sshsig
 from toolkit.crypto.sshkeys import PassphraseNeeded, SshPrivateKey, load_ssh_private_key
 from toolkit.errors import BadInputError
 from toolkit.host.atomic import AtomicFile, environment_error
+from toolkit.host.streams import HashingWriter
 
 READ_SIZE = 1 << 20
 PassphraseSource = Callable[[str], bytes]  # prompt text -> passphrase
-
-
-class _HashingSink:
-    """Counts and hashes what passes to the real sink."""
-
-    def __init__(self, sink) -> None:
-        self.sink = sink
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return self.sink.write(data)
 
 
 @dataclass
@@ -103,19 +89,25 @@ def encrypt(input_path: Optional[str], output_path: Optional[str], recipients: S
     source = open_input(input_path)
     names = [str(r) if not isinstance(r, age.ScryptRecipient) else "scrypt passphrase" for r in recipients]
     if output_path in (None, "-"):
-        sink = _HashingSink(sys.stdout.buffer)
-        encryptor = age.Encryptor(sink, recipients, armored)
-        size = _pump(source, encryptor)
-        encryptor.close()
+        sink = HashingWriter(sys.stdout.buffer)
+        try:
+            encryptor = age.Encryptor(sink, recipients, armored)
+            size = _pump(source, encryptor)
+            encryptor.close()
+        finally:
+            sink.close()
         sys.stdout.buffer.flush()
-        return CryptResult(input_path or "-", "-", size, sink.size, sink.digest.hexdigest(), names)
+        return CryptResult(input_path or "-", "-", size, sink.size, sink.hexdigest(), names)
     with AtomicFile(output_path, 0o644, overwrite) as out:
-        sink = _HashingSink(out)
-        encryptor = age.Encryptor(sink, recipients, armored)
-        size = _pump(source, encryptor)
-        encryptor.close()
+        sink = HashingWriter(out)
+        try:
+            encryptor = age.Encryptor(sink, recipients, armored)
+            size = _pump(source, encryptor)
+            encryptor.close()
+        finally:
+            sink.close()
         out.commit()
-    return CryptResult(input_path or "-", out.path, size, sink.size, sink.digest.hexdigest(), names)
+    return CryptResult(input_path or "-", out.path, size, sink.size, sink.hexdigest(), names)
 
 
 class LazyScryptIdentity(age.Identity):
@@ -136,15 +128,21 @@ def decrypt(input_path: Optional[str], output_path: Optional[str], identities: S
     source = open_input(input_path)
     decryptor = age.Decryptor(source, identities)
     if output_path in (None, "-"):
-        sink = _HashingSink(sys.stdout.buffer)
-        decryptor.copy_to(sink)
+        sink = HashingWriter(sys.stdout.buffer)
+        try:
+            decryptor.copy_to(sink)
+        finally:
+            sink.close()
         sys.stdout.buffer.flush()
-        return CryptResult(input_path or "-", "-", 0, sink.size, sink.digest.hexdigest())
+        return CryptResult(input_path or "-", "-", 0, sink.size, sink.hexdigest())
     with AtomicFile(output_path, 0o600, overwrite) as out:
-        sink = _HashingSink(out)
-        decryptor.copy_to(sink)
+        sink = HashingWriter(out)
+        try:
+            decryptor.copy_to(sink)
+        finally:
+            sink.close()
         out.commit()
-    return CryptResult(input_path or "-", out.path, 0, sink.size, sink.digest.hexdigest())
+    return CryptResult(input_path or "-", out.path, 0, sink.size, sink.hexdigest())
 
 
 def load_signing_key(path: str, passphrase: Optional[PassphraseSource]) -> SshPrivateKey:

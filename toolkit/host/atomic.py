@@ -56,14 +56,17 @@ class AtomicFile:
         except OSError as error:
             raise environment_error(error, "cannot create %s" % self.partial) from None
         os.fchmod(fd, self.mode)  # whatever the umask
-        self.file = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.file = os.fdopen(fd, "wb", buffering=0)  # callers write large blocks; no extra copy
         return self
 
     def write(self, data) -> int:
+        view = memoryview(data).cast("B")
         try:
-            return self.file.write(data)
+            while len(view):  # an unbuffered write may be partial
+                view = view[self.file.write(view):]
         except OSError as error:
             raise environment_error(error, "cannot write %s" % self.partial) from None
+        return len(data)
 
     def commit(self) -> None:
         try:
