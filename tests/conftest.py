@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.world.plugin"]
 PYTHON_VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13")
 
 

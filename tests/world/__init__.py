@@ -1,0 +1,1 @@
+"""The test world: real PostgreSQL, Redis, Docker and a BookGen host tree (QUALITY.md)."""
