@@ -81,7 +81,7 @@ def test_verbose_shows_the_traceback(failing_commands):
 def test_a_bug_is_one_line_and_a_crash_log(failing_commands, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    done = run_runner(failing_commands, "fail", "bug", env={"BOOKGEN_KIT_LOG_DIR": str(logs)})
+    done = run_runner(failing_commands, "fail", "bug", env={"BOOKGEN_KIT_CRASH_DIR": str(logs)})
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()

@@ -29,6 +29,11 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "sign": ("toolkit.cli.signing", "sign_command", "Sign a file with an OpenSSH key (SSHSIG)."),
     "verify-signature": ("toolkit.cli.signing", "verify_signature_command",
                          "Verify an SSHSIG signature against an allowed_signers file."),
+    "triage": ("toolkit.cli.triage", "triage_command",
+               "What is wrong right now: API, containers, host, database, disk; matching runbook incidents."),
+    "jobs": ("toolkit.cli.jobs", "jobs_group", "Stuck jobs: list them (stuck) or mark them failed (reset)."),
+    "cleanup": ("toolkit.cli.cleanup", "cleanup_command",
+                "The runbook's disk cleanup, made safe: dry run by default, archive before delete."),
 }
 
 

@@ -80,8 +80,8 @@ def report_error(output: Output, kind: str, message: str, hint: Optional[str], e
 
 
 def _crash_log_dir() -> Optional[str]:
-    """Where a traceback may go: BOOKGEN_KIT_LOG_DIR, else beside the pyz (the responder's medium)."""
-    configured = os.environ.get("BOOKGEN_KIT_LOG_DIR")
+    """Where a traceback may go: BOOKGEN_KIT_CRASH_DIR, else beside the pyz (the responder's medium)."""
+    configured = os.environ.get("BOOKGEN_KIT_CRASH_DIR")
     if configured:
         return configured
     boot = sys.modules.get("_bkboot")

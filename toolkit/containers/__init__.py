@@ -1,0 +1,1 @@
+"""The Docker engine through the docker SDK, always with timeouts."""

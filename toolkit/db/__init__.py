@@ -1,0 +1,1 @@
+"""PostgreSQL: targets (host or container), jobs, backups."""

@@ -1,0 +1,1 @@
+"""Secrets on the host: the .env file, rotation."""
