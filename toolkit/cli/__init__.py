@@ -34,6 +34,12 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "jobs": ("toolkit.cli.jobs", "jobs_group", "Stuck jobs: list them (stuck) or mark them failed (reset)."),
     "cleanup": ("toolkit.cli.cleanup", "cleanup_command",
                 "The runbook's disk cleanup, made safe: dry run by default, archive before delete."),
+    "capture": ("toolkit.cli.evidence", "capture_command",
+                "Collect evidence into one encrypted, hashed bundle with a manifest and a custody log."),
+    "verify": ("toolkit.cli.evidence", "verify_command",
+               "Verify a bundle: hashes, signature, custody; with a key, every member."),
+    "extract": ("toolkit.cli.evidence", "extract_command", "Extract a bundle safely, verifying every member."),
+    "custody": ("toolkit.cli.evidence", "custody_group", "The bundle's chain of custody: add, show, verify."),
 }
 
 

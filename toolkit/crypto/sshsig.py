@@ -238,15 +238,21 @@ class VerifiedSignature:
     allowed_signers_line: int
 
 
-def verify(signature_text: str, stream: BinaryIO, allowed_signers: str, identity: str,
-           namespace: str = DEFAULT_NAMESPACE) -> VerifiedSignature:
-    """As `ssh-keygen -Y verify -f allowed_signers -I identity -n namespace -s sig < message`."""
+def check_signature(signature_text: str, stream: BinaryIO, namespace: str = DEFAULT_NAMESPACE) -> ParsedSignature:
+    """The signature holds for the data under its own key (who may sign is verify()'s question)."""
     parsed = parse_signature(signature_text)
     if parsed.namespace != namespace:
         raise SignatureError("signature namespace %r does not match %r" % (parsed.namespace, namespace))
     message_hash = _message_hash(stream, parsed.algorithm)
     if not _verify_raw(parsed.public, parsed.signature, _signed_data(namespace, parsed.algorithm, message_hash)):
         raise SignatureError("signature does not verify: the data or the signature was altered")
+    return parsed
+
+
+def verify(signature_text: str, stream: BinaryIO, allowed_signers: str, identity: str,
+           namespace: str = DEFAULT_NAMESPACE) -> VerifiedSignature:
+    """As `ssh-keygen -Y verify -f allowed_signers -I identity -n namespace -s sig < message`."""
+    parsed = check_signature(signature_text, stream, namespace)
     now = time.time()
     for signer in parse_allowed_signers(allowed_signers):
         if signer.key.wire != parsed.public.wire or not _match_list(identity, signer.principals):
@@ -260,3 +266,19 @@ def verify(signature_text: str, stream: BinaryIO, allowed_signers: str, identity
         return VerifiedSignature(identity, parsed.public.fingerprint(), namespace, signer.line)
     raise SignatureError("signature by %s is valid, but that key is not allowed for %r in the allowed signers"
                          % (parsed.public.fingerprint(), identity))
+
+
+def allowed_principals(key: SshPublicKey, allowed_signers: str, namespace: str = DEFAULT_NAMESPACE) -> List[str]:
+    """The principal patterns under which allowed_signers accepts this key for the namespace now."""
+    now = time.time()
+    found = []
+    for signer in parse_allowed_signers(allowed_signers):
+        if signer.key.wire != key.wire:
+            continue
+        if signer.namespaces is not None and not _match_list(namespace, signer.namespaces):
+            continue
+        if (signer.valid_after is not None and now < signer.valid_after) or \
+                (signer.valid_before is not None and now > signer.valid_before):
+            continue
+        found += [p for p in signer.principals if not p.startswith("!")]
+    return found

@@ -63,7 +63,7 @@ def _glibc() -> Optional[str]:
         return None
 
 
-def _tool_facts() -> Dict[str, Any]:
+def tool_facts() -> Dict[str, Any]:
     state = runtime.boot_state()
     build = runtime.build_info()
     facts: Dict[str, Any] = {
@@ -79,7 +79,7 @@ def _tool_facts() -> Dict[str, Any]:
     return facts
 
 
-def _interpreter_facts() -> Dict[str, Any]:
+def interpreter_facts() -> Dict[str, Any]:
     try:
         exe_target = os.readlink("/proc/self/exe")
     except OSError:
@@ -219,7 +219,7 @@ def _writable_by_others(path: str) -> Optional[str]:
     return None
 
 
-def _environment_warnings(tool: Dict[str, Any]) -> List[EnvWarning]:
+def environment_warnings(tool: Dict[str, Any]) -> List[EnvWarning]:
     warnings: List[EnvWarning] = []
     for name in SUSPECT_VARIABLES:
         if os.environ.get(name):
@@ -254,14 +254,14 @@ def _environment_warnings(tool: Dict[str, Any]) -> List[EnvWarning]:
 
 
 def run_self_check() -> SelfCheckReport:
-    tool = _tool_facts()
+    tool = tool_facts()
     native_imports = _native_imports()  # before the loading facts, so they show what was loaded
     return SelfCheckReport(
         tool=tool,
-        interpreter=_interpreter_facts(),
+        interpreter=interpreter_facts(),
         platform=_platform_facts(),
         native_loading=_native_loading_facts(),
         host_libraries=_host_libraries(),
         native_imports=native_imports,
-        warnings=_environment_warnings(tool),
+        warnings=environment_warnings(tool),
     )

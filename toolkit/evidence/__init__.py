@@ -1,0 +1,1 @@
+"""Evidence capture: collectors, the streaming bundle writer, manifest, custody, verify and extract."""

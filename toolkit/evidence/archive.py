@@ -1,0 +1,150 @@
+"""The streaming evidence payload: POSIX pax tar -> zstd|gzip|none -> age -> NAME.partial, in one pass.
+
+Nothing is staged: each member's bytes go straight from the source through the
+compressor and the encryptor to the output file. The payload's sha256 and size
+are computed as it is written (HashingWriter, on its own thread).
+"""
+from __future__ import annotations
+
+import gzip
+import tarfile
+from typing import BinaryIO, Dict, Optional, Sequence
+
+from toolkit.host.streams import HashingWriter
+
+BLOCK = 512
+RECORD = 20 * BLOCK
+COMPRESSIONS = ("zstd", "gzip", "none")
+SUFFIXES = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
+
+
+class _Passthrough:
+    def __init__(self, sink) -> None:
+        self.sink = sink
+
+    def write(self, data) -> int:
+        return self.sink.write(data)
+
+    def close(self) -> None:
+        pass
+
+
+class _ZstdWriter:
+    def __init__(self, sink, level: int, threads: int) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._writer = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True).stream_writer(
+            sink, closefd=False, write_return_read=True)
+
+    def write(self, data) -> int:
+        return self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.flush(self._zstd.FLUSH_FRAME)
+
+
+class _GzipWriter:
+    def __init__(self, sink, level: int) -> None:
+        self._writer = gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=level, mtime=0)
+
+    def write(self, data) -> int:
+        return self._writer.write(data)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def compressor(kind: str, sink, level: Optional[int] = None, threads: int = -1):
+    if kind == "zstd":
+        return _ZstdWriter(sink, level or 3, threads)
+    if kind == "gzip":
+        return _GzipWriter(sink, level or 6)
+    if kind == "none":
+        return _Passthrough(sink)
+    raise ValueError("unknown compression %s" % kind)
+
+
+class PayloadWriter:
+    """Writes tar members into the compressed, encrypted payload.
+
+    Use add_header() then write_data() (exactly the header's size in total) then
+    end_member(); or add_bytes() for a whole in-memory member. close() ends the
+    archive (two zero blocks, padded to a record) and flushes every layer.
+    """
+
+    def __init__(self, sink: BinaryIO, recipients: Sequence, compression: str = "zstd", armored: bool = False,
+                 threads: int = -1) -> None:
+        from toolkit.crypto import age
+
+        self.hashing = HashingWriter(sink)
+        self._encryptor = age.Encryptor(self.hashing, recipients, armored) if recipients else None
+        self._compressor = compressor(compression, self._encryptor or self.hashing, threads=threads)
+        self._remaining = 0
+        self._member_size = 0
+        self._written = 0  # uncompressed tar bytes
+        self.members = 0
+
+    def _emit(self, data) -> None:
+        self._compressor.write(data)
+        self._written += len(data)
+
+    def add_header(self, info: tarfile.TarInfo) -> None:
+        if self._remaining:
+            raise ValueError("previous member not finished")
+        self._emit(info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"))
+        self._remaining = info.size if info.isreg() else 0
+        self._member_size = self._remaining
+        self.members += 1
+
+    def write_data(self, data) -> None:
+        if len(data) > self._remaining:
+            raise ValueError("more data than the member's header says")
+        self._emit(data)
+        self._remaining -= len(data)
+
+    @property
+    def remaining(self) -> int:
+        return self._remaining
+
+    def pad_remaining(self) -> int:
+        """Fill a member that came up short with zeros (the tar must stay well-formed); bytes padded."""
+        padded = self._remaining
+        while self._remaining:
+            piece = min(self._remaining, 1 << 20)
+            self._emit(bytes(piece))
+            self._remaining -= piece
+        return padded
+
+    def end_member(self) -> None:
+        if self._remaining:
+            raise ValueError("member ended %d bytes short" % self._remaining)
+        tail = self._member_size % BLOCK
+        if tail:
+            self._emit(bytes(BLOCK - tail))
+        self._member_size = 0
+
+    def add_bytes(self, info: tarfile.TarInfo, data: bytes) -> None:
+        info.size = len(data)
+        self.add_header(info)
+        if data:
+            self.write_data(data)
+        self.end_member()
+
+    def close(self) -> Dict[str, object]:
+        """End the archive and every layer; the payload's size and sha256 as written."""
+        self._emit(bytes(2 * BLOCK))
+        tail = self._written % RECORD
+        if tail:
+            self._emit(bytes(RECORD - tail))
+        self._compressor.close()
+        if self._encryptor is not None:
+            self._encryptor.close()
+        self.hashing.close()
+        return {"size": self.hashing.size, "sha256": self.hashing.hexdigest(), "tar_bytes": self._written}
+
+    def abort(self) -> None:
+        try:
+            self.hashing.close()
+        except Exception:
+            pass

@@ -1,0 +1,442 @@
+"""`capture`: collectors -> pax tar -> zstd -> age -> NAME.partial -> rename; then manifest, custody, sums, signature.
+
+Order on disk, each step atomic: the payload (renamed from .partial only once
+complete and fsynced), the detached manifest, the custody log's first entry,
+SHA256SUMS, and with a signing key the manifest's SSHSIG signature. A run killed
+at any point leaves at most a .partial payload, which `verify` calls incomplete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import socket
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from toolkit.errors import EnvironmentProblem, UsageError
+from toolkit.evidence import archive, custody
+from toolkit.evidence.collectors import select
+from toolkit.evidence.collectors.base import (
+    Chunk,
+    CollectionContext,
+    LogLine,
+    MemberEnd,
+    MemberStart,
+    Skip,
+    is_done,
+    start_collector,
+)
+from toolkit.host.atomic import AtomicFile
+
+SCHEMA = "bookgen-kit/evidence-manifest/1"
+RESERVE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_FILE_SIZE = 2 * 1024 ** 3
+SUMS_NAME = "SHA256SUMS"
+
+
+@dataclass
+class CaptureOptions:
+    out_dir: str
+    recipients: Sequence[Any]  # age Recipient objects; empty only with encrypt=False
+    recipient_names: List[str]
+    encrypt: bool = True
+    profile: str = "triage"
+    includes: List[str] = field(default_factory=list)
+    only: List[str] = field(default_factory=list)
+    skip: List[str] = field(default_factory=list)
+    case_id: str = "case"
+    evidence_id: Optional[str] = None
+    examiner: Optional[str] = None
+    purpose: Optional[str] = None
+    authority: Optional[str] = None
+    sign_key: Any = None  # SshPrivateKey
+    compression: str = "zstd"
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    root: str = "/"
+    allow_same_disk: bool = False
+    force: bool = False
+    command_line: List[str] = field(default_factory=list)
+
+
+@dataclass
+class CaptureResult:
+    payload: str
+    manifest: str
+    custody: str
+    sums: str
+    signature: Optional[str]
+    payload_size: int
+    payload_sha256: str
+    members: int
+    artifacts: int
+    errors: List[Dict[str, Any]]
+    collectors: List[Dict[str, Any]]
+    seconds: float
+    encrypted: bool
+    findings: List[Dict[str, Any]]
+
+
+def _utc(timestamp: Optional[float] = None) -> str:
+    timestamp = time.time() if timestamp is None else timestamp
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def _safe_name(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.")
+    return cleaned or "x"
+
+
+def _capabilities() -> Dict[str, Any]:
+    facts = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid()}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith(("CapEff:", "CapPrm:", "NoNewPrivs:", "Seccomp:")):
+                    key, value = line.split(":", 1)
+                    facts[key.lower()] = value.strip()
+    except OSError:
+        pass
+    return facts
+
+
+def _source_devices(options: CaptureOptions, deployment) -> Dict[str, int]:
+    roots = {options.root: options.root}
+    context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size)
+    roots[deployment.app_dir] = context.host_path(deployment.app_dir)
+    for include in options.includes:
+        roots[include] = context.host_path(os.path.abspath(include) if options.root in ("", "/") else include)
+    devices = {}
+    for logical, path in roots.items():
+        try:
+            devices[logical] = os.stat(path).st_dev
+        except OSError:
+            continue
+    return devices
+
+
+def _estimate_bytes(paths: Sequence[str], budget: float = 5.0) -> int:
+    deadline = time.monotonic() + budget
+    total = 0
+    for path in paths:
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+            continue
+        for directory, _dirs, files in os.walk(path, followlinks=False):
+            for name in files:
+                try:
+                    info = os.lstat(os.path.join(directory, name))
+                except OSError:
+                    continue
+                total += info.st_size
+            if time.monotonic() > deadline:
+                return total
+    return total
+
+
+def preflight(options: CaptureOptions, deployment) -> Dict[str, Any]:
+    """Refuse to write onto the collected filesystem, or without room for the bundle (unless told to)."""
+    os.makedirs(options.out_dir, exist_ok=True)
+    out_device = os.stat(options.out_dir).st_dev
+    same = [logical for logical, device in _source_devices(options, deployment).items() if device == out_device]
+    if same and not options.allow_same_disk:
+        raise UsageError("refusing to write the bundle onto the filesystem being collected from (%s is on the same "
+                         "filesystem as %s)" % (options.out_dir, ", ".join(sorted(same))),
+                         hint="write to the responder's medium, or add --allow-same-disk")
+    context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size)
+    sources = [context.host_path(os.path.abspath(i) if options.root in ("", "/") else i) for i in options.includes]
+    estimate = _estimate_bytes(sources) + 4 * 1024 * 1024  # includes, plus generated members and app config
+    stat = os.statvfs(options.out_dir)
+    free = stat.f_bavail * stat.f_frsize
+    needed = estimate + RESERVE_BYTES
+    if free < needed and not options.force:
+        raise EnvironmentProblem("not enough space on %s: the bundle may need up to %d MiB (+%d MiB reserve), "
+                                 "%d MiB free" % (options.out_dir, estimate // 1048576, RESERVE_BYTES // 1048576,
+                                                  free // 1048576),
+                                 hint="use a larger medium, fewer --include paths, or --force")
+    return {"estimated_bytes": estimate, "free_bytes": free, "same_filesystem_as": same}
+
+
+def _member_info(name: str, data: bytes) -> tarfile.TarInfo:
+    """A read-only generated member, stamped now (add_bytes sets the size)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, time.time()
+    return info
+
+
+class _Recorder:
+    """Consumes one collector's events into the payload and the manifest, within its time budget."""
+
+    def __init__(self, writer: archive.PayloadWriter, progress: Optional[Callable]) -> None:
+        self.writer = writer
+        self.progress = progress
+        self.artifacts: List[Dict[str, Any]] = []
+        self.errors: List[Dict[str, Any]] = []
+        self.log: List[str] = []
+        self.bytes = 0
+
+    def note(self, message: str) -> None:
+        self.log.append("%s %s" % (_utc(), message))
+
+    def run(self, collector, context: CollectionContext) -> Dict[str, Any]:
+        started = time.monotonic()
+        deadline = started + collector.budget_seconds
+        events, _thread = start_collector(collector, context)
+        self.note("collector %s started (budget %.0f s)" % (collector.name, collector.budget_seconds))
+        stats = {"name": collector.name, "rank": collector.rank, "items": 0, "bytes": 0, "errors": 0,
+                 "status": "ok", "budget_seconds": collector.budget_seconds}
+        current = None  # (entry, hash, info)
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                event = events.get(timeout=max(0.0, remaining)) if remaining > 0 else events.get_nowait()
+            except queue.Empty:
+                stats["status"] = "abandoned"
+                self.note("collector %s abandoned: its time budget of %.0f s ran out" % (
+                    collector.name, collector.budget_seconds))
+                if current is not None:
+                    self._finish(current, {"error": "abandoned: the collector's time budget ran out"}, stats)
+                self.errors.append({"collector": collector.name, "source": None, "kind": "error",
+                                    "reason": "abandoned after %.0f s (time budget)" % collector.budget_seconds})
+                stats["errors"] += 1
+                break
+            if is_done(event):
+                break
+            if isinstance(event, MemberStart):
+                self.writer.add_header(event.info)
+                current = (event.entry, hashlib.sha256(), event.info)
+            elif isinstance(event, Chunk):
+                self.writer.write_data(event.data)
+                current[1].update(event.data)
+                self.bytes += len(event.data)
+                stats["bytes"] += len(event.data)
+                if self.progress:
+                    self.progress(len(event.data), None, collector.name)
+            elif isinstance(event, MemberEnd):
+                self._finish(current, event.notes, stats)
+                current = None
+            elif isinstance(event, Skip):
+                self.errors.append({"collector": collector.name, "source": event.source, "reason": event.reason,
+                                    "kind": event.kind})
+                if event.kind == "error":
+                    stats["errors"] += 1
+                self.note("%s: %s: %s" % (collector.name, event.source, event.reason))
+            elif isinstance(event, LogLine):
+                self.note(event.message)
+        stats["seconds"] = round(time.monotonic() - started, 3)
+        self.note("collector %s %s in %.2f s: %d items, %d bytes, %d errors" % (
+            collector.name, stats["status"], stats["seconds"], stats["items"], stats["bytes"], stats["errors"]))
+        return stats
+
+    def _finish(self, current, notes: Dict[str, Any], stats: Dict[str, Any]) -> None:
+        entry, digest, info = current
+        padded = self.writer.remaining
+        if padded:
+            zeros = bytes(min(padded, 1 << 20))
+            left = padded
+            while left:
+                piece = zeros[:min(left, len(zeros))]
+                digest.update(piece)
+                left -= len(piece)
+            self.writer.pad_remaining()
+            notes = dict(notes)
+            notes.setdefault("padded_with_zeros", padded)
+        self.writer.end_member()
+        entry["size"] = info.size if info.isreg() else 0
+        if info.isreg():
+            entry["sha256"] = digest.hexdigest()
+        entry.setdefault("error", None)
+        entry.update(notes)
+        if notes.get("error"):
+            stats["errors"] += 1
+            self.errors.append({"collector": entry.get("collector"), "source": entry.get("source"),
+                                "reason": notes["error"], "kind": "error"})
+        if notes.get("changed_during_read"):
+            self.errors.append({"collector": entry.get("collector"), "source": entry.get("source"),
+                                "reason": notes["changed_during_read"], "kind": "changed"})
+        self.artifacts.append(entry)
+        stats["items"] += 1
+        if self.progress:
+            self.progress(0, 1, entry.get("collector"))
+
+
+def bundle_base_name(options: CaptureOptions, started: float) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    name = "%s-%s-%s%s" % (_safe_name(options.case_id), _safe_name(socket.gethostname()), stamp,
+                           archive.SUFFIXES[options.compression])
+    return name + (".age" if options.encrypt else "")
+
+
+def _environment_findings(tool: Dict[str, Any]) -> List[Dict[str, Any]]:
+    from toolkit.host.selfcheck import environment_warnings
+
+    severity = {"ld-so-preload": "high", "env-ld_preload": "high", "env-ld_audit": "high",
+                "env-ld_library_path": "medium", "writable-sys-path": "medium"}
+    return [{"id": "collector-environment-" + w.code, "severity": severity.get(w.code, "low"),
+             "title": w.message, "evidence": ["manifest.json#tool"], "source": "the capture's own environment"}
+            for w in environment_warnings(tool)]
+
+
+def update_sums(out_dir: str, files: Dict[str, str]) -> str:
+    """SHA256SUMS in the output directory: these files' lines replaced or added, the others kept."""
+    path = os.path.join(out_dir, SUMS_NAME)
+    lines: Dict[str, str] = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as existing:
+            for line in existing:
+                if "  " in line:
+                    digest, name = line.rstrip("\n").split("  ", 1)
+                    lines[name] = digest
+    lines.update({name: digest for name, digest in files.items()})
+    with AtomicFile(path, 0o644, overwrite=True) as out:
+        out.write("".join("%s  %s\n" % (lines[name], name) for name in sorted(lines)).encode("utf-8"))
+        out.commit()
+    return path
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = None) -> CaptureResult:
+    from toolkit.host.selfcheck import interpreter_facts, tool_facts
+
+    if not options.encrypt and options.recipients:
+        raise UsageError("--no-encrypt with recipients makes no sense")
+    if options.encrypt and not options.recipients:
+        raise UsageError("no recipients: capture refuses to write plaintext evidence",
+                         hint="give -r/-R/-p, bake recipients into the pyz, or --no-encrypt explicitly")
+    if options.compression not in archive.COMPRESSIONS:
+        raise UsageError("--compression must be one of %s" % ", ".join(archive.COMPRESSIONS))
+    if options.root not in ("", "/") and not os.path.isdir(options.root):
+        raise UsageError("--root %s is not a directory" % options.root)
+    collectors = select(options.profile, options.only, options.skip)
+    if options.includes and "include" not in [c.name for c in collectors]:
+        raise UsageError("--include given but the include collector is skipped")
+    started = time.time()
+    flight = preflight(options, deployment)
+    context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size,
+                                started)
+    name = bundle_base_name(options, started)
+    payload_path = os.path.join(os.path.abspath(options.out_dir), name)
+    tool = tool_facts()
+    interpreter = interpreter_facts()
+    findings = _environment_findings(tool)
+    with AtomicFile(payload_path, 0o644) as out:
+        writer = archive.PayloadWriter(out, list(options.recipients) if options.encrypt else [],
+                                       options.compression)
+        recorder = _Recorder(writer, progress)
+        recorder.note("capture started: profile %s, root %s, output %s" % (options.profile, options.root,
+                                                                          payload_path))
+        collector_stats = []
+        try:
+            for collector in collectors:
+                collector_stats.append(recorder.run(collector, context))
+            recorder.note("capture ended")
+            for member_name, data in (("findings.json", json.dumps({"findings": findings}, indent=2,
+                                                                   sort_keys=True).encode()),
+                                      ("collection.log", ("\n".join(recorder.log) + "\n").encode())):
+                writer.add_bytes(_member_info(member_name, data), data)
+                recorder.artifacts.append({"path": member_name, "type": "generated", "source": None,
+                                           "collector": "capture", "method": "generated", "size": len(data),
+                                           "sha256": hashlib.sha256(data).hexdigest(), "error": None,
+                                           "collected_at": _utc()})
+            ended = time.time()
+            manifest = {
+                "schema": SCHEMA,
+                "tool": dict(tool, interpreter=interpreter, platform={"system": os.uname().sysname,
+                                                                      "machine": os.uname().machine,
+                                                                      "kernel": os.uname().release}),
+                "case": {"case_id": options.case_id, "evidence_id": options.evidence_id or name.split(".")[0],
+                         "examiner": options.examiner, "purpose": options.purpose, "authority": options.authority},
+                "host": _host_facts(context),
+                "collection": {
+                    "started_utc": _utc(started), "ended_utc": _utc(ended), "seconds": round(ended - started, 3),
+                    "profile": options.profile, "root": options.root, "command_line": options.command_line,
+                    "identity": _capabilities(), "preflight": flight,
+                    "limits": {"max_file_size": options.max_file_size, "compression": options.compression},
+                    "collectors": collector_stats,
+                },
+                "artifacts": recorder.artifacts,
+                "errors": recorder.errors,
+                "encryption": {"encrypted": True, "format": "age-encryption.org/v1",
+                               "recipients": options.recipient_names} if options.encrypt else
+                {"encrypted": False, "WARNING": "THIS BUNDLE IS NOT ENCRYPTED: it holds secrets in plaintext"},
+                "findings_count": len(findings),
+            }
+            inner = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            writer.add_bytes(_member_info("manifest.json", b""), inner)
+            payload = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        out.commit()
+    manifest["inner_manifest_sha256"] = hashlib.sha256(inner).hexdigest()
+    manifest["payload"] = {"file": name, "size": payload["size"], "sha256": payload["sha256"],
+                           "container": "POSIX pax tar", "compression": options.compression,
+                           "encrypted": options.encrypt, "tar_bytes": payload["tar_bytes"],
+                           "members": writer.members}
+    manifest_path = payload_path + ".manifest.json"
+    with AtomicFile(manifest_path, 0o644) as out:
+        out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
+        out.commit()
+    manifest_sha256 = sha256_file(manifest_path)
+    custody_path = payload_path + ".custody.jsonl"
+    custody.append(custody_path, {"action": "collected", "actor": options.examiner or _login_name(),
+                                  "location": socket.gethostname(), "purpose": options.purpose or "",
+                                  "payload_sha256": payload["sha256"], "manifest_sha256": manifest_sha256},
+                   signer=options.sign_key)
+    sums = update_sums(options.out_dir, {os.path.basename(payload_path): payload["sha256"],
+                                         os.path.basename(manifest_path): manifest_sha256})
+    signature_path = None
+    if options.sign_key is not None:
+        from toolkit.crypto import sshsig
+
+        with open(manifest_path, "rb") as manifest_file:
+            text = sshsig.sign(options.sign_key, manifest_file, sshsig.DEFAULT_NAMESPACE)
+        signature_path = manifest_path + ".sig"
+        with AtomicFile(signature_path, 0o644) as out:
+            out.write(text.encode("ascii"))
+            out.commit()
+    return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
+                         payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
+                         collector_stats, round(time.time() - started, 2), options.encrypt, findings)
+
+
+def _host_facts(context: CollectionContext) -> Dict[str, Any]:
+    from toolkit.evidence.collectors.system import system_facts
+
+    return system_facts(context)
+
+
+def _login_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.getuid()
+
+
+def redacted_command_line(argv: Sequence[str]) -> List[str]:
+    """argv as run; bookgen-kit takes no secret in argv, but values of secret-looking options are masked anyway."""
+    masked, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            masked.append("***")
+            hide_next = False
+            continue
+        lowered = arg.lower()
+        if any(word in lowered for word in ("password", "passphrase=", "secret", "token")) and "=" in arg:
+            masked.append(arg.split("=", 1)[0] + "=***")
+        else:
+            masked.append(arg)
+            hide_next = lowered in ("--password", "--secret", "--token")
+    return masked
