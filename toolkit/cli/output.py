@@ -19,6 +19,7 @@ class Output:
         self.quiet = False
         self.no_color = bool(os.environ.get("NO_COLOR"))
         self.verbose = 0
+        self.emitted = False  # one JSON document per run: an error after it goes to stderr only
         self._console = None
         self._err_console = None
 
@@ -46,6 +47,7 @@ class Output:
     def emit_json(self, document: Any) -> None:
         sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")
         sys.stdout.flush()
+        self.emitted = True
 
 
 _OUTPUT = Output()
@@ -74,7 +76,7 @@ def report_error(output: Output, kind: str, message: str, hint: Optional[str], e
     sys.stderr.write("bookgen-kit: error: %s\n" % message)
     if hint:
         sys.stderr.write("bookgen-kit: hint: %s\n" % hint)
-    if output.json:
+    if output.json and not output.emitted:
         output.emit_json({"ok": False, "error": {"kind": kind, "message": message, "hint": hint,
                                                  "exit_code": exit_code}})
 

@@ -118,12 +118,13 @@ def _source_devices(options: CaptureOptions, deployment) -> Dict[str, int]:
     return devices
 
 
-def _estimate_bytes(paths: Sequence[str], budget: float = 5.0) -> int:
+def _estimate_bytes(paths: Sequence[str], max_file_size: int, budget: float = 5.0) -> int:
+    """Upper bound of what the sources add (each file capped at max_file_size), within a time budget."""
     deadline = time.monotonic() + budget
     total = 0
     for path in paths:
         if os.path.isfile(path):
-            total += os.path.getsize(path)
+            total += min(os.path.getsize(path), max_file_size)
             continue
         for directory, _dirs, files in os.walk(path, followlinks=False):
             for name in files:
@@ -131,7 +132,7 @@ def _estimate_bytes(paths: Sequence[str], budget: float = 5.0) -> int:
                     info = os.lstat(os.path.join(directory, name))
                 except OSError:
                     continue
-                total += info.st_size
+                total += min(info.st_size, max_file_size)
             if time.monotonic() > deadline:
                 return total
     return total
@@ -148,7 +149,7 @@ def preflight(options: CaptureOptions, deployment) -> Dict[str, Any]:
                          hint="write to the responder's medium, or add --allow-same-disk")
     context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size)
     sources = [context.host_path(os.path.abspath(i) if options.root in ("", "/") else i) for i in options.includes]
-    estimate = _estimate_bytes(sources) + 4 * 1024 * 1024  # includes, plus generated members and app config
+    estimate = _estimate_bytes(sources, options.max_file_size) + 4 * 1024 * 1024  # includes, plus generated members and app config
     stat = os.statvfs(options.out_dir)
     free = stat.f_bavail * stat.f_frsize
     needed = estimate + RESERVE_BYTES

@@ -68,6 +68,7 @@ def extract_bundle(path: str, identities: Sequence[Any], target: str) -> Extract
                               paths.encrypted, identities)
         for member in iterate_members(tar):
             report.members += 1
+            seen.add(member.name)
 
             def refuse(reason: str) -> None:
                 report.refused.append({"member": member.name, "reason": reason})
@@ -81,7 +82,6 @@ def extract_bundle(path: str, identities: Sequence[Any], target: str) -> Extract
             entry = expected.get(member.name)
             if entry is None and member.name != "manifest.json":
                 raise VerificationFailed("member %s is not in the manifest: extraction stopped" % member.name)
-            seen.add(member.name)
             if member.ischr() or member.isblk() or member.isfifo():
                 refuse("device or FIFO: not created")
                 continue
