@@ -208,10 +208,10 @@ class _Recorder:
                 break
             if isinstance(event, MemberStart):
                 self.writer.add_header(event.info)
-                current = (event.entry, hashlib.sha256(), event.info)
+                current = [event.entry, hashlib.sha256(), event.info]
             elif isinstance(event, Chunk):
                 self.writer.write_data(event.data)
-                current[1].update(event.data)
+                current[1] = event.digest  # hashed on the collector's thread, in parallel
                 self.bytes += len(event.data)
                 stats["bytes"] += len(event.data)
                 if self.progress:

@@ -7,6 +7,7 @@ without leaving the tar malformed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import stat
@@ -45,6 +46,7 @@ class MemberStart:
 @dataclass
 class Chunk:
     data: bytes
+    digest: Any = None  # sha256 of the member so far, computed on the collector's thread
 
 
 @dataclass
@@ -99,8 +101,11 @@ class Emitter:
         entry = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
                  "method": method, "collected_at": _utc(time.time())}
         self._put(MemberStart(info, entry))
+        digest = hashlib.sha256()
         for start in range(0, len(data), READ_SIZE):
-            self._put(Chunk(data[start:start + READ_SIZE]))
+            piece = data[start:start + READ_SIZE]
+            digest.update(piece)
+            self._put(Chunk(piece, digest.copy()))
         self._put(MemberEnd({}))
 
     def path(self, host_path: str, logical_path: str, max_size: int) -> None:
@@ -176,6 +181,7 @@ class Emitter:
                 entry["truncated_at"] = max_size
             self._put(MemberStart(member, entry))
             remaining, notes = member.size, {}
+            digest = hashlib.sha256()
             while remaining:
                 try:
                     data = os.read(fd, min(READ_SIZE, remaining))
@@ -185,7 +191,8 @@ class Emitter:
                 if not data:
                     notes["changed_during_read"] = "shrank to %d bytes while read" % (member.size - remaining)
                     break
-                self._put(Chunk(data))
+                digest.update(data)
+                self._put(Chunk(data, digest.copy()))
                 remaining -= len(data)
             after = os.fstat(fd)
             if after.st_size > size and not truncated:
