@@ -99,13 +99,17 @@ class _Progress:
 @click.option("--max-file-size", default="2G", show_default=True, help="Larger files are truncated (recorded).")
 @click.option("--root", default="/", show_default=True, help="Treat DIR as the filesystem root (an image, a test).")
 @click.option("--allow-same-disk", is_flag=True, help="Allow writing onto the filesystem being collected from.")
+@click.option("--docker-root", default="/var/lib/docker", show_default=True,
+              help="Docker's data root, read directly when the daemon does not answer.")
+@click.option("--expected-port", "expected_ports", multiple=True, type=int,
+              help="A port expected to listen (default: 8000 5432 6379 22 80 443); repeatable.")
 @click.option("--force", is_flag=True, help="Go on although the space preflight says it may not fit.")
 @deployment_options
 @json_option
 def capture_command(out_dir, recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt, profile,
                     includes, only, skip_collectors, case_id, evidence_id, examiner, purpose, authority, sign_key,
-                    sign_passphrase_file, compression, max_file_size, root, allow_same_disk, force,
-                    deployment) -> None:
+                    sign_passphrase_file, compression, max_file_size, root, allow_same_disk, docker_root,
+                    expected_ports, force, deployment) -> None:
     """Collect evidence into one encrypted, hashed bundle with a manifest and a custody log."""
     from toolkit.evidence.capture import CaptureOptions, capture, redacted_command_line
 
@@ -124,7 +128,9 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
                              case_id=case_id, evidence_id=evidence_id, examiner=examiner, purpose=purpose,
                              authority=authority, sign_key=signer, compression=compression,
                              max_file_size=parse_size(max_file_size), root=root, allow_same_disk=allow_same_disk,
-                             force=force, command_line=redacted_command_line(sys.argv))
+                             force=force, command_line=redacted_command_line(sys.argv), docker_root=docker_root)
+    if expected_ports:
+        options.expected_ports = list(expected_ports)
     if out.interactive:
         with _Progress(out) as progress:
             result = capture(options, deployment, progress)

@@ -23,6 +23,7 @@ from toolkit.evidence.collectors import select
 from toolkit.evidence.collectors.base import (
     Chunk,
     CollectionContext,
+    Fact,
     LogLine,
     MemberEnd,
     MemberStart,
@@ -57,6 +58,9 @@ class CaptureOptions:
     compression: str = "zstd"
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     root: str = "/"
+    docker_root: str = "/var/lib/docker"
+    expected_ports: List[int] = field(default_factory=lambda: [8000, 5432, 6379, 22, 80, 443])
+    low_priority: bool = True
     allow_same_disk: bool = False
     force: bool = False
     command_line: List[str] = field(default_factory=list)
@@ -177,6 +181,7 @@ class _Recorder:
         self.artifacts: List[Dict[str, Any]] = []
         self.errors: List[Dict[str, Any]] = []
         self.log: List[str] = []
+        self.facts: Dict[str, List[Dict[str, Any]]] = {}
         self.bytes = 0
 
     def note(self, message: str) -> None:
@@ -227,6 +232,8 @@ class _Recorder:
                 self.note("%s: %s: %s" % (collector.name, event.source, event.reason))
             elif isinstance(event, LogLine):
                 self.note(event.message)
+            elif isinstance(event, Fact):
+                self.facts.setdefault(event.kind, []).append({"data": event.data, "evidence": event.evidence})
         stats["seconds"] = round(time.monotonic() - started, 3)
         self.note("collector %s %s in %.2f s: %d items, %d bytes, %d errors" % (
             collector.name, stats["status"], stats["seconds"], stats["items"], stats["bytes"], stats["errors"]))
@@ -324,12 +331,13 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     started = time.time()
     flight = preflight(options, deployment)
     context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size,
-                                started)
+                                started, options.docker_root)
+    if options.low_priority:
+        lower_priority()
     name = bundle_base_name(options, started)
     payload_path = os.path.join(os.path.abspath(options.out_dir), name)
     tool = tool_facts()
     interpreter = interpreter_facts()
-    findings = _environment_findings(tool)
     with AtomicFile(payload_path, 0o644) as out:
         writer = archive.PayloadWriter(out, list(options.recipients) if options.encrypt else [],
                                        options.compression)
@@ -340,6 +348,10 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         try:
             for collector in collectors:
                 collector_stats.append(recorder.run(collector, context))
+            from toolkit.evidence.findings import compute
+
+            findings = _environment_findings(tool) + compute(recorder.facts, options.expected_ports)
+            recorder.note("findings: %d" % len(findings))
             recorder.note("capture ended")
             for member_name, data in (("findings.json", json.dumps({"findings": findings}, indent=2,
                                                                    sort_keys=True).encode()),
@@ -424,6 +436,24 @@ def _login_name() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return "uid %d" % os.getuid()
+
+
+def lower_priority() -> None:
+    """Capture yields to the host's own work: nice 10 and the idle I/O class (best effort)."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    try:
+        import ctypes
+        import platform
+
+        number = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
+        if number:
+            ioprio_class_idle, who_process = 3, 1
+            ctypes.CDLL(None, use_errno=True).syscall(number, who_process, 0, ioprio_class_idle << 13)
+    except (OSError, AttributeError):
+        pass
 
 
 def redacted_command_line(argv: Sequence[str]) -> List[str]:

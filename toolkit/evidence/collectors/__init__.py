@@ -4,10 +4,24 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from toolkit.evidence.collectors.base import Collector
+from toolkit.evidence.collectors.containers import ContainerCollector
 from toolkit.evidence.collectors.files import AppConfigCollector, IncludeCollector
+from toolkit.evidence.collectors.hostfiles import (
+    AppBulkCollector,
+    LogCollector,
+    PersistenceCollector,
+    TmpExecutablesCollector,
+)
+from toolkit.evidence.collectors.network import NetworkCollector
+from toolkit.evidence.collectors.processes import ProcessCollector
 from toolkit.evidence.collectors.system import SystemCollector
+from toolkit.evidence.collectors.timeline import TimelineCollector
 
-REGISTRY: List[Collector] = [SystemCollector(), AppConfigCollector(), IncludeCollector()]
+# Most volatile first (RFC 3227): processes and sockets, containers, temporary files, logs and
+# configuration, the timeline.
+REGISTRY: List[Collector] = [SystemCollector(), ProcessCollector(), NetworkCollector(), ContainerCollector(),
+                             TmpExecutablesCollector(), LogCollector(), AppConfigCollector(), PersistenceCollector(),
+                             IncludeCollector(), TimelineCollector(), AppBulkCollector()]
 PROFILES = ("volatile", "triage", "full")
 
 

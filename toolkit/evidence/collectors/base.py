@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 READ_SIZE = 1 << 20
 QUEUE_DEPTH = 8
+PART_SIZE = 16 * 1024 * 1024  # a stream of unknown length goes in parts of this size (a tar needs sizes first)
 
 
 @dataclass
@@ -28,6 +29,7 @@ class CollectionContext:
     includes: List[str]
     max_file_size: int
     started_at: float = field(default_factory=time.time)
+    docker_root: str = "/var/lib/docker"
 
     def host_path(self, logical: str) -> str:
         """The path on disk of a logical (absolute) path under the root prefix."""
@@ -66,6 +68,14 @@ class LogLine:
     message: str
 
 
+@dataclass
+class Fact:
+    """Something a collector saw that findings are computed from (kept in memory, not a member)."""
+    kind: str
+    data: Any
+    evidence: str  # the archive path that holds the evidence
+
+
 _DONE = object()
 
 
@@ -93,6 +103,53 @@ class Emitter:
 
     def skip(self, source: str, reason: str, kind: str = "error") -> None:
         self._put(Skip(source, reason, kind))
+
+    def stream(self, archive_path: str, chunks, method: str) -> int:
+        """A stream of unknown length (docker logs, cp, export): one member, or PATH.part0000, .part0001...
+        when it is longer than PART_SIZE (`cat PATH.part* > PATH` rebuilds it). Returns the bytes taken."""
+        buffer = bytearray()
+        part, total = 0, 0
+        iterator = iter(chunks)
+        finished = False
+        while not finished:
+            while len(buffer) < PART_SIZE:
+                try:
+                    buffer += next(iterator)
+                except StopIteration:
+                    finished = True
+                    break
+            piece = bytes(buffer[:PART_SIZE])
+            del buffer[:PART_SIZE]
+            if finished and not buffer and part == 0:
+                self.generated(archive_path, piece, method)
+            else:
+                self.generated("%s.part%04d" % (archive_path, part), piece, method + " (part %d)" % part)
+            finished = finished and not buffer
+            total += len(piece)
+            part += 1
+        return total
+
+    def fact(self, kind: str, data: Any, evidence: str) -> None:
+        self._put(Fact(kind, data, evidence))
+
+    def json(self, archive_path: str, document: Any, method: str, source: Optional[str] = None) -> None:
+        import json
+
+        self.generated(archive_path, json.dumps(document, indent=1, sort_keys=True, default=str).encode(), method,
+                       source)
+
+    def program(self, archive_path: str, name: str, args, timeout: float = 10.0) -> Optional[bytes]:
+        """A host program's output as a member, recorded as a host program (path, sha256, exit code)."""
+        from toolkit.host.programs import run_program
+
+        run = run_program(name, args, timeout)
+        if run.error:
+            self.skip(" ".join(run.argv), run.error, "skip" if run.path is None else "error")
+            return None
+        method = "host program %s (sha256 %s), exit %s" % (run.path, run.sha256, run.returncode)
+        self.generated(archive_path, run.stdout + (b"\n# stderr:\n" + run.stderr if run.stderr else b""), method,
+                       " ".join(run.argv))
+        return run.stdout
 
     def generated(self, archive_path: str, data: bytes, method: str, source: Optional[str] = None) -> None:
         """A member made by the collector itself (JSON of facts, a listing)."""
@@ -149,10 +206,20 @@ class Emitter:
             kind = "fifo" if stat.S_ISFIFO(info.st_mode) else "socket" if stat.S_ISSOCK(info.st_mode) else "device"
             self.skip(logical_path, "%s: not read" % kind, "skip")
 
+    def proc_file(self, source: str, archive_path: str, max_size: int) -> None:
+        """A file reached through a /proc magic link (a process's exe), which must be followed."""
+        if archive_path in self.seen:
+            return
+        self.seen.add(archive_path)
+        member = tarfile.TarInfo(archive_path)
+        member.mode, member.mtime = 0o444, time.time()
+        base = {"path": archive_path, "source": source, "collector": self.collector, "collected_at": _utc(time.time())}
+        self._file(source, source, member, base, max_size, follow=True)
+
     def _file(self, host_path: str, logical_path: str, member: tarfile.TarInfo, base: Dict[str, Any],
-              max_size: int) -> None:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        method = "read(O_NOATIME|O_NOFOLLOW)"
+              max_size: int, follow: bool = False) -> None:
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+        method = "read(O_NOATIME)" if follow else "read(O_NOATIME|O_NOFOLLOW)"
         try:
             fd = os.open(host_path, flags | getattr(os, "O_NOATIME", 0))
         except PermissionError:

@@ -52,13 +52,72 @@ def system_facts(context: CollectionContext) -> Dict[str, Any]:
     }
 
 
+UTMP_FORMAT = "<hhi32s4s32s256shhii4i20s"
+UTMP_TYPES = {1: "RUN_LVL", 2: "BOOT_TIME", 5: "INIT_PROCESS", 6: "LOGIN_PROCESS", 7: "USER_PROCESS",
+              8: "DEAD_PROCESS"}
+SECURITY_SYSCTLS = ("kernel/kptr_restrict", "kernel/dmesg_restrict", "kernel/randomize_va_space",
+                    "kernel/yama/ptrace_scope", "kernel/modules_disabled", "kernel/kexec_load_disabled",
+                    "kernel/unprivileged_bpf_disabled", "kernel/core_pattern", "kernel/tainted",
+                    "net/ipv4/ip_forward", "net/ipv4/conf/all/rp_filter", "net/ipv4/conf/all/accept_redirects",
+                    "net/ipv4/conf/all/send_redirects", "net/ipv4/tcp_syncookies", "fs/protected_symlinks",
+                    "fs/protected_hardlinks", "fs/suid_dumpable", "user/max_user_namespaces", "vm/mmap_min_addr")
+TAINT_FLAGS = "PFSRMBUDAWCIOELKXT"
+
+
+def parse_utmp(data: bytes) -> list:
+    import struct
+
+    size = struct.calcsize(UTMP_FORMAT)
+    records = []
+    for offset in range(0, len(data) - size + 1, size):
+        fields = struct.unpack_from(UTMP_FORMAT, data, offset)
+        kind = fields[0]
+
+        def text(raw: bytes) -> str:
+            return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+        records.append({"type": UTMP_TYPES.get(kind, str(kind)), "pid": fields[2], "line": text(fields[3]),
+                        "user": text(fields[5]), "host": text(fields[6]), "time": fields[10] + fields[11] / 1e6})
+    return records
+
+
+def taint(value: Optional[str]) -> Dict[str, Any]:
+    number = int(value) if value and value.strip().isdigit() else 0
+    return {"value": number, "flags": "".join(f for i, f in enumerate(TAINT_FLAGS) if number >> i & 1)}
+
+
 class SystemCollector(Collector):
     name = "system"
     rank = 5
-    budget_seconds = 10.0
-    description = "hostname, machine-id, boot-id, kernel, uptime, UTC clock and its source"
+    budget_seconds = 20.0
+    description = "host identity and clock, logins (utmp, wtmp), kernel modules and taint, mounts, security sysctls"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         facts = system_facts(context)
         emit.generated("volatile/system.json", json.dumps(facts, indent=2, sort_keys=True).encode(),
                        "/proc, uname, /etc/machine-id")
+        logins = {}
+        for name in ("/var/run/utmp", "/run/utmp", "/var/log/wtmp", "/var/log/btmp"):
+            try:
+                with open(context.host_path(name), "rb") as handle:
+                    logins[name] = parse_utmp(handle.read(64 << 20))
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                emit.skip(name, "cannot read: %s" % error.strerror)
+        emit.json("volatile/logins.json", logins, "utmp/wtmp/btmp records parsed (glibc struct utmp)")
+        for name in ("/var/log/wtmp", "/var/log/btmp", "/var/log/lastlog"):
+            if os.path.exists(context.host_path(name)):
+                emit.path(context.host_path(name), name, context.max_file_size)
+        tainted = _read("/proc/sys/kernel/tainted")
+        emit.json("volatile/kernel.json", {
+            "modules": (_read("/proc/modules") or "").splitlines(), "taint": taint(tainted),
+            "cmdline": _read("/proc/cmdline"), "sysctl": {key.replace("/", "."): _read("/proc/sys/" + key)
+                                                         for key in SECURITY_SYSCTLS},
+        }, "/proc/modules, /proc/sys, /proc/cmdline")
+        emit.fact("taint", taint(tainted), "volatile/kernel.json")
+        emit.generated("volatile/mountinfo.txt", (_read("/proc/self/mountinfo") or "").encode(), "/proc/self/mountinfo")
+        preload = context.host_path("/etc/ld.so.preload")
+        if os.path.lexists(preload):
+            emit.path(preload, "/etc/ld.so.preload", context.max_file_size)
+            emit.fact("ld_so_preload", (_read(preload) or "").strip(), "files/etc/ld.so.preload")

@@ -1,0 +1,214 @@
+"""Containers through the Docker API (each call with a timeout), or, when the daemon does not answer,
+straight from /var/lib/docker: and the fallback says so."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from typing import Any, Dict, Iterator, List, Optional
+
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+
+TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
+LOG_CAP = 16 * 1024 * 1024
+DIFF_PROBE_LIMIT = 300
+KINDS = {0: "changed", 1: "added", 2: "deleted"}
+
+
+def _safe(name: str) -> str:
+    return name.strip("/").replace("/", "_") or "container"
+
+
+def _chunks(stream, cap: int) -> Iterator[bytes]:
+    total = 0
+    for chunk in stream:
+        if total >= cap:
+            return
+        piece = chunk[: cap - total]
+        total += len(piece)
+        yield piece
+
+
+class ContainerCollector(Collector):
+    name = "containers"
+    rank = 30
+    budget_seconds = 120.0
+    description = "every container: inspect, top, stats, diff, logs (capped), new files in tmp dirs and new executables"
+
+    def run(self, context: CollectionContext, emit: Emitter) -> None:
+        from toolkit.containers.engine import client, docker_url
+
+        try:
+            docker_client = client(timeout=5)
+            docker_client.ping()
+        except Exception as error:
+            emit.log("Docker does not answer at %s (%s): falling back to reading the data root" % (
+                "DOCKER_HOST", error))
+            self._fallback(context, emit, str(error))
+            return
+        containers = docker_client.containers.list(all=True)
+        summary = []
+        for container in containers:
+            base = "containers/%s/" % _safe(container.name)
+            attrs = container.attrs
+            emit.json(base + "inspect.json", attrs, "docker API: GET /containers/{id}/json (%s)" % docker_url())
+            running = attrs.get("State", {}).get("Running") and not attrs.get("State", {}).get("Paused")
+            if running:
+                try:
+                    emit.json(base + "top.json", container.top(ps_args="-eo pid,ppid,user,args"), "docker API: top")
+                except Exception as error:
+                    emit.skip(base + "top.json", "docker top: %s" % error)
+                try:
+                    emit.json(base + "stats.json", self._stats(container), "docker API: one stats sample")
+                except Exception as error:
+                    emit.skip(base + "stats.json", "docker stats: %s" % error)
+            try:
+                diff = container.diff() or []
+            except Exception as error:
+                diff = []
+                emit.skip(base + "diff.json", "docker diff: %s" % error)
+            emit.json(base + "diff.json", [{"path": d["Path"], "kind": KINDS.get(d["Kind"], d["Kind"])} for d in diff],
+                      "docker API: GET /containers/{id}/changes")
+            new_executables = []
+            if context.profile != "volatile":
+                self._logs(container, base, emit)
+                new_executables = self._copy_new_files(docker_client, container, diff, base, emit)
+                if context.profile == "full":
+                    self._export(container, base, emit)
+            summary.append({"name": container.name, "id": container.id, "image": attrs.get("Config", {}).get("Image"),
+                            "state": attrs.get("State", {}).get("Status"), "new_executables": new_executables})
+            emit.fact("container", {"name": container.name, "id": container.id,
+                                    "service": container.labels.get("com.docker.compose.service"),
+                                    "new_executables": new_executables,
+                                    "pid": attrs.get("State", {}).get("Pid")}, base + "diff.json")
+        emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
+                  "docker API")
+
+    @staticmethod
+    def _stats(container) -> Dict[str, Any]:
+        result: Dict[str, Any] = {}
+
+        def sample():
+            result["stats"] = container.stats(stream=False)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        thread.join(5)
+        if "stats" not in result:
+            raise TimeoutError("no stats sample within 5 s")
+        return result["stats"]
+
+    @staticmethod
+    def _logs(container, base: str, emit: Emitter) -> None:
+        try:
+            stream = container.logs(stdout=True, stderr=True, timestamps=True, stream=True, follow=False)
+            emit.stream(base + "logs.txt", _chunks(stream, LOG_CAP),
+                        "docker API: logs with timestamps, first %d bytes at most (cap)" % LOG_CAP)
+        except Exception as error:
+            emit.skip(base + "logs.txt", "docker logs: %s" % error)
+
+    def _copy_new_files(self, docker_client, container, diff, base: str, emit: Emitter) -> List[str]:
+        new_executables = []
+        probed = 0
+        for change in diff:
+            if change["Kind"] not in (0, 1):
+                continue
+            path = change["Path"]
+            in_tmp = path.startswith(TMP_DIRS)
+            if not in_tmp and probed >= DIFF_PROBE_LIMIT:
+                continue
+            probed += 1
+            info = self._path_stat(docker_client, container, path)
+            if info is None:
+                continue
+            mode = info.get("mode", 0)
+            is_regular = not (mode & (1 << 31)) and not (mode & (1 << 27))  # Go's ModeDir, ModeSymlink
+            executable = is_regular and bool(mode & 0o111)
+            if executable:
+                new_executables.append(path)
+            if is_regular and (in_tmp or executable):
+                try:
+                    stream, _stat = container.get_archive(path)
+                    emit.stream(base + "files" + path + ".tar", stream,
+                                "docker API: GET /containers/{id}/archive (a tar of the file)")
+                except Exception as error:
+                    emit.skip(base + "files" + path, "docker cp: %s" % error)
+        return new_executables
+
+    @staticmethod
+    def _path_stat(docker_client, container, path: str) -> Optional[Dict[str, Any]]:
+        try:
+            url = docker_client.api._url("/containers/{0}/archive", container.id)
+            response = docker_client.api.head(url, params={"path": path}, timeout=5)
+            header = response.headers.get("X-Docker-Container-Path-Stat")
+            return json.loads(base64.b64decode(header)) if header else None
+        except Exception:
+            return None
+
+    @staticmethod
+    def _export(container, base: str, emit: Emitter) -> None:
+        try:
+            emit.stream(base + "export.tar", container.export(), "docker API: GET /containers/{id}/export")
+        except Exception as error:
+            emit.skip(base + "export.tar", "docker export: %s" % error)
+
+    def _fallback(self, context: CollectionContext, emit: Emitter, reason: str) -> None:
+        root = context.host_path(context.docker_root)
+        directory = os.path.join(root, "containers")
+        try:
+            ids = sorted(os.listdir(directory))
+        except OSError as error:
+            emit.skip(directory, "Docker does not answer and its data root is not readable: %s" % error.strerror)
+            emit.json("containers/index.json", {"source": "none", "fallback": True, "reason": reason,
+                                                "containers": []}, "nothing readable")
+            return
+        summary = []
+        for container_id in ids:
+            folder = os.path.join(directory, container_id)
+            config = {}
+            try:
+                with open(os.path.join(folder, "config.v2.json"), encoding="utf-8") as handle:
+                    config = json.load(handle)
+            except (OSError, ValueError):
+                pass
+            name = _safe(config.get("Name", container_id[:12]))
+            base = "containers/%s/" % name
+            for file_name in ("config.v2.json", "hostconfig.json", container_id + "-json.log"):
+                path = os.path.join(folder, file_name)
+                if os.path.exists(path):
+                    emit.path(path, os.path.join("/var/lib/docker/containers", container_id, file_name),
+                              min(context.max_file_size, LOG_CAP) if file_name.endswith(".log") else
+                              context.max_file_size)
+            upper = self._upper_dir(root, container_id)
+            listing = []
+            if upper and os.path.isdir(upper):
+                for current, dirs, files in os.walk(upper, followlinks=False):
+                    for entry in sorted(dirs + files):
+                        full = os.path.join(current, entry)
+                        try:
+                            info = os.lstat(full)
+                        except OSError:
+                            continue
+                        listing.append({"path": "/" + os.path.relpath(full, upper), "mode": "%o" % info.st_mode,
+                                        "size": info.st_size, "mtime": info.st_mtime})
+            emit.json(base + "upperdir.json", {"upper_dir": upper, "entries": listing},
+                      "fallback: os.walk of the overlay2 upper directory (daemon not answering)")
+            new_executables = [e["path"] for e in listing if int(e["mode"], 8) & 0o111 and
+                               int(e["mode"], 8) & 0o170000 == 0o100000]
+            summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
+                            "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
+            emit.fact("container", {"name": config.get("Name", "").strip("/"), "id": container_id, "service": None,
+                                    "new_executables": new_executables, "pid": None}, base + "upperdir.json")
+        emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason,
+                                            "containers": summary},
+                  "fallback: files under the Docker data root, read directly")
+
+    @staticmethod
+    def _upper_dir(root: str, container_id: str) -> Optional[str]:
+        mount_id_file = os.path.join(root, "image", "overlay2", "layerdb", "mounts", container_id, "mount-id")
+        try:
+            with open(mount_id_file, encoding="ascii") as handle:
+                return os.path.join(root, "overlay2", handle.read().strip(), "diff")
+        except OSError:
+            return None
