@@ -50,7 +50,9 @@ def out_dir():
 
 
 def capture_args(host, out, recipient, *extra):
+    """The bundle's mechanics are under test here: the collectors that read the (fake) tree only."""
     return ["capture", "--out", str(out), "-r", recipient, "--root", str(host.root), "--include", "/var/log/bookgen",
+            "--only", "system", "--only", "app", "--only", "include",
             "--case", "INC-2026-042", "--examiner", "alice", "--purpose", "test", *extra]
 
 
@@ -163,7 +165,8 @@ def test_refusals(bookgen_host, out_dir, team_key, tmp_path):
     assert no_recipient.returncode == 2 and "refuses to write plaintext" in no_recipient.stderr
     same_disk = kit("capture", "--out", str(tmp_path / "same"), "-r", recipient, "--root", str(bookgen_host.root))
     assert same_disk.returncode == 2 and "same filesystem" in same_disk.stderr
-    plain = kit("--json", "capture", "--out", str(out_dir), "--no-encrypt", "--root", str(bookgen_host.root))
+    plain = kit("--json", "capture", "--out", str(out_dir), "--no-encrypt", "--root", str(bookgen_host.root),
+                "--only", "system", "--only", "app")
     assert plain.returncode == 0, plain.stderr
     manifest = json.loads(Path(json.loads(plain.stdout)["manifest"]).read_text())
     assert manifest["encryption"]["encrypted"] is False and "NOT ENCRYPTED" in manifest["encryption"]["WARNING"]
@@ -261,7 +264,8 @@ def test_sigkill_at_random_moments_never_leaves_a_bundle_that_verifies(bookgen_h
         for run in range(20):
             out = base / ("run%d" % run)
             process = subprocess.Popen([sys.executable, "-m", "toolkit", "capture", "--out", str(out), "-r",
-                                        recipient, "--root", str(bookgen_host.root), "--include", "/data"],
+                                        recipient, "--root", str(bookgen_host.root), "--include", "/data",
+                                        "--only", "system", "--only", "include"],
                                        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(rng.uniform(0.2, 2.5))
             process.send_signal(signal.SIGKILL)
@@ -425,3 +429,29 @@ def test_extract_never_overwrites_and_stops_on_a_tampered_member(bookgen_host, o
     done = kit("extract", "-i", str(identity), result["payload"], "--to", str(tmp_path / "t2"))
     assert done.returncode == 5 and "files/opt/bookgen/.env" in done.stderr
     assert not (tmp_path / "t2" / "files" / "opt" / "bookgen" / ".env").exists()
+
+
+@pytest.mark.parametrize("compression,suffix,decompress", [("gzip", ".tar.gz.age", ["gzip", "-d", "-c"]),
+                                                           ("none", ".tar.age", ["cat"])])
+def test_other_compressions_open_with_standard_tools(bookgen_host, out_dir, team_key, compression, suffix,
+                                                      decompress):
+    identity, recipient = team_key
+    done = kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--compression", compression))
+    assert done.returncode == 0, done.stderr
+    payload = Path(json.loads(done.stdout)["payload"])
+    assert payload.name.endswith(suffix)
+    plain = subprocess.run([AGE, "-d", "-i", str(identity), str(payload)], capture_output=True, check=True).stdout
+    tar_bytes = subprocess.run(decompress, input=plain, capture_output=True, check=True).stdout
+    names = subprocess.run(["tar", "-t"], input=tar_bytes, capture_output=True, check=True).stdout.decode().split()
+    assert names[-1] == "manifest.json" and "files/opt/bookgen/.env" in names
+    assert kit("verify", "-i", str(identity), str(payload)).returncode == 0
+
+
+def test_a_file_that_vanishes_is_recorded(bookgen_host, out_dir, team_key):
+    _, recipient = team_key
+    link = bookgen_host.log_dir / "dangling"
+    os.symlink(bookgen_host.log_dir / "gone.log", link)  # a symlink is kept as a symlink, never followed
+    done = kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--include", "/var/log/bookgen/missing.log"))
+    assert done.returncode == 6
+    errors = json.loads(done.stdout)["errors"]
+    assert any(e["source"] == "/var/log/bookgen/missing.log" and "vanished" in e["reason"] for e in errors)

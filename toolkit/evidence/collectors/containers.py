@@ -159,7 +159,10 @@ class ContainerCollector(Collector):
         try:
             ids = sorted(os.listdir(directory))
         except OSError as error:
-            emit.skip(directory, "Docker does not answer and its data root is not readable: %s" % error.strerror)
+            absent = isinstance(error, FileNotFoundError) and not os.path.exists(context.host_path("/var/run/docker.sock"))
+            emit.skip(directory, "no Docker on this host (no daemon, no data root)" if absent else
+                      "Docker does not answer and its data root is not readable: %s" % error.strerror,
+                      "skip" if absent else "error")
             emit.json("containers/index.json", {"source": "none", "fallback": True, "reason": reason,
                                                 "containers": []}, "nothing readable")
             return
