@@ -40,6 +40,10 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
                "Verify a bundle: hashes, signature, custody; with a key, every member."),
     "extract": ("toolkit.cli.evidence", "extract_command", "Extract a bundle safely, verifying every member."),
     "custody": ("toolkit.cli.evidence", "custody_group", "The bundle's chain of custody: add, show, verify."),
+    "backup": ("toolkit.cli.backup", "backup_group", "PostgreSQL backup sets: create, verify, list, prune, keep."),
+    "restore": ("toolkit.cli.backup", "restore_command",
+                "Restore a proven set into a new database, compare it, swap it in by rename."),
+    "db": ("toolkit.cli.backup", "db_group", "Database check, repair, and drop-old."),
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 from urllib.parse import unquote, urlparse
@@ -154,9 +155,11 @@ def resolve(deployment: Deployment, dsn: Optional[str] = None, container: Option
         host = str(values.get("host") or "localhost")
         if not _is_local_literal(host):
             raise UsageError("--dsn host %r is not an IP address or localhost: bookgen-kit resolves no names" % host)
+        # a password is best not in the DSN (argv): PGPASSWORD in the environment is used when it has none
         return HostTarget(ConnectionParams(host, int(values.get("port") or 5432),
                                            str(values.get("dbname") or database or deployment.database),
-                                           str(values.get("user") or "postgres"), values.get("password")))
+                                           str(values.get("user") or "postgres"),
+                                           values.get("password") or os.environ.get("PGPASSWORD")))
     from toolkit.secrets import dotenv
 
     env = dotenv.read(deployment.env_path).values()

@@ -1,0 +1,289 @@
+"""backup, verify and restore against the real PostgreSQL cluster and the real bookgen-db container."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.world.bookgen import make_host_tree
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKSUM = "SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM %s t"
+TABLES = ("users", "biography_jobs", "chapters", "alembic_version")
+
+
+def kit(*args, env=None, timeout=300):
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                          env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def checksums(connect) -> dict:
+    with connect() as conn:
+        return {t: conn.execute(CHECKSUM % t).fetchone()[0] for t in TABLES}
+
+
+def databases(connect) -> list:
+    with connect() as conn:
+        return sorted(r[0] for r in conn.execute("SELECT datname FROM pg_database"))
+
+
+@pytest.fixture
+def host_setup(pg_database, tmp_path):
+    """The database of a test, its admin DSN (password only in PGPASSWORD) and a BookGen tree for backups."""
+    cluster = pg_database.cluster
+    host = make_host_tree(tmp_path / "host")
+    env = {"PGPASSWORD": cluster.password, "BOOKGEN_KIT_APP_DIR": str(host.app_dir),
+           "DOCKER_HOST": "unix:///nonexistent.sock"}
+    dsn = "postgresql://postgres@127.0.0.1:%d/postgres" % cluster.port
+    pg_database.seed(jobs=500, stuck=3, users=20, seed=3)
+    return pg_database, dsn, env, host
+
+
+class ArgvWatcher:
+    """Every command line on the machine while a command runs (to prove no password is in one)."""
+
+    def __init__(self) -> None:
+        self.seen = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        self.seen.append(Path("/proc", pid, "cmdline").read_bytes())
+                    except OSError:
+                        pass
+            time.sleep(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def test_host_mode_backup_verify_restore_with_swap(host_setup):
+    database, dsn, env, host = host_setup
+    before = checksums(database.connect)
+    with ArgvWatcher() as watcher:
+        created = kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn, env=env)
+    assert created.returncode == 0, created.stderr
+    assert any(b"pg_dump" in cmdline for cmdline in watcher.seen)  # the watcher saw the child
+    assert not any(database.cluster.password.encode() in cmdline for cmdline in watcher.seen)
+    assert database.cluster.password not in created.stdout + created.stderr
+    result = json.loads(created.stdout)
+    dump = Path(result["dump"])
+    assert dump.parent == host.app_dir / "backups" and dump.read_bytes()[:5] == b"PGDMP"
+    sidecar = json.loads(Path(result["sidecar"]).read_text())
+    assert sidecar["tables"]["public.biography_jobs"] == {"rows": 533, "exact": True}  # 30 from the fixture, 503 seeded
+    assert sidecar["pg_dump"]["path"].startswith("/usr/lib/postgresql/") and sidecar["pg_dump"]["sha256"]
+    listing = subprocess.run(["/usr/lib/postgresql/15/bin/pg_restore", "--list", str(dump)], capture_output=True)
+    assert listing.returncode == 0 and b"biography_jobs" in listing.stdout  # the outside judge reads it
+    sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=dump.parent, capture_output=True, text=True)
+    assert dump.name + ": OK" in sums.stdout
+
+    verified = kit("--json", "backup", "verify", str(dump), "--dsn", dsn, env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    tested = kit("--json", "backup", "verify", str(dump), "--restore-test", "--dsn", dsn, env=env)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert any(c["name"] == "restore test" and c["ok"] for c in json.loads(tested.stdout)["checks"])
+    assert not [d for d in databases(database.cluster.connect) if "scratch" in d]
+
+    with database.connect() as conn:  # the live database moves on after the backup
+        conn.execute("DELETE FROM chapters")
+    restored = kit("--json", "restore", str(dump), "--database", database.name, "--dsn", dsn, "--yes", env=env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    report = json.loads(restored.stdout)
+    assert checksums(database.connect) == before
+    old = report["old_database"]
+    assert old.startswith(database.name + "_pre_restore_") and old in databases(database.cluster.connect)
+    assert Path(report["emergency_backup"]).exists()
+    with database.cluster.connect(old) as conn:
+        assert conn.execute("SELECT count(*) FROM chapters").fetchone()[0] == 0  # the pre-restore state, kept
+    listed = json.loads(kit("--json", "backup", "list", env=env).stdout)
+    assert any(s["verified"] for s in listed["sets"])
+    assert kit("db", "drop-old", old, "--yes", "--dsn", dsn, env=env).returncode == 0
+    assert old not in databases(database.cluster.connect)
+    assert kit("db", "drop-old", database.name, "--yes", "--dsn", dsn, env=env).returncode == 2
+
+
+def test_damaged_sets_fail_verify_and_restore_refuses(host_setup, tmp_path):
+    database, dsn, env, host = host_setup
+    dump = Path(json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn,
+                               env=env).stdout)["dump"])
+    before, names = checksums(database.connect), databases(database.cluster.connect)
+    truncated = tmp_path / "truncated.dump"
+    truncated.write_bytes(dump.read_bytes()[: dump.stat().st_size * 2 // 3])
+    flipped = tmp_path / "flipped.dump"
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    for damaged in (truncated, flipped):
+        done = kit("backup", "verify", str(damaged), "--dsn", dsn, env=env)
+        assert done.returncode == 5, (damaged.name, done.stdout, done.stderr)
+        refused = kit("restore", str(damaged), "--database", database.name, "--dsn", dsn, "--yes", env=env)
+        assert refused.returncode == 5, refused.stderr
+        assert "nothing was changed" in refused.stderr
+    # with the sidecar beside it, a flipped byte is caught by the checksum before any read
+    (dump.parent / "copy.dump").write_bytes(bytes(data))
+    (dump.parent / "copy.dump.backup.json").write_text(Path(str(dump) + ".backup.json").read_text())
+    checksum = kit("--json", "backup", "verify", str(dump.parent / "copy.dump"), "--dsn", dsn, env=env)
+    assert checksum.returncode == 5 and json.loads(checksum.stdout)["checks"][0]["name"] == "checksum"
+    assert checksums(database.connect) == before and databases(database.cluster.connect) == names
+
+
+def test_sigkill_during_restore_leaves_the_live_database_intact(host_setup):
+    database, dsn, env, host = host_setup
+    database.seed(jobs=20000, users=50, chapters_per_job=3, seed=9)  # a restore that takes a moment
+    dump = Path(json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn,
+                               env=env).stdout)["dump"])
+    before = checksums(database.connect)
+    environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    environment.update(env)
+    rng = random.Random(7)
+    for attempt in range(4):
+        process = subprocess.Popen([sys.executable, "-m", "toolkit", "restore", str(dump), "--database",
+                                    database.name, "--dsn", dsn, "--yes", "--no-emergency-backup"],
+                                   env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, 2.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        names = databases(database.cluster.connect)
+        assert database.name in names  # never without the live database
+        live = checksums(database.connect)
+        assert live == before
+        for name in names:
+            if name.startswith(database.name + "_restore_"):
+                assert name.startswith(database.name + "_restore_2")  # named as such
+        for name in [n for n in names if "_pre_restore_" in n]:
+            kit("db", "drop-old", name, "--yes", "--dsn", dsn, env=env)
+    done = kit("--json", "restore", str(dump), "--database", database.name, "--dsn", dsn, "--yes",
+               "--no-emergency-backup", env=env)
+    assert done.returncode == 0, done.stderr
+    assert not [n for n in databases(database.cluster.connect) if "_restore_" in n and "_pre_" not in n]
+    assert checksums(database.connect) == before
+
+
+def test_encrypted_set_round_trips_and_refuses_the_wrong_key(host_setup, tmp_path):
+    database, dsn, env, host = host_setup
+    key, other = tmp_path / "dba.key", tmp_path / "other.key"
+    for path in (key, other):
+        subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(key)], capture_output=True, text=True).stdout.strip()
+    created = kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn, "-r", recipient, env=env)
+    assert created.returncode == 0, created.stderr
+    dump = Path(json.loads(created.stdout)["dump"])
+    assert dump.name.endswith(".dump.age")
+    plain = subprocess.run(["age", "-d", "-i", str(key), str(dump)], capture_output=True, check=True).stdout
+    assert plain[:5] == b"PGDMP"
+    assert kit("backup", "verify", str(dump), "-i", str(key), "--restore-test", "--dsn", dsn, env=env).returncode == 0
+    wrong = kit("backup", "verify", str(dump), "-i", str(other), "--dsn", dsn, env=env)
+    assert wrong.returncode == 5 and "no matching identity" in wrong.stdout + wrong.stderr
+    into = kit("--json", "restore", str(dump), "-i", str(key), "--into", database.name + "_copy", "--dsn", dsn,
+               env=env)
+    assert into.returncode == 0, into.stderr
+    with database.cluster.connect(database.name + "_copy") as conn:
+        assert conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0] == 533
+
+
+def test_sql_gz_backup_restores_through_psql(host_setup):
+    database, dsn, env, host = host_setup
+    before = checksums(database.connect)
+    sql = subprocess.run(["/usr/lib/postgresql/15/bin/pg_dump", "-h", "127.0.0.1", "-p", str(database.cluster.port),
+                          "-U", "postgres", database.name], capture_output=True, check=True,
+                         env={"PGPASSWORD": database.cluster.password}).stdout
+    path = host.app_dir / "backups" / "bookgen_20261125_020000.sql.gz"
+    path.write_bytes(gzip.compress(sql))
+    done = kit("--json", "restore", str(path), "--database", database.name, "--dsn", dsn, "--yes", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert checksums(database.connect) == before
+    assert any("_pre_restore_" in n for n in databases(database.cluster.connect))
+
+
+def test_a_pg_dump_older_than_the_server_is_refused(host_setup, tmp_path):
+    """FAKE: no older PostgreSQL client can be installed here, so a script answers --version as pg_dump 12 does."""
+    database, dsn, env, host = host_setup
+    fake = tmp_path / "pg12" / "bin"
+    fake.mkdir(parents=True)
+    script = fake / "pg_dump"
+    script.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 12.18'\n")
+    script.chmod(0o755)
+    env = dict(env, BOOKGEN_KIT_PG_BIN=str(fake))
+    done = kit("backup", "create", "--database", database.name, "--dsn", dsn, env=env)
+    assert done.returncode == 0  # the newer host pg_dump 15 is chosen over the old one
+    # with only the old one in reach, the kit refuses and says which version it needs
+    env = dict(env, BOOKGEN_KIT_PG_BIN=str(fake), BOOKGEN_KIT_PG_BIN_ONLY="1")
+    done = kit("backup", "create", "--database", database.name, "--dsn", dsn, env=env)
+    assert done.returncode == 4
+    assert "pg_dump 15 or newer is needed" in done.stderr and "12.18" in done.stderr
+
+
+def test_list_prune_keep_and_db_check(host_setup):
+    database, dsn, env, host = host_setup
+    (host.app_dir / "backups" / "bookgen_20261101_020000.sql.gz").unlink()  # only this test's sets
+    dumps = []
+    for _ in range(3):
+        dumps.append(json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn,
+                                    env=env).stdout)["dump"])
+        time.sleep(1.1)
+    for age_days, dump in zip((32, 31, 30), dumps):
+        stamp = time.time() - age_days * 86400
+        os.utime(dump, (stamp, stamp))
+    assert kit("backup", "keep", dumps[0], env=env).returncode == 0
+    plan = json.loads(kit("--json", "backup", "prune", "--keep-last", "1", "--keep-days", "7", env=env).stdout)
+    assert dumps[0] in plan["keep"] and dumps[-1] in plan["keep"] and plan["delete"] == [dumps[1]]
+    assert Path(dumps[1]).exists()
+    applied = json.loads(kit("--json", "backup", "prune", "--keep-last", "1", "--keep-days", "7", "--apply",
+                             env=env).stdout)
+    assert applied["deleted"] == [dumps[1]] and not Path(dumps[1]).exists()
+    listed = json.loads(kit("--json", "backup", "list", "--max-age", "1", env=env).stdout)
+    assert "hours old" in listed["warning"] or listed["warning"] is None
+    checked = kit("--json", "db", "check", "--database", database.name, "--dsn", dsn, "--yes", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "no corruption" in [c for c in json.loads(checked.stdout)["checks"] if c["name"] == "amcheck"][0]["detail"]
+
+
+def test_container_mode_round_trip(running_stack, tmp_path):
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+
+    def connect():
+        return running_stack.db_connect()
+
+    before = checksums(connect)
+    with ArgvWatcher() as watcher:
+        created = kit("--json", "backup", "create", env=env)  # bookgen-db runs: the container's own pg_dump
+    assert created.returncode == 0, created.stderr
+    assert not any(running_stack.db_password.encode() in c or running_stack.superuser_password.encode() in c
+                   for c in watcher.seen)
+    result = json.loads(created.stdout)
+    sidecar = json.loads(Path(result["sidecar"]).read_text())
+    assert sidecar["source"]["mode"] == "container" and sidecar["pg_dump"]["inside_container"] == "bookgen-db"
+    dump = result["dump"]
+    assert kit("backup", "verify", dump, "--restore-test", env=env).returncode == 0
+    with connect() as conn:
+        conn.execute("UPDATE biography_jobs SET status = 'tampered'")
+    restored = kit("--json", "restore", dump, "--yes", "--stop-services", "api,worker", env=env)
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    report = json.loads(restored.stdout)
+    assert checksums(connect) == before
+    assert running_stack.container("api").status == "running" and running_stack.container("worker").status == \
+        "running"
+    steps = [s["step"] for s in report["steps"]]
+    assert steps.index("stop services") < steps.index("swap") < steps.index("start services")
+    assert kit("db", "drop-old", report["old_database"], "--yes", env=env).returncode == 0

@@ -1,0 +1,286 @@
+"""`backup create|verify|list|prune|keep`, `restore`, and `db check|repair|drop-old`."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from toolkit.cli.common import deployment_options
+from toolkit.cli.output import current_output, json_option
+from toolkit.cli.prompts import passphrase_source
+from toolkit.errors import UsageError, VerificationFailed
+
+
+def server_options(function):
+    function = click.option("--container", metavar="NAME",
+                            help="Run pg_dump/pg_restore/psql inside this container (default: bookgen-db when it "
+                                 "runs).")(function)
+    function = click.option("--dsn", metavar="DSN", help="Use the host's client binaries against this server "
+                                                          "(an admin role for restore).")(function)
+    return function
+
+
+def _server(deployment, dsn, container):
+    from toolkit.db.server import resolve_server
+
+    return resolve_server(deployment, dsn, container)
+
+
+def _identities(identity_files, passphrase_file):
+    from toolkit.crypto.files import LazyScryptIdentity, load_identities
+
+    ask = passphrase_source(passphrase_file)
+    chosen = load_identities(identity_files, ask)
+    chosen.append(LazyScryptIdentity(ask))
+    return chosen
+
+
+def _checks_table(out, checks) -> None:
+    for check in checks:
+        out.console.print("%s %-14s %s" % ("[green]ok  [/green]" if check["ok"] else "[red]FAIL[/red]", check["name"],
+                                           check["detail"]))
+
+
+@click.group("backup")
+def backup_group() -> None:
+    """PostgreSQL backup sets: create, verify, list, prune, keep."""
+
+
+@backup_group.command("create")
+@click.option("--database", default="bookgen", show_default=True)
+@click.option("--out", "out_dir", metavar="DIR", help="Where the set goes (default APP_DIR/backups).")
+@click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT", help="Encrypt to age recipients.")
+@click.option("-R", "--recipients-file", "recipient_files", multiple=True, metavar="FILE")
+@server_options
+@deployment_options
+@json_option
+def create_command(database, out_dir, recipients, recipient_files, dsn, container, deployment) -> None:
+    """pg_dump (custom format) streamed through sha256 (and age) to .partial, renamed; sidecar; SHA256SUMS."""
+    from toolkit.crypto.files import load_recipients
+    from toolkit.db.backup import create_backup
+
+    chosen = load_recipients(recipients, recipient_files) if (recipients or recipient_files) else []
+    server = _server(deployment, dsn, container)
+    out = current_output()
+    progress = None
+    if out.interactive:
+        from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("pg_dump"), DownloadColumn(), TimeElapsedColumn(), console=out.err_console,
+                       transient=True)
+        task = bar.add_task("dump", total=None)
+        bar.start()
+        progress = lambda n: bar.update(task, advance=n)  # noqa: E731
+    try:
+        result = create_backup(server, database, out_dir or deployment.backups_dir, chosen,
+                               [str(r) for r in chosen], progress)
+    finally:
+        if progress:
+            bar.stop()
+    if out.json:
+        out.emit_json(result)
+    else:
+        click.echo("backup %s: %d bytes, sha256 %s, %d tables, %d rows, %.1f s" % (
+            result["dump"], result["size"], result["sha256"], result["tables"], result["rows"], result["seconds"]))
+
+
+@backup_group.command("verify")
+@click.argument("set_path", metavar="SET")
+@click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE")
+@click.option("--passphrase-file", metavar="FILE")
+@click.option("--restore-test", is_flag=True, help="Also restore into a scratch database and compare (dropped after).")
+@server_options
+@deployment_options
+@json_option
+def verify_command(set_path, identity_files, passphrase_file, restore_test, dsn, container, deployment) -> None:
+    """Checksum, archive header, a full read of every entry; with --restore-test, a scratch restore compared
+    with the sidecar. Exit 5 when the set does not hold."""
+    from toolkit.db.backup import locate_set, verify_backup
+
+    backup = locate_set(set_path)
+    server = _server(deployment, dsn, container)
+    result = verify_backup(backup, server, _identities(identity_files, passphrase_file), restore_test)
+    out = current_output()
+    if out.json:
+        out.emit_json({"set": backup.dump, "ok": result.ok, "checks": result.checks})
+    else:
+        _checks_table(out, result.checks)
+    if not result.ok:
+        failed = [c for c in result.checks if not c["ok"]][0]
+        raise VerificationFailed("%s: %s" % (failed["name"], failed["detail"]))
+
+
+@backup_group.command("list")
+@click.argument("directory", required=False)
+@click.option("--max-age", default=24.0, show_default=True, help="Warn when the newest set is older (hours).")
+@deployment_options
+@json_option
+def list_command(directory, max_age, deployment) -> None:
+    """Sets in DIR (default APP_DIR/backups): age, size, verified, kept; old _pre_restore_ databases too."""
+    from toolkit.db.backup import list_backups
+
+    listing = list_backups(directory or deployment.backups_dir, max_age)
+    out = current_output()
+    if out.json:
+        out.emit_json(listing)
+        return
+    from rich.table import Table
+
+    table = Table(title=listing["directory"], title_justify="left")
+    for column in ("set", "kind", "size", "age (h)", "verified", "keep"):
+        table.add_column(column)
+    for s in listing["sets"]:
+        table.add_row(s["dump"].rsplit("/", 1)[-1], s["kind"], "%d" % s["size"], str(s["age_hours"]),
+                      s["verified"] or "no", "yes" if s["keep"] else "")
+    out.console.print(table)
+    if listing["warning"]:
+        out.console.print("[yellow]warning[/yellow] %s" % listing["warning"])
+
+
+@backup_group.command("prune")
+@click.argument("directory", required=False)
+@click.option("--keep-last", default=7, show_default=True)
+@click.option("--keep-days", default=14.0, show_default=True)
+@click.option("--apply", "apply_changes", is_flag=True, help="Delete (default: dry run).")
+@deployment_options
+@json_option
+def prune_command(directory, keep_last, keep_days, apply_changes, deployment) -> None:
+    """Old sets beyond --keep-last and --keep-days; never the newest verified set or a kept one."""
+    from toolkit.db.backup import apply_prune, plan_prune
+
+    plan = plan_prune(directory or deployment.backups_dir, keep_last, keep_days)
+    deleted = apply_prune(plan) if apply_changes else []
+    out = current_output()
+    if out.json:
+        out.emit_json(dict(plan, applied=apply_changes, deleted=deleted))
+        return
+    for path in plan["delete"]:
+        click.echo("%s %s" % ("deleted" if apply_changes else "would delete", path))
+    click.echo("kept %d sets" % len(plan["keep"]))
+
+
+@backup_group.command("keep")
+@click.argument("set_path", metavar="SET")
+@click.option("--release", is_flag=True, help="Remove the mark.")
+@json_option
+def keep_command(set_path, release) -> None:
+    """Mark a set so that prune and cleanup never delete it."""
+    from toolkit.db.backup import locate_set, mark_keep
+
+    backup = locate_set(set_path)
+    mark_keep(backup, not release)
+    out = current_output()
+    if out.json:
+        out.emit_json({"set": backup.dump, "keep": not release})
+    else:
+        click.echo("%s %s" % ("released" if release else "kept", backup.dump))
+
+
+@click.command("restore")
+@click.argument("set_path", metavar="SET")
+@click.option("--database", default="bookgen", show_default=True)
+@click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE")
+@click.option("--passphrase-file", metavar="FILE")
+@click.option("--into", metavar="NAME", help="Restore into this new database and stop there.")
+@click.option("--stop-services", metavar="LIST", help="Containers to stop during the swap, e.g. api,worker.")
+@click.option("--migrate", is_flag=True, help="Run `alembic upgrade head` in the api container afterwards.")
+@click.option("--no-emergency-backup", is_flag=True, help="Skip the backup of the current database (needs --yes).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@server_options
+@deployment_options
+@json_option
+def restore_command(set_path, database, identity_files, passphrase_file, into, stop_services, migrate,
+                    no_emergency_backup, yes, dsn, container, deployment) -> None:
+    """Verify the set, back up the live database, restore into a new one, compare, swap by rename."""
+    from toolkit.db.backup import locate_set
+    from toolkit.db.restore import RestorePlan, restore
+
+    if no_emergency_backup and not yes:
+        raise UsageError("--no-emergency-backup needs --yes")
+    names = {"api": deployment.containers["api"], "worker": deployment.containers["worker"]}
+    services = [names.get(s.strip(), s.strip()) for s in (stop_services or "").split(",") if s.strip()]
+    backup = locate_set(set_path)
+    server = _server(deployment, dsn, container)
+    out = current_output()
+    if not into and not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("restore replaces database %s and no terminal can confirm it" % database,
+                             hint="add --yes")
+        click.confirm("Restore %s over database %s (the current one is kept, renamed)?" % (backup.dump, database),
+                      abort=True, err=True)
+    plan = RestorePlan(backup=backup, database=database, into=into, emergency_backup=not no_emergency_backup,
+                       backups_dir=deployment.backups_dir, stop_services=services, migrate=migrate,
+                       api_container=names["api"])
+    say = (lambda message: out.err_console.print("[dim]%s[/dim]" % message)) if out.interactive else None
+    report = restore(server, plan, _identities(identity_files, passphrase_file), say)
+    if out.json:
+        out.emit_json({"ok": True, "steps": report.steps, "database": report.restored_database,
+                       "old_database": report.old_database, "emergency_backup": report.emergency_backup})
+    else:
+        _checks_table(out, [{"name": s["step"], "ok": s["ok"], "detail": s["detail"]} for s in report.steps])
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database checks and repairs, and dropping databases kept by restore."""
+
+
+@db_group.command("drop-old")
+@click.argument("name")
+@click.option("--yes", is_flag=True, required=True, help="Required: this drops a database.")
+@server_options
+@deployment_options
+@json_option
+def drop_old_command(name, yes, dsn, container, deployment) -> None:
+    """Drop a <db>_pre_restore_<UTC> database kept by restore."""
+    from toolkit.db.restore import drop_old
+
+    drop_old(_server(deployment, dsn, container), name)
+    out = current_output()
+    if out.json:
+        out.emit_json({"dropped": name})
+    else:
+        click.echo("dropped %s" % name)
+
+
+@db_group.command("check")
+@click.option("--database", default="bookgen", show_default=True)
+@click.option("--yes", is_flag=True, help="Allow creating the amcheck extension (it changes the database).")
+@server_options
+@deployment_options
+@json_option
+def check_command(database, yes, dsn, container, deployment) -> None:
+    """Reachability, pg_stat_database (deadlocks, checksum failures, conflicts), index corruption via amcheck."""
+    from toolkit.db.maintenance import check_database
+
+    report = check_database(_server(deployment, dsn, container), database, allow_extension=yes)
+    out = current_output()
+    if out.json:
+        out.emit_json(report)
+    else:
+        _checks_table(out, report["checks"])
+    if not report["ok"]:
+        failed = [c for c in report["checks"] if not c["ok"]][0]
+        raise VerificationFailed("%s: %s" % (failed["name"], failed["detail"]))
+
+
+@db_group.command("repair")
+@click.option("--database", default="bookgen", show_default=True)
+@click.option("--reindex", is_flag=True, help="REINDEX DATABASE.")
+@click.option("--vacuum-full", is_flag=True, help="VACUUM FULL (locks every table in turn).")
+@server_options
+@deployment_options
+@json_option
+def repair_command(database, reindex, vacuum_full, dsn, container, deployment) -> None:
+    """The runbook's repair, after an emergency backup."""
+    from toolkit.db.maintenance import repair_database
+
+    if not (reindex or vacuum_full):
+        raise UsageError("say what to do: --reindex and/or --vacuum-full")
+    steps = repair_database(_server(deployment, dsn, container), database, deployment.backups_dir, reindex,
+                            vacuum_full)
+    out = current_output()
+    if out.json:
+        out.emit_json({"steps": steps})
+    else:
+        _checks_table(out, [{"name": s["step"], "ok": True, "detail": s["detail"]} for s in steps])

@@ -1,0 +1,213 @@
+"""`restore`: a proven set into a new database, compared with its sidecar, then swapped in by rename.
+
+The live database is never dropped: it is renamed to `<db>_pre_restore_<UTC>` in the
+same transaction that renames the restored one to `<db>`, and stays until `db drop-old`.
+A run killed before the swap leaves at most a `<db>_restore_<UTC>` database, which the
+next run names and drops.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from toolkit.db.backup import (
+    BackupSet,
+    compare_with_sidecar,
+    create_backup,
+    database_exists,
+    drop_database,
+    restore_into,
+    schema_sha256,
+    table_counts,
+    utc_stamp,
+    verify_backup,
+)
+from toolkit.db.server import Server, quote_ident, quote_literal
+from toolkit.errors import EnvironmentProblem, UsageError, VerificationFailed
+
+
+@dataclass
+class RestorePlan:
+    backup: BackupSet
+    database: str
+    into: Optional[str] = None
+    emergency_backup: bool = True
+    backups_dir: Optional[str] = None
+    stop_services: List[str] = field(default_factory=list)
+    migrate: bool = False
+    api_container: str = "bookgen-api"
+
+
+@dataclass
+class RestoreReport:
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    restored_database: Optional[str] = None
+    old_database: Optional[str] = None
+    emergency_backup: Optional[str] = None
+
+    def step(self, name: str, detail: str, ok: bool = True) -> None:
+        self.steps.append({"step": name, "ok": ok, "detail": detail,
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def leftovers(server: Server, database: str) -> List[str]:
+    pattern = database.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "\\_restore\\_%"
+    return [row[0] for row in server.query("SELECT datname FROM pg_database WHERE datname LIKE %s" %
+                                           quote_literal(pattern), server.admin_database)]
+
+
+def sessions(server: Server, database: str) -> List[Dict[str, Any]]:
+    rows = server.query("SELECT pid, usename, application_name, client_addr, state FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()" % quote_literal(database),
+                        server.admin_database)
+    return [{"pid": int(r[0]), "user": r[1], "application": r[2], "client": r[3], "state": r[4]} for r in rows]
+
+
+def terminate_sessions(server: Server, database: str) -> int:
+    rows = server.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND "
+                        "pid <> pg_backend_pid()" % quote_literal(database), server.admin_database)
+    return len(rows)
+
+
+def _docker_services(names: Sequence[str], action: str) -> List[str]:
+    from toolkit.containers.engine import client
+
+    docker_client = client(timeout=60)
+    done = []
+    for name in names:
+        container = docker_client.containers.get(name)
+        if action == "stop" and container.status == "running":
+            container.stop(timeout=20)
+            done.append(name)
+        elif action == "start" and container.status != "running":
+            container.start()
+            done.append(name)
+    return done
+
+
+def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
+            progress: Optional[Callable[[str], None]] = None) -> RestoreReport:
+    report = RestoreReport()
+    say = progress or (lambda message: None)
+    database = plan.database
+    target_exists = database_exists(server, database)
+
+    # 0. what a killed earlier run left behind is named, then dropped
+    for name in leftovers(server, database):
+        drop_database(server, name)
+        report.step("cleanup", "dropped %s, left by an interrupted restore" % name)
+
+    # 1. preflight: the set is proven before anything changes
+    say("verifying the set")
+    verified = verify_backup(plan.backup, server, identities, restore_test=False)
+    failed = [c for c in verified.checks if not c["ok"]]
+    if failed:
+        report.step("preflight", "%s: %s" % (failed[0]["name"], failed[0]["detail"]), ok=False)
+        raise VerificationFailed("the set does not verify (%s: %s): nothing was changed" % (
+            failed[0]["name"], failed[0]["detail"]))
+    report.step("preflight", "set verified (%s); server %s reachable" % (
+        ", ".join(c["name"] for c in verified.checks), server.description))
+    if plan.into:
+        say("restoring into %s" % plan.into)
+        restore_into(server, plan.backup, plan.into, identities, owner=None)
+        report.restored_database = plan.into
+        report.step("restore", "restored into the new database %s; stopped there (--into)" % plan.into)
+        _compare(server, plan, plan.into, report, drop_on_failure=True)
+        return report
+    if target_exists:
+        listed = sessions(server, database)
+        report.step("sessions", "%d sessions on %s: %s" % (len(listed), database, ", ".join(
+            "%s/%s" % (s["user"], s["application"] or "-") for s in listed[:10]) or "none"))
+        owner = server.query("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s" %
+                             quote_literal(database), server.admin_database)[0][0]
+        # 2. the runbook's emergency backup of what is there now, "even if corrupted"
+        if plan.emergency_backup:
+            if not plan.backups_dir:
+                raise UsageError("an emergency backup needs a backups directory")
+            say("emergency backup of %s" % database)
+            emergency = create_backup(server, database, plan.backups_dir, prefix="%s-emergency" % database)
+            report.emergency_backup = emergency["dump"]
+            report.step("emergency backup", "%s (%d bytes)" % (emergency["dump"], emergency["size"]))
+        else:
+            report.step("emergency backup", "skipped (--no-emergency-backup)")
+    else:
+        owner = None
+        report.step("sessions", "%s does not exist yet: a plain restore" % database)
+    # 3. services and sessions
+    stopped = []
+    if plan.stop_services:
+        stopped = _docker_services(plan.stop_services, "stop")
+        report.step("stop services", "stopped %s" % (", ".join(stopped) or "nothing (not running)"))
+    # 4. restore into a new database, then prove it
+    stamp = utc_stamp()
+    scratch = "%s_restore_%s" % (database, stamp)
+    say("restoring into %s" % scratch)
+    restore_into(server, plan.backup, scratch, identities, owner=owner)
+    report.step("restore", "restored into %s" % scratch)
+    _compare(server, plan, scratch, report, drop_on_failure=True)
+    # 5. swap, in one transaction; the old database is kept
+    if target_exists:
+        old = "%s_pre_restore_%s" % (database, stamp)
+        server.query("ALTER DATABASE %s ALLOW_CONNECTIONS false" % quote_ident(database), server.admin_database)
+        try:
+            killed = terminate_sessions(server, database)
+            server.transaction(["ALTER DATABASE %s RENAME TO %s" % (quote_ident(database), quote_ident(old)),
+                                "ALTER DATABASE %s RENAME TO %s" % (quote_ident(scratch), quote_ident(database))])
+        except BaseException:
+            server.query("ALTER DATABASE %s ALLOW_CONNECTIONS true" % quote_ident(database), server.admin_database)
+            raise
+        server.query("ALTER DATABASE %s ALLOW_CONNECTIONS true" % quote_ident(old), server.admin_database)
+        report.old_database = old
+        report.step("swap", "%s is now %s (kept until `db drop-old`); %s is now %s; %d sessions ended" % (
+            database, old, scratch, database, killed))
+    else:
+        server.query("ALTER DATABASE %s RENAME TO %s" % (quote_ident(scratch), quote_ident(database)),
+                     server.admin_database)
+        report.step("swap", "%s is now %s" % (scratch, database))
+    report.restored_database = database
+    # 6. migrations and services
+    if plan.migrate:
+        _migrate(plan.api_container, report)
+    if stopped:
+        started = _docker_services(stopped, "start")
+        report.step("start services", "started %s" % ", ".join(started))
+    return report
+
+
+def _compare(server: Server, plan: RestorePlan, dbname: str, report: RestoreReport, drop_on_failure: bool) -> None:
+    sidecar = plan.backup.load_sidecar()
+    if not sidecar:
+        report.step("compare", "no sidecar (a plain SQL set): row counts and schema not compared")
+        return
+    counts, schema = table_counts(server, dbname), schema_sha256(server, dbname)
+    problems = compare_with_sidecar(sidecar, counts, schema)
+    if problems:
+        report.step("compare", "; ".join(problems[:5]), ok=False)
+        if drop_on_failure:
+            drop_database(server, dbname)
+        raise VerificationFailed("the restored database differs from the set's sidecar (%s); it was dropped and "
+                                 "the live database is untouched" % problems[0])
+    report.step("compare", "%d tables: row counts and schema hash match the sidecar" % len(counts))
+
+
+def _migrate(api_container: str, report: RestoreReport) -> None:
+    from toolkit.containers.engine import client
+
+    container = client(timeout=600).containers.get(api_container)
+    result = container.exec_run(["alembic", "upgrade", "head"], demux=True)
+    ok = result.exit_code == 0
+    output = b"".join(part or b"" for part in result.output).decode("utf-8", "replace").strip().splitlines()
+    report.step("migrate", "alembic upgrade head in %s: exit %s %s" % (api_container, result.exit_code,
+                                                                     output[-1] if output else ""), ok=ok)
+    if not ok:
+        raise EnvironmentProblem("alembic upgrade head failed in %s (the restored database is in place)" %
+                                 api_container)
+
+
+def drop_old(server: Server, name: str) -> None:
+    if "_pre_restore_" not in name:
+        raise UsageError("db drop-old only drops a _pre_restore_ database, not %s" % name)
+    if not database_exists(server, name):
+        raise UsageError("no database %s" % name)
+    drop_database(server, name)

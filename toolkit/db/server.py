@@ -1,0 +1,377 @@
+"""A PostgreSQL server to back up and restore: through the host's client binaries and libpq, or through the
+bookgen-db container's own binaries over the Docker exec API. Streams both ways; passwords only in the
+child's environment."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from toolkit.db.target import ConnectionParams, DatabaseUnreachable, _first_line
+from toolkit.errors import BadInputError, EnvironmentProblem
+from toolkit.host.hashing import sha256_path
+
+CHUNK = 1 << 20
+PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
+VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+
+
+class ToolFailed(EnvironmentProblem):
+    """pg_dump, pg_restore or psql exited non-zero (its last stderr line is the message)."""
+
+
+def quote_ident(name: str) -> str:
+    return '"%s"' % name.replace('"', '""')
+
+
+def quote_literal(text: str) -> str:
+    return "'%s'" % text.replace("'", "''")
+
+
+@dataclass
+class Tool:
+    name: str
+    path: str
+    major: int
+    version: str
+    sha256: Optional[str]
+
+    def record(self) -> Dict[str, Any]:
+        return {"name": self.name, "path": self.path, "version": self.version, "sha256": self.sha256}
+
+
+def host_tools(name: str) -> List[Tool]:
+    """Every host copy of a PostgreSQL client program, newest first (never $PATH; BOOKGEN_KIT_PG_BIN first)."""
+    directories = [d for d in os.environ.get("BOOKGEN_KIT_PG_BIN", "").split(":") if d]
+    if os.environ.get("BOOKGEN_KIT_PG_BIN_ONLY") != "1":
+        directories += sorted(glob.glob(PG_BIN_GLOB), key=lambda d: int(d.split("/")[4]) if
+                              d.split("/")[4].isdigit() else 0, reverse=True)
+    found = []
+    for directory in directories:
+        path = os.path.join(directory, name)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            continue
+        try:
+            output = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
+                                    env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        match = VERSION.search(output)
+        if match:
+            found.append(Tool(name, path, int(match.group(1)), output.strip().split()[-1], sha256_path(
+                os.path.realpath(path))))
+    return found
+
+
+def choose_tool(name: str, server_major: int) -> Tool:
+    tools = host_tools(name)
+    suitable = [t for t in tools if t.major >= server_major]
+    if not suitable:
+        have = ", ".join("%s %s" % (t.path, t.version) for t in tools) or "none"
+        raise EnvironmentProblem("%s %d or newer is needed for this PostgreSQL %d server (found: %s)" % (
+            name, server_major, server_major, have), hint="install the PostgreSQL %d client on the host, or use "
+                                                          "--container to run the server's own" % server_major)
+    return sorted(suitable, key=lambda t: t.major)[-1]
+
+
+class Server:
+    """What backup and restore need from a server."""
+
+    mode = "?"
+    description = "?"
+
+    def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
+        raise NotImplementedError
+
+    def server_major(self) -> int:
+        return int(self.query("SHOW server_version_num")[0][0]) // 10000
+
+    def server_version(self) -> str:
+        return self.query("SHOW server_version")[0][0]
+
+    def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
+                 stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None) -> Dict[str, Any]:
+        """Run pg_dump / pg_restore / psql against this server; stream stdin in and stdout out."""
+        raise NotImplementedError
+
+    def tool_record(self, tool: str) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def admin_database(self) -> str:
+        return "postgres"
+
+
+class HostServer(Server):
+    mode = "host"
+
+    def __init__(self, params: ConnectionParams) -> None:
+        self.params = params
+        self.description = params.describe()
+        self._tools: Dict[str, Tool] = {}
+
+    def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
+        import psycopg
+
+        try:
+            with psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname or self.params.dbname,
+                                 user=self.params.user, password=self.params.password or None, connect_timeout=5,
+                                 application_name="bookgen-kit", autocommit=True) as conn:
+                with conn.cursor() as cur:
+                    cur.execute(sql)
+                    return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] \
+                        if cur.description else []
+        except psycopg.OperationalError as error:
+            raise DatabaseUnreachable("%s: %s" % (self.description, _first_line(error))) from None
+        except psycopg.Error as error:
+            raise BadInputError("%s: %s" % (self.description, _first_line(error))) from None
+
+    def transaction(self, statements: List[str], dbname: Optional[str] = None) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname or self.admin_database,
+                                 user=self.params.user, password=self.params.password or None, connect_timeout=5,
+                                 application_name="bookgen-kit") as conn:
+                with conn.transaction():
+                    for statement in statements:
+                        conn.execute(statement)
+        except psycopg.Error as error:
+            raise BadInputError("%s: %s" % (self.description, _first_line(error))) from None
+
+    def tool(self, name: str) -> Tool:
+        if name not in self._tools:
+            self._tools[name] = choose_tool(name, self.server_major())
+        return self._tools[name]
+
+    def tool_record(self, tool: str) -> Dict[str, Any]:
+        return self.tool(tool).record()
+
+    def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
+                 stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None) -> Dict[str, Any]:
+        binary = self.tool(tool)
+        if tool == "pg_restore" and "-f" not in args:
+            args = list(args) + ["-d", dbname or self.params.dbname]
+        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PGHOST": self.params.host, "PGPORT": str(self.params.port),
+               "PGUSER": self.params.user, "PGDATABASE": dbname or self.params.dbname, "PGCONNECT_TIMEOUT": "10",
+               "PGAPPNAME": "bookgen-kit"}
+        if self.params.password:
+            env["PGPASSWORD"] = self.params.password  # the child's environment, never argv
+        process = subprocess.Popen([binary.path] + args + ["--no-password"] if tool != "psql" else
+                                   [binary.path, "-w"] + args, stdin=subprocess.PIPE if stdin is not None else
+                                   subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        errors: List[bytes] = []
+        feeder_error: List[BaseException] = []
+        stderr_reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+        stderr_reader.start()
+        feeder = None
+        if stdin is not None:
+            def feed() -> None:
+                try:
+                    for chunk in stdin:
+                        process.stdin.write(chunk)
+                except BrokenPipeError:
+                    pass
+                except BaseException as error:  # handed to the caller below
+                    feeder_error.append(error)
+                finally:
+                    try:
+                        process.stdin.close()
+                    except OSError:
+                        pass
+
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
+        try:
+            while True:
+                data = process.stdout.read(CHUNK)
+                if not data:
+                    break
+                if stdout is not None:
+                    stdout(data)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        code = process.wait()
+        if feeder is not None:
+            feeder.join()
+        stderr_reader.join()
+        if feeder_error:
+            raise feeder_error[0]
+        return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
+
+
+class ContainerServer(Server):
+    """psql, pg_dump and pg_restore inside the container, as its postgres user over the local socket."""
+
+    mode = "container"
+
+    def __init__(self, container: str, user: str = "postgres", password: Optional[str] = None,
+                 dbname: str = "postgres") -> None:
+        from toolkit.containers.engine import client
+
+        self.container_name = container
+        self.user = user
+        self.password = password
+        self.dbname = dbname
+        self.description = "container %s" % container
+        self._client = client(timeout=3600)
+        try:
+            self._container = self._client.containers.get(container)
+        except Exception as error:
+            raise DatabaseUnreachable("container %s: %s" % (container, _first_line(error))) from None
+
+    def _environment(self) -> Dict[str, str]:
+        env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "bookgen-kit", "LC_ALL": "C"}
+        if self.password:
+            env["PGPASSWORD"] = self.password
+        return env
+
+    def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
+        import csv
+        import io
+
+        result = self.run_tool("psql", ["-X", "-q", "--csv", "-v", "ON_ERROR_STOP=1", "-c", sql], dbname=dbname,
+                               capture=True)
+        if result["exit_code"] != 0:
+            text = result["stderr"].strip().splitlines()
+            message = text[-1] if text else "psql exited %s" % result["exit_code"]
+            if result["exit_code"] == 2:
+                raise DatabaseUnreachable("%s: %s" % (self.description, message))
+            raise BadInputError("%s: %s" % (self.description, message))
+        rows = list(csv.reader(io.StringIO(result["stdout"].decode("utf-8"))))
+        return [[v if v != "" else None for v in row] for row in rows[1:]]
+
+    def transaction(self, statements: List[str], dbname: Optional[str] = None) -> None:
+        script = "BEGIN;\n" + "".join(s.rstrip(";") + ";\n" for s in statements) + "COMMIT;\n"
+        result = self.run_tool("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1"], stdin=[script.encode()],
+                               dbname=dbname or self.admin_database, capture=True)
+        if result["exit_code"] != 0:
+            raise BadInputError("%s: %s" % (self.description, result["stderr"].strip().splitlines()[-1:]))
+
+    def tool_record(self, tool: str) -> Dict[str, Any]:
+        result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
+        lines = result[1].decode("utf-8", "replace").splitlines()
+        return {"name": tool, "path": lines[0] if lines else None, "version": lines[1].split()[-1] if len(lines) > 1
+                else None, "sha256": lines[2].split()[0] if len(lines) > 2 else None,
+                "inside_container": self.container_name}
+
+    def _exec(self, argv: List[str]) -> Tuple[int, bytes, bytes]:
+        result = self._container.exec_run(argv, demux=True, environment=self._environment(), user=self.user)
+        stdout, stderr = result.output
+        return result.exit_code, stdout or b"", stderr or b""
+
+    def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
+                 stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None,
+                 capture: bool = False) -> Dict[str, Any]:
+        api = self._client.api
+        argv = [tool] + args + ["-U", self.user, "-d", dbname or self.dbname] if tool != "pg_dump" else \
+            [tool] + args + ["-U", self.user, dbname or self.dbname]
+        if tool == "pg_restore" and "-f" in args:
+            argv = [tool] + args  # reading only: no server
+        exec_id = api.exec_create(self._container.id, argv, stdout=True, stderr=True, stdin=stdin is not None,
+                                  tty=False, environment=self._environment(), user=self.user)["Id"]
+        captured: List[bytes] = []
+        errors: List[bytes] = []
+        sink = stdout or (captured.append if capture else (lambda data: None))
+        try:
+            if stdin is None:
+                for out, err in api.exec_start(exec_id, stream=True, demux=True):
+                    if out:
+                        sink(out)
+                    if err:
+                        errors.append(err)
+            else:
+                self._exec_with_stdin(api, exec_id, stdin, sink, errors)
+        except BaseException:
+            self._kill(api, exec_id)
+            raise
+        code = api.exec_inspect(exec_id).get("ExitCode")
+        return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"),
+                "stdout": b"".join(captured), "tool": {"name": tool, "inside_container": self.container_name}}
+
+    @staticmethod
+    def _exec_with_stdin(api, exec_id: str, stdin: Iterable[bytes], sink, errors: List[bytes]) -> None:
+        """Stream stdin into the exec while a thread demultiplexes its output (8-byte frame headers)."""
+        raw = api.exec_start(exec_id, socket=True)
+        sock = getattr(raw, "_sock", raw)
+        failure: List[BaseException] = []
+
+        def read_frames() -> None:
+            buffer = b""
+            try:
+                while True:
+                    data = sock.recv(CHUNK)
+                    if not data:
+                        break
+                    buffer += data
+                    while len(buffer) >= 8:
+                        kind, size = buffer[0], struct.unpack(">I", buffer[4:8])[0]
+                        if len(buffer) < 8 + size:
+                            break
+                        payload, buffer = buffer[8:8 + size], buffer[8 + size:]
+                        (sink if kind == 1 else errors.append)(payload)
+            except BaseException as error:
+                failure.append(error)
+
+        reader = threading.Thread(target=read_frames, daemon=True)
+        reader.start()
+        try:
+            for chunk in stdin:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        reader.join()
+        try:
+            sock.close()
+        except OSError:
+            pass
+        if failure:
+            raise failure[0]
+
+    def _kill(self, api, exec_id: str) -> None:
+        """exec has no kill call: kill its process inside the container."""
+        try:
+            pid = api.exec_inspect(exec_id).get("Pid")
+            if pid:
+                self._container.exec_run(["kill", "-TERM", str(pid)], user="root")
+        except Exception:
+            pass
+
+
+def check_tool(result: Dict[str, Any], what: str) -> None:
+    if result["exit_code"] != 0:
+        lines = [line for line in result["stderr"].strip().splitlines() if line.strip()]
+        raise ToolFailed("%s failed (exit %s): %s" % (what, result["exit_code"], lines[-1] if lines else "no message"))
+
+
+def resolve_server(deployment, dsn: Optional[str], container: Optional[str]) -> Server:
+    """--dsn (host binaries), --container NAME, else the deployment: its bookgen-db container when it runs,
+    otherwise the .env's DATABASE_URL through the host's binaries."""
+    from toolkit.db.target import resolve
+
+    if container:
+        return ContainerServer(container)
+    if dsn:
+        return HostServer(resolve(deployment, dsn=dsn).params)
+    try:
+        from toolkit.containers.engine import client
+
+        names = [c.name for c in client(timeout=3).containers.list()]
+        if deployment.containers["db"] in names:
+            return ContainerServer(deployment.containers["db"])
+    except Exception:
+        pass
+    return HostServer(resolve(deployment).params)
