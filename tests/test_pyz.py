@@ -273,6 +273,9 @@ def test_no_bytecode_cache_is_written_anywhere(pyz, tmp_path):
 def test_disk_mode_private_dir_is_removed_on_signals(pyz, tmp_path, signame):
     code = textwrap.dedent("""
         import os, signal, sys, time
+        # as in a terminal session (a CI runner may start us with SIGHUP/SIGINT ignored)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, %r)
         import _bkboot
         _bkboot.setup()

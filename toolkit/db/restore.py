@@ -45,10 +45,12 @@ class RestoreReport:
     restored_database: Optional[str] = None
     old_database: Optional[str] = None
     emergency_backup: Optional[str] = None
+    started: float = field(default_factory=time.monotonic)
 
     def step(self, name: str, detail: str, ok: bool = True) -> None:
         self.steps.append({"step": name, "ok": ok, "detail": detail,
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "elapsed": round(time.monotonic() - self.started, 3)})
 
 
 def leftovers(server: Server, database: str) -> List[str]:
