@@ -108,8 +108,9 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         report.step("preflight", "%s: %s" % (failed[0]["name"], failed[0]["detail"]), ok=False)
         raise VerificationFailed("the set does not verify (%s: %s): nothing was changed" % (
             failed[0]["name"], failed[0]["detail"]))
-    report.step("preflight", "set verified (%s); server %s reachable" % (
-        ", ".join(c["name"] for c in verified.checks), server.description))
+    report.step("preflight", "set verified (%s); server %s reachable; %s" % (
+        ", ".join(c["name"] for c in verified.checks), server.description,
+        _space_check(server, database if target_exists else None, plan.backup)))
     if plan.into:
         say("restoring into %s" % plan.into)
         restore_into(server, plan.backup, plan.into, identities, owner=None)
@@ -175,6 +176,33 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         started = _docker_services(stopped, "start")
         report.step("start services", "started %s" % ", ".join(started))
     return report
+
+
+def _space_check(server: Server, database: Optional[str], backup: BackupSet) -> str:
+    """Room for a second copy beside the live one, where the data directory can be seen (else said so)."""
+    import os
+
+    needed = int(server.query("SELECT pg_database_size(%s)" % quote_literal(database), server.admin_database)[0][0]) \
+        if database else os.path.getsize(backup.dump) * 4
+    free = None
+    try:
+        data_dir = server.query("SHOW data_directory", server.admin_database)[0][0]
+    except Exception:  # not a superuser: the data directory is not ours to see
+        data_dir = None
+    if data_dir and getattr(server, "mode", "") == "container":
+        code, out, _err = server._exec(["df", "-Pk", data_dir])
+        lines = out.decode("utf-8", "replace").splitlines()
+        if code == 0 and len(lines) > 1:
+            free = int(lines[1].split()[3]) * 1024
+    elif data_dir and os.path.isdir(data_dir):
+        info = os.statvfs(data_dir)
+        free = info.f_bavail * info.f_frsize
+    if free is None:
+        return "free space on the server not visible from here (need about %d MiB)" % (needed // 1048576)
+    if free < needed * 1.1:
+        raise EnvironmentProblem("not enough space for the restored copy: about %d MiB needed, %d MiB free on %s" % (
+            needed // 1048576, free // 1048576, data_dir))
+    return "%d MiB free for a copy of about %d MiB" % (free // 1048576, needed // 1048576)
 
 
 def _compare(server: Server, plan: RestorePlan, dbname: str, report: RestoreReport, drop_on_failure: bool) -> None:
