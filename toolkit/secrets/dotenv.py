@@ -136,3 +136,64 @@ def read(path: str) -> DotEnv:
         from toolkit.errors import EnvironmentProblem
 
         raise EnvironmentProblem("cannot read %s: permission denied" % path) from None
+
+
+def with_values(env: DotEnv, changes: Dict[str, str]) -> str:
+    """The file's text with the last occurrence of each key given a new value, in its own quoting style.
+
+    Everything else stays byte for byte. A key not in the file is appended as KEY=value.
+    New values must be plain (letters, digits, - _ . : / @ %): they need no escaping in any style.
+    """
+    for key, value in changes.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.:/@%+=-]*", value):
+            raise ValueError("value for %s has characters that would need quoting rules" % key)
+    edits = []
+    missing = []
+    for key, value in changes.items():
+        entry = env.last_entry(key)
+        if entry is None:
+            missing.append((key, value))
+            continue
+        token = "%s%s%s" % (entry.quote, value, entry.quote)
+        edits.append((entry.start, entry.end, token))
+    text = env.text
+    for start, end, token in sorted(edits, reverse=True):
+        text = text[:start] + token + text[end:]
+    if missing:
+        newline = "\r\n" if "\r\n" in text else "\n"
+        if text and not text.endswith("\n"):
+            text += newline
+        text += "".join("%s=%s%s" % (k, v, newline) for k, v in missing)
+    return text
+
+
+def write_atomically(path: str, text: str, like: Optional[str] = None) -> None:
+    """Temp file in the same directory, same mode and owner as `like` (default: path), fsync, rename, fsync dir."""
+    import os
+    import tempfile
+
+    from toolkit.host.atomic import fsync_directory
+
+    reference = like or path
+    info = os.stat(reference) if os.path.exists(reference) else None
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, info.st_mode & 0o7777 if info else 0o600)
+        if info is not None:
+            try:
+                os.chown(temporary, info.st_uid, info.st_gid)
+            except PermissionError:
+                pass
+        os.replace(temporary, path)
+        fsync_directory(directory)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,264 @@
+"""`rotate`: create -> set -> test -> finish, journaled on local disk so that any interrupted run can be
+resumed or rolled back. At every moment either the .env or the .env.pending matches what each service accepts.
+
+State on disk (secrets only in the two .env files, both 0600):
+  <app>/.env.pending                         the .env with the new values
+  <app>/.bookgen-kit/rotation/<id>.json       states and fingerprints (0700 directory)
+  <app>/.env.previous-<UTC>                  the old .env, kept after finish
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from toolkit.errors import EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.host.hashing import fingerprint
+from toolkit.secrets import dotenv
+from toolkit.secrets.rotators import ROTATORS, provider_keys
+
+STATES = ("created", "set", "tested", "finished", "rolled_back")
+
+
+@dataclass
+class RotationOptions:
+    env_file: str
+    app_dir: str
+    only: List[str]
+    db_container: Optional[str] = None
+    admin_dsn: Optional[str] = None
+    compose_project: str = "bookgen"
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the tests' SIGKILL between steps (BOOKGEN_KIT_FAULT=after:<point>)."""
+    if os.environ.get("BOOKGEN_KIT_FAULT") == "after:" + point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Journal:
+    def __init__(self, app_dir: str) -> None:
+        self.directory = os.path.join(app_dir, ".bookgen-kit", "rotation")
+
+    def path(self, run_id: str) -> str:
+        return os.path.join(self.directory, run_id + ".json")
+
+    def save(self, document: Dict[str, Any]) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(self.directory), 0o700)
+        os.chmod(self.directory, 0o700)
+        dotenv.write_atomically(self.path(document["id"]), json.dumps(document, indent=2, sort_keys=True) + "\n",
+                                like=None)
+        os.chmod(self.path(document["id"]), 0o600)
+
+    def runs(self) -> List[Dict[str, Any]]:
+        if not os.path.isdir(self.directory):
+            return []
+        documents = []
+        for name in sorted(os.listdir(self.directory)):
+            if name.endswith(".json"):
+                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                    documents.append(json.load(handle))
+        return sorted(documents, key=lambda d: d["created"])
+
+    def open_run(self) -> Optional[Dict[str, Any]]:
+        unfinished = [d for d in self.runs() if d["state"] not in ("finished", "rolled_back")]
+        return unfinished[-1] if unfinished else None
+
+
+def _rotators(env: Dict[str, str], options: RotationOptions):
+    chosen = [cls(env, options) for cls in ROTATORS]
+    chosen = [r for r in chosen if r.applies()]
+    if options.only:
+        unknown = set(options.only) - {r.name for r in chosen}
+        if unknown:
+            raise UsageError("nothing to rotate called %s (known here: %s)" % (", ".join(sorted(unknown)),
+                                                                              ", ".join(r.name for r in chosen)))
+        chosen = [r for r in chosen if r.name in options.only]
+    return chosen
+
+
+def plan(options: RotationOptions) -> Dict[str, Any]:
+    env = dotenv.read(options.env_file)  # an unparseable line stops everything here (exit 3)
+    values = env.values()
+    rotators = _rotators(values, options)
+    return {
+        "env_file": options.env_file,
+        "rotate": [dict(r.describe(), current_fingerprint=fingerprint(r.current() or "")) for r in rotators],
+        "revoke_at_provider": [{"name": k, "fingerprint": fingerprint(values[k])} for k in provider_keys(values)],
+        "note": "nothing offline can rotate the keys listed under revoke_at_provider: revoke and reissue them "
+                "at their provider, then set them in the .env",
+        "open_run": (Journal(options.app_dir).open_run() or {}).get("id"),
+    }
+
+
+def _pending_path(options: RotationOptions) -> str:
+    return options.env_file + ".pending"
+
+
+def run(options: RotationOptions) -> Dict[str, Any]:
+    journal = Journal(options.app_dir)
+    if journal.open_run():
+        raise UsageError("an interrupted rotation (%s) is open" % journal.open_run()["id"],
+                         hint="`rotate resume` or `rotate rollback` first")
+    env = dotenv.read(options.env_file)
+    values = env.values()
+    rotators = _rotators(values, options)
+    if not rotators:
+        raise UsageError("nothing to rotate in %s" % options.env_file)
+    # 1. create: new values into .env.pending (0600), states and fingerprints into the journal
+    new_values = {r.name: r.generate() for r in rotators}
+    changes: Dict[str, str] = {}
+    for rotator in rotators:
+        changes.update(rotator.changes(new_values[rotator.name]))
+    pending_text = dotenv.with_values(env, changes)
+    dotenv.write_atomically(_pending_path(options), pending_text, like=options.env_file)
+    os.chmod(_pending_path(options), 0o600)
+    document = {"id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
+                "created": _utc(), "host": socket.gethostname(), "env_file": options.env_file, "state": "created",
+                "db_container": options.db_container, "secrets": {}, "events": []}
+    for rotator in rotators:
+        document["secrets"][rotator.name] = {
+            "state": "created", "keys": sorted(rotator.changes("x")), "service": rotator.service,
+            "old_fingerprint": fingerprint(rotator.current() or ""), "new_fingerprint": fingerprint(
+                new_values[rotator.name]), "method": None, "warning": rotator.warning}
+    document["events"].append({"time": _utc(), "event": "created"})
+    journal.save(document)
+    _fault("create")
+    return _continue(document, options, journal)
+
+
+def _load_values(options: RotationOptions):
+    old = dotenv.read(options.env_file).values()
+    pending_path = _pending_path(options)
+    if not os.path.exists(pending_path):
+        raise EnvironmentProblem("%s is missing: the new values of this run are gone" % pending_path,
+                                 hint="`rotate rollback` restores the old values on the services")
+    new = dotenv.read(pending_path).values()
+    return old, new
+
+
+def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journal) -> Dict[str, Any]:
+    options.db_container = options.db_container or document.get("db_container")
+    old_env, new_env = _load_values(options)
+    rotators = {r.name: r for r in _rotators(old_env, RotationOptions(**dict(options.__dict__, only=list(
+        document["secrets"]))))}
+    # 2. set, each idempotent: a value that already works is not set again
+    for name, entry in document["secrets"].items():
+        if entry["state"] != "created":
+            continue
+        rotator = rotators[name]
+        new = type(rotator)(new_env, options).current()
+        if rotator.works(new):
+            entry["method"] = "already in effect"
+        else:
+            entry["method"] = rotator.set(rotator.current(), new)
+        entry["state"] = "set"
+        document["events"].append({"time": _utc(), "event": "set %s" % name})
+        journal.save(document)
+        _fault("set:" + name)
+    # 3. test with fresh connections: the new works (and, where a service checks it, the old does not)
+    for name, entry in document["secrets"].items():
+        if entry["state"] != "set":
+            continue
+        rotator = rotators[name]
+        new = type(rotator)(new_env, options).current()
+        if not rotator.works(new):
+            raise VerificationFailed("%s: the new value does not work on %s" % (name, rotator.service),
+                                     hint="`rotate rollback` restores the old value")
+        old = rotator.current()
+        if name != "SECRET_KEY" and old and old != new and rotator.works(old):
+            raise VerificationFailed("%s: the old value still works on %s" % (name, rotator.service))
+        entry["state"] = "tested"
+        document["events"].append({"time": _utc(), "event": "tested %s" % name})
+        journal.save(document)
+        _fault("test:" + name)
+    # 4. finish: the .env becomes the pending one, atomically; the previous is kept
+    previous = "%s.previous-%s" % (options.env_file, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    with open(options.env_file, encoding="utf-8", newline="") as handle:
+        old_text = handle.read()
+    dotenv.write_atomically(previous, old_text, like=options.env_file)
+    os.chmod(previous, 0o600)
+    with open(_pending_path(options), encoding="utf-8", newline="") as handle:
+        new_text = handle.read()
+    dotenv.write_atomically(options.env_file, new_text)
+    _fault("finish-env")
+    os.unlink(_pending_path(options))
+    for entry in document["secrets"].values():
+        entry["state"] = "finished"
+    document["state"] = "finished"
+    document["previous_env"] = previous
+    document["events"].append({"time": _utc(), "event": "finished"})
+    journal.save(document)
+    return document
+
+
+def resume(options: RotationOptions) -> Dict[str, Any]:
+    journal = Journal(options.app_dir)
+    document = journal.open_run()
+    if document is None:
+        raise UsageError("no interrupted rotation to resume")
+    if not os.path.exists(_pending_path(options)):
+        # killed between writing the new .env and removing .env.pending is impossible to reach here,
+        # since the .env is written before .env.pending is removed; a missing pending file means finish ran
+        document["state"] = "finished"
+        for entry in document["secrets"].values():
+            entry["state"] = "finished"
+        document["events"].append({"time": _utc(), "event": "resumed: found finished"})
+        journal.save(document)
+        return document
+    document["events"].append({"time": _utc(), "event": "resumed"})
+    return _continue(document, options, journal)
+
+
+def rollback(options: RotationOptions) -> Dict[str, Any]:
+    journal = Journal(options.app_dir)
+    document = journal.open_run()
+    if document is None:
+        raise UsageError("no open rotation to roll back (a finished one is undone by rotating again)")
+    options.db_container = options.db_container or document.get("db_container")
+    old_env = dotenv.read(options.env_file).values()
+    new_env = dotenv.read(_pending_path(options)).values() if os.path.exists(_pending_path(options)) else {}
+    if dotenv.read(options.env_file).values() == new_env:
+        raise UsageError("the .env already holds the new values: this run finished its .env step",
+                         hint="`rotate resume` completes it")
+    for name, entry in document["secrets"].items():
+        cls = next(c for c in ROTATORS if c.name == name)
+        rotator = cls(old_env, options)
+        old = rotator.current()
+        if entry["state"] in ("set", "tested") or (new_env and not rotator.works(old)):
+            new = cls(new_env, options).current() if new_env else None
+            if not rotator.works(old):
+                entry["method"] = "rolled back: " + rotator.set(new, old)
+        entry["state"] = "rolled_back"
+    if os.path.exists(_pending_path(options)):
+        os.unlink(_pending_path(options))
+    document["state"] = "rolled_back"
+    document["events"].append({"time": _utc(), "event": "rolled back"})
+    journal.save(document)
+    return document
+
+
+def recreate_command(app_dir: str) -> Dict[str, Any]:
+    """Containers read the .env only when created: compose up --force-recreate, when the compose CLI exists."""
+    from toolkit.host.programs import find_program, run_program
+
+    compose_file = os.path.join(app_dir, "docker-compose.yml")
+    args = ["compose", "-f", compose_file, "up", "-d", "--force-recreate", "api", "worker"]
+    docker = find_program("docker")
+    if docker is None:
+        return {"ran": False, "command": "docker " + " ".join(args),
+                "note": "no docker CLI on this host: run this command; a plain restart does not re-read the .env"}
+    run_result = run_program("docker", args, timeout=300)
+    return {"ran": True, "command": " ".join(run_result.argv), "binary": run_result.record(),
+            "exit_code": run_result.returncode,
+            "stderr": run_result.stderr.decode("utf-8", "replace")[-2000:]}
