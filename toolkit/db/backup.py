@@ -45,23 +45,31 @@ def utc_stamp(moment: Optional[float] = None) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(moment))
 
 
-def schema_sha256(server: Server, dbname: str) -> str:
-    rows = sorted("|".join(v or "" for v in row) for row in server.query(SCHEMA_QUERY, dbname))
+def _querier(server, dbname):
+    """A function sql -> rows: a Server's query on dbname, or a cursor-holding callable as it is."""
+    if callable(server) and not isinstance(server, Server):
+        return server
+    return lambda sql: server.query(sql, dbname)
+
+
+def schema_sha256(server, dbname: Optional[str] = None) -> str:
+    query = _querier(server, dbname)
+    rows = sorted("|".join(v or "" for v in row) for row in query(SCHEMA_QUERY))
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-def table_counts(server: Server, dbname: str) -> Dict[str, Dict[str, Any]]:
-    tables = server.query("SELECT n.nspname, c.relname, c.reltuples::bigint FROM pg_class c JOIN pg_namespace n "
+def table_counts(server, dbname: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    query = _querier(server, dbname)
+    tables = query("SELECT n.nspname, c.relname, c.reltuples::bigint FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN "
-                          "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
-                          dbname)
+                   "('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2")
     counts = {}
     for schema, name, estimate in tables:
         key = "%s.%s" % (schema, name)
         if int(estimate or 0) > EXACT_COUNT_LIMIT:
             counts[key] = {"rows": int(estimate), "exact": False}
         else:
-            rows = server.query("SELECT count(*) FROM %s.%s" % (quote_ident(schema), quote_ident(name)), dbname)
+            rows = query("SELECT count(*) FROM %s.%s" % (quote_ident(schema), quote_ident(name)))
             counts[key] = {"rows": int(rows[0][0]), "exact": True}
     return counts
 
@@ -136,11 +144,26 @@ def _update_sums(directory: str, name: str, digest: str) -> None:
 def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequence[Any] = (),
                   recipient_names: Sequence[str] = (), progress: Optional[Callable[[int], None]] = None,
                   prefix: Optional[str] = None) -> Dict[str, Any]:
+    import threading
+
     os.makedirs(out_dir, exist_ok=True)
     started = time.time()
     version = server.server_version()
-    counts = table_counts(server, dbname)
-    schema = schema_sha256(server, dbname)
+    snapshot = server.export_snapshot(dbname) if hasattr(server, "export_snapshot") else None
+    facts: Dict[str, Any] = {}
+    if snapshot is None:
+        facts["counts"], facts["schema"] = table_counts(server, dbname), schema_sha256(server, dbname)
+        counter = None
+    else:
+        # counts and schema from the very snapshot pg_dump dumps, computed while it dumps
+        def count_in_snapshot() -> None:
+            try:
+                facts["counts"], facts["schema"] = table_counts(snapshot.query), schema_sha256(snapshot.query)
+            except BaseException as error:  # re-raised below
+                facts["error"] = error
+
+        counter = threading.Thread(target=count_in_snapshot, daemon=True)
+        counter.start()
     name = "%s-%s.dump%s" % (prefix or dbname, utc_stamp(started), ".age" if recipients else "")
     path = os.path.join(os.path.abspath(out_dir), name)
     with AtomicFile(path, 0o600) as out:
@@ -160,13 +183,21 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
                 progress(len(data))
 
         try:
-            result = server.run_tool("pg_dump", ["-Fc", "-Z", "6"], stdout=deliver, dbname=dbname)
+            args = ["-Fc", "-Z", "6"] + (["--snapshot", snapshot.name] if snapshot else [])
+            result = server.run_tool("pg_dump", args, stdout=deliver, dbname=dbname)
             check_tool(result, "pg_dump")
             if encryptor is not None:
                 encryptor.close()
+            if counter is not None:
+                counter.join()
+                if "error" in facts:
+                    raise facts["error"]
         finally:
             sink.close()
+            if snapshot is not None:
+                snapshot.close()
         out.commit()
+    counts, schema = facts["counts"], facts["schema"]
     sidecar = {
         "format": FORMAT, "database": dbname, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 2), "server_version": version,

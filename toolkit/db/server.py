@@ -145,6 +145,20 @@ class HostServer(Server):
         except psycopg.Error as error:
             raise BadInputError("%s: %s" % (self.description, _first_line(error))) from None
 
+    def export_snapshot(self, dbname: str) -> "Snapshot":
+        """A REPEATABLE READ transaction whose snapshot pg_dump --snapshot shares."""
+        import psycopg
+
+        try:
+            conn = psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname, user=self.params.user,
+                                   password=self.params.password or None, connect_timeout=5,
+                                   application_name="bookgen-kit")
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            name = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        except psycopg.Error as error:
+            raise DatabaseUnreachable("%s: %s" % (self.description, _first_line(error))) from None
+        return Snapshot(conn, name)
+
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
             self._tools[name] = choose_tool(name, self.server_major())
@@ -206,6 +220,26 @@ class HostServer(Server):
         if feeder_error:
             raise feeder_error[0]
         return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
+
+
+class Snapshot:
+    """An open transaction holding an exported snapshot; query() runs in it."""
+
+    def __init__(self, conn, name: str) -> None:
+        self.conn = conn
+        self.name = name
+
+    def query(self, sql: str) -> List[List[Optional[str]]]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql)
+            return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] if cur.description \
+                else []
+
+    def close(self) -> None:
+        try:
+            self.conn.rollback()
+        finally:
+            self.conn.close()
 
 
 class ContainerServer(Server):
