@@ -115,8 +115,9 @@ def test_host_mode_backup_verify_restore_with_swap(host_setup):
     assert Path(report["emergency_backup"]).exists()
     with database.cluster.connect(old) as conn:
         assert conn.execute("SELECT count(*) FROM chapters").fetchone()[0] == 0  # the pre-restore state, kept
-    listed = json.loads(kit("--json", "backup", "list", env=env).stdout)
+    listed = json.loads(kit("--json", "backup", "list", "--dsn", dsn, env=env).stdout)
     assert any(s["verified"] for s in listed["sets"])
+    assert old in listed["pre_restore_databases"]
     assert kit("db", "drop-old", old, "--yes", "--dsn", dsn, env=env).returncode == 0
     assert old not in databases(database.cluster.connect)
     assert kit("db", "drop-old", database.name, "--yes", "--dsn", dsn, env=env).returncode == 2
@@ -287,3 +288,20 @@ def test_container_mode_round_trip(running_stack, tmp_path):
     steps = [s["step"] for s in report["steps"]]
     assert steps.index("stop services") < steps.index("swap") < steps.index("start services")
     assert kit("db", "drop-old", report["old_database"], "--yes", env=env).returncode == 0
+
+
+def test_restore_test_in_a_scratch_cluster_and_repair(host_setup):
+    database, dsn, env, host = host_setup
+    dump = json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn, env=env).stdout)
+    done = kit("--json", "backup", "verify", dump["dump"], "--restore-test", "--scratch-cluster", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["restore test"]["ok"] and "throwaway cluster" in checks["restore test"]["detail"]
+    assert not [p for p in Path("/tmp").glob("bookgen-kit-scratch-*")]  # removed
+    sidecar = json.loads(Path(dump["sidecar"]).read_text())
+    assert sidecar["verified"][-1]["scratch_cluster"] is True
+    repaired = kit("--json", "db", "repair", "--reindex", "--database", database.name, "--dsn", dsn, env=env)
+    assert repaired.returncode == 0, repaired.stderr
+    steps = json.loads(repaired.stdout)["steps"]
+    assert steps[0]["step"] == "emergency backup" and Path(steps[0]["detail"]).exists()
+    assert steps[1]["step"] == "reindex"

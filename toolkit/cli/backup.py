@@ -89,17 +89,28 @@ def create_command(database, out_dir, recipients, recipient_files, dsn, containe
 @click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE")
 @click.option("--passphrase-file", metavar="FILE")
 @click.option("--restore-test", is_flag=True, help="Also restore into a scratch database and compare (dropped after).")
+@click.option("--scratch-cluster", is_flag=True,
+              help="Do the restore test in a throwaway cluster in a temp dir (host server binaries needed).")
 @server_options
 @deployment_options
 @json_option
-def verify_command(set_path, identity_files, passphrase_file, restore_test, dsn, container, deployment) -> None:
+def verify_command(set_path, identity_files, passphrase_file, restore_test, scratch_cluster, dsn, container,
+                   deployment) -> None:
     """Checksum, archive header, a full read of every entry; with --restore-test, a scratch restore compared
     with the sidecar. Exit 5 when the set does not hold."""
     from toolkit.db.backup import locate_set, verify_backup
 
     backup = locate_set(set_path)
-    server = _server(deployment, dsn, container)
-    result = verify_backup(backup, server, _identities(identity_files, passphrase_file), restore_test)
+    if scratch_cluster and not restore_test:
+        raise UsageError("--scratch-cluster goes with --restore-test")
+    identities = _identities(identity_files, passphrase_file)
+    if scratch_cluster:
+        from toolkit.db.scratch import ScratchCluster
+
+        with ScratchCluster() as scratch_server:
+            result = verify_backup(backup, scratch_server, identities, True, scratch_cluster=True)
+    else:
+        result = verify_backup(backup, _server(deployment, dsn, container), identities, restore_test)
     out = current_output()
     if out.json:
         out.emit_json({"set": backup.dump, "ok": result.ok, "checks": result.checks})
@@ -113,13 +124,23 @@ def verify_command(set_path, identity_files, passphrase_file, restore_test, dsn,
 @backup_group.command("list")
 @click.argument("directory", required=False)
 @click.option("--max-age", default=24.0, show_default=True, help="Warn when the newest set is older (hours).")
+@server_options
 @deployment_options
 @json_option
-def list_command(directory, max_age, deployment) -> None:
+def list_command(directory, max_age, dsn, container, deployment) -> None:
     """Sets in DIR (default APP_DIR/backups): age, size, verified, kept; old _pre_restore_ databases too."""
     from toolkit.db.backup import list_backups
+    from toolkit.errors import KitError
 
     listing = list_backups(directory or deployment.backups_dir, max_age)
+    try:
+        server = _server(deployment, dsn, container)
+        listing["pre_restore_databases"] = [r[0] for r in server.query(
+            "SELECT datname FROM pg_database WHERE datname LIKE '%\\_pre\\_restore\\_%' ORDER BY 1",
+            server.admin_database)]
+    except KitError as error:
+        listing["pre_restore_databases"] = None
+        listing["server_note"] = "old databases not listed: %s" % error.message
     out = current_output()
     if out.json:
         out.emit_json(listing)
@@ -133,6 +154,8 @@ def list_command(directory, max_age, deployment) -> None:
         table.add_row(s["dump"].rsplit("/", 1)[-1], s["kind"], "%d" % s["size"], str(s["age_hours"]),
                       s["verified"] or "no", "yes" if s["keep"] else "")
     out.console.print(table)
+    for name in listing.get("pre_restore_databases") or []:
+        out.console.print("kept by a restore: database %s (`bookgen-kit db drop-old %s --yes`)" % (name, name))
     if listing["warning"]:
         out.console.print("[yellow]warning[/yellow] %s" % listing["warning"])
 
