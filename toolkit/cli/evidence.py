@@ -254,7 +254,7 @@ def custody_add(bundle, action, actor, location, purpose, sign_key, sign_passphr
 
     from toolkit.evidence import custody
     from toolkit.evidence.bundle import locate
-    from toolkit.evidence.capture import sha256_file
+    from toolkit.host.hashing import sha256_path as sha256_file
 
     paths = locate(bundle)
     if not os.path.exists(paths.payload):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 from toolkit.db.server import Server, check_tool, quote_ident, quote_literal
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile
+from toolkit.host.hashing import sha256_path
 from toolkit.host.streams import HashingWriter
 
 SIDECAR_SUFFIX = ".backup.json"
@@ -149,6 +150,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
     os.makedirs(out_dir, exist_ok=True)
     started = time.time()
     version = server.server_version()
+    tool = server.tool_record("pg_dump")  # a missing or too old pg_dump stops us before any file exists
     snapshot = server.export_snapshot(dbname) if hasattr(server, "export_snapshot") else None
     facts: Dict[str, Any] = {}
     if snapshot is None:
@@ -164,7 +166,12 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
 
         counter = threading.Thread(target=count_in_snapshot, daemon=True)
         counter.start()
-    name = "%s-%s.dump%s" % (prefix or dbname, utc_stamp(started), ".age" if recipients else "")
+    base = "%s-%s" % (prefix or dbname, utc_stamp(started))
+    suffix = ".dump" + (".age" if recipients else "")
+    name, serial = base + suffix, 1
+    while os.path.lexists(os.path.join(out_dir, name)) or os.path.lexists(os.path.join(out_dir, name + ".partial")):
+        serial += 1
+        name = "%s-%d%s" % (base, serial, suffix)
     path = os.path.join(os.path.abspath(out_dir), name)
     with AtomicFile(path, 0o600) as out:
         sink = HashingWriter(out)
@@ -202,7 +209,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
         "format": FORMAT, "database": dbname, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 2), "server_version": version,
         "source": {"mode": server.mode, "server": server.description},
-        "pg_dump": server.tool_record("pg_dump"),
+        "pg_dump": tool,
         "dump": {"file": name, "size": sink.size, "sha256": sink.hexdigest(), "format": "custom",
                  "uncompressed_stream_bytes": written[0], "encrypted": bool(recipients),
                  "recipients": list(recipient_names)},
@@ -243,14 +250,6 @@ def plaintext_chunks(backup: BackupSet, identities: Sequence[Any]) -> Iterator[b
         handle.close()
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_header(first: bytes) -> Dict[str, Any]:
     if not first.startswith(b"PGDMP") or len(first) < 11:
         raise VerificationFailed("not a pg_dump custom-format archive (no PGDMP header)")
@@ -274,7 +273,7 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
 
     result = VerifyResult(ok=True)
     sidecar = backup.load_sidecar()
-    actual = _sha256(backup.dump)
+    actual = sha256_path(backup.dump)
     if sidecar:
         expected = sidecar["dump"]["sha256"]
         result.add("checksum", actual == expected, "matches the sidecar" if actual == expected else

@@ -32,6 +32,7 @@ from toolkit.evidence.collectors.base import (
     start_collector,
 )
 from toolkit.host.atomic import AtomicFile
+from toolkit.host.hashing import sha256_path as sha256_file
 
 SCHEMA = "bookgen-kit/evidence-manifest/1"
 RESERVE_BYTES = 32 * 1024 * 1024
@@ -303,14 +304,6 @@ def update_sums(out_dir: str, files: Dict[str, str]) -> str:
         out.write("".join("%s  %s\n" % (lines[name], name) for name in sorted(lines)).encode("utf-8"))
         out.commit()
     return path
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = None) -> CaptureResult:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from toolkit.errors import KitError
 from toolkit.evidence import custody
 from toolkit.evidence.bundle import BundlePaths, iterate_members, load_manifest, locate, open_tar_stream, read_member
-from toolkit.evidence.capture import sha256_file
+from toolkit.host.hashing import sha256_path as sha256_file
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from toolkit.config import Deployment
 from toolkit.errors import BadInputError, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile, environment_error
+from toolkit.host.hashing import sha256_path
 
 BACKUP_PATTERNS = ("*.sql", "*.sql.gz", "*.dump", "*.dump.age", "*.sql.gz.age", "*.tar.gz", "*.tar.zst")
 EVIDENCE_MARKERS = ("SHA256SUMS", "*.manifest.json", "*.custody.jsonl", "*.tar.zst.age")
@@ -230,14 +231,6 @@ def _free_bytes(path: str) -> Optional[int]:
         return None
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_archive(plan: CleanupPlan, archive_dir: str) -> Tuple[str, str, int]:
     """tar.zst of every candidate (paths as absolute names without the leading /), then verified by re-reading."""
     import zstandard
@@ -253,7 +246,7 @@ def _write_archive(plan: CleanupPlan, archive_dir: str) -> Tuple[str, str, int]:
         for path in paths:
             info = os.lstat(path)
             if stat.S_ISREG(info.st_mode):
-                expected[path.lstrip("/")] = (info.st_size, _sha256_file(path))
+                expected[path.lstrip("/")] = (info.st_size, sha256_path(path))
     with AtomicFile(os.path.join(archive_dir, name), 0o600) as out:
         compressor = zstandard.ZstdCompressor(level=3)
         writer = compressor.stream_writer(out, closefd=False)
@@ -266,7 +259,7 @@ def _write_archive(plan: CleanupPlan, archive_dir: str) -> Tuple[str, str, int]:
             raise environment_error(error, "cannot write the archive in %s" % archive_dir) from None
         out.commit()
     members = _verify_archive(out.path, expected)
-    return out.path, _sha256_file(out.path), members
+    return out.path, sha256_path(out.path), members
 
 
 def _verify_archive(path: str, expected: Dict[str, Tuple[int, str]]) -> int:
