@@ -44,6 +44,8 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "restore": ("toolkit.cli.backup", "restore_command",
                 "Restore a proven set into a new database, compare it, swap it in by rename."),
     "db": ("toolkit.cli.backup", "db_group", "Database check, repair, and drop-old."),
+    "harden": ("toolkit.cli.harden", "harden_group",
+               "Audit the host's hardening (index 0-100, evidence) and show the exact changes that fix it."),
     "rotate": ("toolkit.cli.rotate", "rotate_group",
                "Rotate the .env's credentials on the live services, journaled: plan, run, resume, rollback."),
 }

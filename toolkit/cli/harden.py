@@ -1,0 +1,74 @@
+"""`bookgen-kit harden check` and `harden plan`: audit the host (or an image via --root) and show exact changes."""
+from __future__ import annotations
+
+import click
+
+from toolkit.cli.common import deployment_options
+from toolkit.cli.output import current_output, json_option
+
+
+def _context(root, deployment, allow_ports):
+    from toolkit.hardening.base import HardenContext
+
+    return HardenContext(root=root, deployment=deployment, allowed_ports=list(allow_ports) or [22, 80, 443])
+
+
+@click.group("harden")
+def harden_group() -> None:
+    """Audit the host's hardening and show the exact changes that would fix it."""
+
+
+@harden_group.command("check")
+@click.option("--root", default="/", show_default=True, help="Audit this tree as / (a mounted image).")
+@click.option("--only", multiple=True, metavar="ID")
+@click.option("--allow-port", "allow_ports", multiple=True, type=int, help="Ports to allow in (default 22 80 443).")
+@deployment_options
+@json_option
+def check_command(root, only, allow_ports, deployment) -> None:
+    """Every check with its result, the evidence behind it, and a hardening index (0-100)."""
+    from toolkit.hardening.checks import hardening_index, select
+
+    ctx = _context(root, deployment, allow_ports)
+    results = [check.check(ctx) for check in select(list(only))]
+    index = hardening_index(results)
+    out = current_output()
+    if out.json:
+        out.emit_json({"root": root, "index": index, "checks": [
+            {"id": r.id, "title": r.title, "why": r.why, "weight": r.weight, "status": r.status,
+             "findings": [f.__dict__ for f in r.findings], "seen": r.seen} for r in results]})
+        return
+    from rich.table import Table
+
+    table = Table(title="hardening of %s: index %d/100" % (root, index), title_justify="left")
+    for column in ("check", "result", "evidence"):
+        table.add_column(column, overflow="fold")
+    for r in results:
+        color = {"pass": "green", "fail": "red"}.get(r.status, "dim")
+        table.add_row(r.id, "[%s]%s[/%s]" % (color, r.status, color),
+                      "\n".join(f.evidence for f in r.findings) or "; ".join(r.seen))
+    out.console.print(table)
+
+
+@harden_group.command("plan")
+@click.option("--root", default="/", show_default=True)
+@click.option("--only", multiple=True, metavar="ID")
+@click.option("--allow-port", "allow_ports", multiple=True, type=int)
+@deployment_options
+@json_option
+def plan_command(root, only, allow_ports, deployment) -> None:
+    """The exact file diffs and commands that would bring each failing check to pass."""
+    from toolkit.hardening.checks import select
+
+    ctx = _context(root, deployment, allow_ports)
+    plans = [{"id": check.id, "changes": [c.to_dict() for c in check.plan(ctx)]} for check in select(list(only))]
+    out = current_output()
+    if out.json:
+        out.emit_json({"root": root, "plans": plans})
+        return
+    for plan in plans:
+        if not plan["changes"]:
+            continue
+        out.console.print("[bold]%s[/bold]" % plan["id"])
+        for change in plan["changes"]:
+            click.echo("# " + change["description"])
+            click.echo(change["diff"])

@@ -1,0 +1,100 @@
+"""The hardening check interface: id, title, why, weight; check() with its evidence, plan() with exact changes.
+
+Checks read (and later write) through a root prefix, so they audit a mounted image
+or a test tree as well as the live host.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+PASS, FAIL, NOT_APPLICABLE = "pass", "fail", "not applicable"
+
+
+@dataclass
+class HardenContext:
+    root: str
+    deployment: Any
+    allowed_ports: List[int] = field(default_factory=lambda: [22, 80, 443])
+
+    def path(self, logical: str) -> str:
+        if self.root in ("", "/"):
+            return logical
+        return os.path.join(self.root, logical.lstrip("/"))
+
+    def read(self, logical: str) -> Optional[str]:
+        try:
+            with open(self.path(logical), encoding="utf-8", errors="replace") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    def exists(self, logical: str) -> bool:
+        return os.path.lexists(self.path(logical))
+
+    @property
+    def live(self) -> bool:
+        return self.root in ("", "/")
+
+    @property
+    def docker_present(self) -> bool:
+        return any(self.exists(p) for p in ("/usr/bin/dockerd", "/usr/sbin/dockerd", "/var/run/docker.sock",
+                                            "/etc/docker"))
+
+
+@dataclass
+class Finding:
+    """One failing item, with what was seen and where (file:line, a command's output, a value)."""
+    item: str
+    evidence: str
+
+
+@dataclass
+class CheckResult:
+    id: str
+    title: str
+    why: str
+    weight: int
+    status: str
+    findings: List[Finding] = field(default_factory=list)
+    seen: List[str] = field(default_factory=list)  # what was looked at when it passes
+
+
+@dataclass
+class Change:
+    """An exact change apply would make: a file's new content (shown as a diff) or a command."""
+    kind: str  # "file" or "command"
+    description: str
+    path: Optional[str] = None
+    before: Optional[str] = None
+    after: Optional[str] = None
+    mode: Optional[int] = None
+    argv: Optional[List[str]] = None
+
+    def diff(self) -> str:
+        if self.kind != "file":
+            return "$ " + " ".join(self.argv or [])
+        return "".join(difflib.unified_diff((self.before or "").splitlines(True), (self.after or "").splitlines(True),
+                                            fromfile="a" + (self.path or ""), tofile="b" + (self.path or "")))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"kind": self.kind, "description": self.description, "path": self.path, "argv": self.argv,
+                "mode": "%04o" % self.mode if self.mode is not None else None, "diff": self.diff()}
+
+
+class Check:
+    id = "?"
+    title = "?"
+    why = ""
+    weight = 1
+
+    def check(self, ctx: HardenContext) -> CheckResult:
+        raise NotImplementedError
+
+    def plan(self, ctx: HardenContext) -> List[Change]:
+        raise NotImplementedError
+
+    def result(self, status: str, findings: List[Finding] = (), seen: List[str] = ()) -> CheckResult:
+        return CheckResult(self.id, self.title, self.why, self.weight, status, list(findings), list(seen))
