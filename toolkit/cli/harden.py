@@ -72,3 +72,70 @@ def plan_command(root, only, allow_ports, deployment) -> None:
         for change in plan["changes"]:
             click.echo("# " + change["description"])
             click.echo(change["diff"])
+
+
+@harden_group.command("apply")
+@click.option("--root", default="/", show_default=True)
+@click.option("--only", multiple=True, metavar="ID")
+@click.option("--allow-port", "allow_ports", multiple=True, type=int)
+@click.option("--confirm-within", default=300, show_default=True,
+              help="Seconds to run `harden confirm` before the old sshd_config comes back by itself.")
+@click.option("--yes", is_flag=True)
+@deployment_options
+@json_option
+def apply_command(root, only, allow_ports, confirm_within, yes, deployment) -> None:
+    """Write an undo bundle, then apply each plan, validated; a failing check is rolled back and apply stops."""
+    import sys
+
+    from toolkit.errors import UsageError
+    from toolkit.hardening.apply import apply
+    from toolkit.hardening.checks import select
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("apply changes the host and no terminal can confirm it", hint="add --yes")
+        click.confirm("Apply the hardening plan to %s?" % root, abort=True, err=True)
+    result = apply(_context(root, deployment, allow_ports), select(list(only)), confirm_within)
+    out = current_output()
+    if out.json:
+        out.emit_json(result)
+        return
+    for item in result["applied"]:
+        click.echo("applied %s (%d changes)" % (item["check"], len(item["changes"])))
+    click.echo("undo bundle: %s" % result["bundle"])
+    if result.get("watchdog"):
+        click.echo(result["watchdog"]["note"])
+
+
+@harden_group.command("confirm")
+@click.argument("bundle", required=False)
+@click.option("--root", default="/", show_default=True)
+@deployment_options
+@json_option
+def confirm_command(bundle, root, deployment) -> None:
+    """Keep the new sshd_config: stop the dead-man switch."""
+    from toolkit.hardening.apply import confirm
+
+    result = confirm(_context(root, deployment, ()), bundle)
+    out = current_output()
+    if out.json:
+        out.emit_json(result)
+    else:
+        click.echo("confirmed: %s" % result["bundle"])
+
+
+@harden_group.command("rollback")
+@click.argument("bundle", required=False)
+@click.option("--root", default="/", show_default=True)
+@deployment_options
+@json_option
+def rollback_command(bundle, root, deployment) -> None:
+    """Restore every file of an undo bundle (default: the newest) byte for byte, and reload."""
+    from toolkit.hardening.apply import rollback
+
+    result = rollback(_context(root, deployment, ()), bundle)
+    out = current_output()
+    if out.json:
+        out.emit_json(result)
+    else:
+        click.echo("restored %d files from %s" % (len(result["restored"]), result["bundle"]))

@@ -1,1 +1,1 @@
-"""Host hardening: checks with check and plan (apply, rollback and containment are still to come)."""
+"""Host hardening: checks (check, plan), apply with an undo bundle, rollback, the sshd dead-man switch."""

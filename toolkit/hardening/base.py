@@ -65,15 +65,20 @@ class CheckResult:
 @dataclass
 class Change:
     """An exact change apply would make: a file's new content (shown as a diff) or a command."""
-    kind: str  # "file" or "command"
+    kind: str  # "file" (new content), "mode" (permissions, owner) or "command"
     description: str
     path: Optional[str] = None
     before: Optional[str] = None
     after: Optional[str] = None
     mode: Optional[int] = None
     argv: Optional[List[str]] = None
+    touches: List[str] = field(default_factory=list)  # files a command changes (kept in the undo bundle)
+    owner: Optional[tuple] = None  # ("user", "group") for kind "mode"
 
     def diff(self) -> str:
+        if self.kind == "mode":
+            return "chmod %04o %s%s" % (self.mode, self.path, "; chown %s:%s %s" % (self.owner + (self.path,))
+                                        if self.owner else "")
         if self.kind != "file":
             return "$ " + " ".join(self.argv or [])
         return "".join(difflib.unified_diff((self.before or "").splitlines(True), (self.after or "").splitlines(True),

@@ -215,16 +215,17 @@ class PermissionsCheck(Check):
         changes = []
         for finding in self.check(ctx).findings:
             if finding.item == ctx.deployment.env_path:
-                changes.append(Change("command", "the .env for its owner only", argv=["chmod", "0600", finding.item]))
+                changes.append(Change("mode", "the .env for its owner only", finding.item, mode=0o600,
+                                      touches=[finding.item]))
             elif finding.item == ctx.deployment.backups_dir:
-                changes.append(Change("command", "backups for their owner only", argv=["chmod", "0700",
-                                                                                       finding.item]))
+                changes.append(Change("mode", "backups for their owner only", finding.item, mode=0o700))
             elif finding.item == "docker.sock":
-                changes += [Change("command", "docker.sock to root:docker", argv=["chown", "root:docker",
-                                                                                  "/var/run/docker.sock"]),
-                            Change("command", "docker.sock 0660", argv=["chmod", "0660", "/var/run/docker.sock"])]
+                changes.append(Change("mode", "docker.sock root:docker 0660", "/var/run/docker.sock", mode=0o660,
+                                      owner=("root", "docker")))
             else:
-                changes.append(Change("command", "not world-writable", argv=["chmod", "o-w", finding.item]))
+                current = stat.S_IMODE(os.lstat(ctx.path(finding.item)).st_mode)
+                changes.append(Change("mode", "not world-writable", finding.item, mode=current & ~0o002,
+                                      touches=[finding.item] if os.path.isfile(ctx.path(finding.item)) else []))
         return changes
 
 
@@ -291,6 +292,7 @@ class DockerCheck(Check):
 
 
 # --------------------------------------------------------------------------- firewall (ufw)
+UFW_STATE_FILES = ("/etc/ufw/ufw.conf", "/etc/ufw/user.rules", "/etc/ufw/user6.rules", "/etc/default/ufw")
 AFTER_RULES_BLOCK = """
 # BEGIN bookgen-kit DOCKER-USER
 *filter
@@ -348,8 +350,10 @@ class FirewallCheck(Check):
         items = {f.item for f in result.findings}
         if "ufw" in items:
             return [Change("command", "install ufw (offline: from --packages DIR)", argv=["dpkg", "-i", "ufw_*.deb"])]
-        changes = [Change("command", "deny incoming by default", argv=["ufw", "default", "deny", "incoming"])]
-        changes += [Change("command", "allow %d/tcp" % port, argv=["ufw", "allow", "%d/tcp" % port])
+        touches = list(UFW_STATE_FILES)
+        changes = [Change("command", "deny incoming by default", argv=["ufw", "default", "deny", "incoming"],
+                          touches=touches)]
+        changes += [Change("command", "allow %d/tcp" % port, argv=["ufw", "allow", "%d/tcp" % port], touches=touches)
                     for port in ctx.allowed_ports]
         if "DOCKER-USER" in items:
             before = ctx.read("/etc/ufw/after.rules") or ""
@@ -357,7 +361,7 @@ class FirewallCheck(Check):
                                   "/etc/ufw/after.rules", before, before.rstrip("\n") + "\n" + AFTER_RULES_BLOCK,
                                   0o640))
         changes.append(Change("command", "check the rules first, then enable", argv=["ufw", "--dry-run", "enable"]))
-        changes.append(Change("command", "enable", argv=["ufw", "--force", "enable"]))
+        changes.append(Change("command", "enable", argv=["ufw", "--force", "enable"], touches=touches))
         return changes
 
 
