@@ -46,6 +46,8 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
     "db": ("toolkit.cli.backup", "db_group", "Database check, repair, and drop-old."),
     "harden": ("toolkit.cli.harden", "harden_group",
                "Audit the host's hardening (index 0-100, evidence) and show the exact changes that fix it."),
+    "contain": ("toolkit.cli.contain", "contain_group",
+                "Cut the host off except the responder's SSH, and pause BookGen's containers; release undoes it."),
     "rotate": ("toolkit.cli.rotate", "rotate_group",
                "Rotate the .env's credentials on the live services, journaled: plan, run, resume, rollback."),
 }
