@@ -277,3 +277,53 @@ def test_firewall_apply_and_rollback_for_real_in_a_network_namespace(netns, tmp_
         for listener in locals().get("listeners", []):
             listener.kill()
         subprocess.run(["ip", "link", "delete", outside], capture_output=True)
+
+
+def test_auditd_rules_load_catch_a_write_and_only_ours_go_away(tmp_path):
+    """The audit subsystem is kernel-wide: a foreign rule with its own key must survive our rollback."""
+    import time
+    import uuid
+
+    host = make_host_tree(tmp_path / "app")
+    foreign_key = "bkfor" + uuid.uuid4().hex[:6]
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("x")
+    subprocess.run(["/usr/sbin/auditctl", "-w", str(foreign), "-p", "wa", "-k", foreign_key], check=True)
+    log_dir = tmp_path / "audit"
+    log_dir.mkdir()
+    config = tmp_path / "auditd.conf"
+    config.write_text("log_file = %s/audit.log\nlog_format = ENRICHED\nflush = INCREMENTAL_ASYNC\nfreq = 1\n"
+                      "max_log_file = 8\nnum_logs = 2\nspace_left = 10\nadmin_space_left = 5\n" % log_dir)
+    daemon = subprocess.Popen(["/usr/sbin/auditd", "-n", "-c", str(tmp_path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    bundle = None
+    try:
+        time.sleep(1)
+        applied = kit("--json", "harden", "apply", "--yes", "--only", "auditd", "--app-dir", str(host.app_dir))
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        bundle = json.loads(applied.stdout)["bundle"]
+        listed = subprocess.run(["/usr/sbin/auditctl", "-l"], capture_output=True, text=True).stdout
+        assert "-k bookgen_env" in listed and str(host.env_file) in listed and foreign_key in listed
+        with open(host.env_file, "a") as handle:
+            handle.write("# touched\n")
+        found = False
+        for _ in range(20):
+            search = subprocess.run(["/usr/sbin/ausearch", "-if", str(log_dir / "audit.log"), "-k", "bookgen_env"],
+                                    capture_output=True, text=True)
+            if str(host.env_file) in search.stdout:
+                found = True
+                break
+            time.sleep(0.5)
+        assert found
+        rolled = kit("--json", "harden", "rollback", bundle, "--app-dir", str(host.app_dir))
+        assert rolled.returncode == 0, rolled.stderr
+        listed = subprocess.run(["/usr/sbin/auditctl", "-l"], capture_output=True, text=True).stdout
+        assert "bookgen_" not in listed and foreign_key in listed
+        assert not Path("/etc/audit/rules.d/90-bookgen-kit.rules").exists()
+    finally:
+        subprocess.run(["/usr/sbin/auditctl", "-W", str(foreign), "-p", "wa", "-k", foreign_key], capture_output=True)
+        if bundle:
+            kit("harden", "rollback", bundle, "--app-dir", str(host.app_dir))  # also when an assertion failed
+            shutil.rmtree(bundle, ignore_errors=True)
+        daemon.terminate()
+        daemon.wait()

@@ -186,6 +186,18 @@ def _reload_sshd(ctx: HardenContext) -> Optional[str]:
         return "no running sshd found through /run/sshd.pid: reload it yourself"
 
 
+def _remove_our_audit_rules(ctx: HardenContext) -> List[Dict[str, Any]]:
+    """Delete exactly the watches we add, whichever are loaded (never -D: other rules stay)."""
+    from toolkit.hardening.checks import audit_watches
+
+    listed = run_program("auditctl", ["-l"], timeout=20).stdout.decode("utf-8", "replace")
+    removed = []
+    for path, permissions, key in audit_watches(ctx):
+        if "-w %s " % path in listed and "-k %s" % key in listed:
+            removed.append(run_program("auditctl", ["-W", path, "-p", permissions, "-k", key], timeout=20).record())
+    return removed
+
+
 def apply(ctx: HardenContext, checks, confirm_within: int = 300) -> Dict[str, Any]:
     bundle = Bundle.create(ctx)
     plans = [(check, check.plan(ctx)) for check in checks]
@@ -209,6 +221,8 @@ def apply(ctx: HardenContext, checks, confirm_within: int = 300) -> Dict[str, An
             if check.id == "sshd":
                 for change in changes:
                     _validate_sshd(ctx, change)
+            if check.id == "auditd" and ctx.live:
+                _remove_our_audit_rules(ctx)  # loading twice would fail on "rule exists"
             for change in changes:
                 done.append(_run_change(ctx, change))
             if check.id == "sshd":
@@ -298,5 +312,5 @@ def rollback(ctx: HardenContext, path: Optional[str]) -> Dict[str, Any]:
         if "fail2ban" in applied:
             reloaded.append(run_program("fail2ban-client", ["reload"], timeout=60).record())
         if "auditd" in applied:
-            reloaded.append(run_program("augenrules", ["--load"], timeout=60).record())
+            reloaded += _remove_our_audit_rules(ctx)
     return {"bundle": bundle.directory, "restored": sorted(document["files"]), "reloaded": reloaded}

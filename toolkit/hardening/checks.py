@@ -455,7 +455,8 @@ class AuditdCheck(Check):
         content = "# written by bookgen-kit harden (no -D, no -e 2: other rules stay, rules stay changeable)\n" + \
             "".join("-w %s -p %s -k %s\n" % w for w in audit_watches(ctx))
         return [Change("file", "our audit watches", AUDIT_FILE, ctx.read(AUDIT_FILE) or "", content, 0o640),
-                Change("command", "load them", argv=["augenrules", "--load"])]
+                Change("command", "load only our file (augenrules would replay the distribution's -D too)",
+                       argv=["auditctl", "-R", AUDIT_FILE])]
 
 
 CHECKS: List[Check] = [FirewallCheck(), Fail2banCheck(), AuditdCheck(), SshdCheck(), SysctlCheck(),
