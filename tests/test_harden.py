@@ -327,3 +327,75 @@ def test_auditd_rules_load_catch_a_write_and_only_ours_go_away(tmp_path):
             shutil.rmtree(bundle, ignore_errors=True)
         daemon.terminate()
         daemon.wait()
+
+
+def test_fail2ban_jail_bans_and_the_ban_blocks_for_real(netns, tmp_path):
+    """fail2ban-server in a namespace, configured by our planned jail (plus test-only log path, polling backend
+    and in-memory db): failed logins from the host's address get it banned, and a connection then fails."""
+    import socket
+    import time
+
+    host = make_host_tree(tmp_path / "root")
+    conf = host.root / "etc" / "fail2ban"
+    shutil.copytree("/etc/fail2ban", conf)
+    for marker in ("usr/bin/fail2ban-client",):
+        (host.root / marker).parent.mkdir(parents=True, exist_ok=True)
+        (host.root / marker).write_text("installed\n")
+    _apply_files(host, plan(host, "fail2ban"))
+    log = tmp_path / "auth.log"
+    log.write_text("")
+    (conf / "jail.d" / "99-test.local").write_text(
+        "[sshd]\nbackend = polling\nlogpath = %s\n" % log)
+    (conf / "fail2ban.local").write_text("[Definition]\ndbfile = :memory:\nlogtarget = %s\n" % (tmp_path / "f2b.log"))
+    outside, inside = "bkf%so" % netns[-4:], "bkf%si" % netns[-4:]
+    subprocess.run(["ip", "link", "add", outside, "type", "veth", "peer", "name", inside], check=True)
+    server = listener = None
+    try:
+        subprocess.run(["ip", "link", "set", inside, "netns", netns], check=True)
+        subprocess.run(["ip", "addr", "add", "10.231.14.1/24", "dev", outside], check=True)
+        subprocess.run(["ip", "link", "set", outside, "up"], check=True)
+        subprocess.run(["ip", "-n", netns, "addr", "add", "10.231.14.2/24", "dev", inside], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", inside, "up"], check=True)
+        listener = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c",
+                                     "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 22))\ns.listen(16)\n"
+                                     "while True:\n    c, _ = s.accept()\n    c.close()\n"])
+        sock = tmp_path / "f2b.sock"
+        server = subprocess.Popen(["ip", "netns", "exec", netns, "/usr/bin/fail2ban-server", "-f", "-x", "-c",
+                                   str(conf), "-s", str(sock), "-p", str(tmp_path / "f2b.pid")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def reaches() -> bool:
+            try:
+                with socket.create_connection(("10.231.14.2", 22), timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        deadline = time.time() + 20
+        while time.time() < deadline and not reaches():
+            time.sleep(0.3)
+        assert reaches()
+        time.sleep(2)  # the jail is up and polling
+        stamp = time.strftime("%b %d %H:%M:%S")
+        with open(log, "a") as handle:
+            for attempt in range(8):
+                handle.write("%s testhost sshd[%d]: Failed password for root from 10.231.14.1 port %d ssh2\n" % (
+                    stamp, 4000 + attempt, 50000 + attempt))
+        banned = False
+        for _ in range(40):
+            status = subprocess.run(["ip", "netns", "exec", netns, "/usr/bin/fail2ban-client", "-s", str(sock),
+                                     "status", "sshd"], capture_output=True, text=True).stdout
+            if "10.231.14.1" in status:
+                banned = True
+                break
+            time.sleep(0.5)
+        assert banned, (tmp_path / "f2b.log").read_text()[-2000:]
+        assert "bantime.increment" in (conf / "jail.d" / "90-bookgen-kit.local").read_text()
+        assert not reaches()  # the ban blocks the address for real
+    finally:
+        if server:
+            server.terminate()
+            server.wait()
+        if listener:
+            listener.kill()
+        subprocess.run(["ip", "link", "delete", outside], capture_output=True)
