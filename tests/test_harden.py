@@ -399,3 +399,79 @@ def test_fail2ban_jail_bans_and_the_ban_blocks_for_real(netns, tmp_path):
         if listener:
             listener.kill()
         subprocess.run(["ip", "link", "delete", outside], capture_output=True)
+
+
+def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_path):
+    """As Docker publishes a port (DNAT to a container, FORWARD through DOCKER-USER), from a public source:
+    reachable before, dropped after `harden apply --only firewall`, reachable after rollback."""
+    import socket
+    import time
+    import uuid
+
+    container = "bkc" + uuid.uuid4().hex[:6]
+    etc = Path("/etc/netns") / netns
+    shutil.copytree("/etc/ufw", etc / "ufw", symlinks=True)
+    shutil.copytree("/etc/default", etc / "default", symlinks=True)
+    links = [("bkd%so" % netns[-4:], "bkd%si" % netns[-4:]), ("bke%so" % netns[-4:], "bke%si" % netns[-4:])]
+
+    def ns(*argv, target=netns):
+        return subprocess.run(["ip", "netns", "exec", target, *argv], check=True, capture_output=True)
+
+    listener = None
+    subprocess.run(["ip", "netns", "add", container], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", links[0][0], "type", "veth", "peer", "name", links[0][1]], check=True)
+        subprocess.run(["ip", "link", "set", links[0][1], "netns", netns], check=True)
+        subprocess.run(["ip", "addr", "add", "198.18.50.1/24", "dev", links[0][0]], check=True)
+        subprocess.run(["ip", "link", "set", links[0][0], "up"], check=True)
+        ns("ip", "addr", "add", "198.18.50.2/24", "dev", links[0][1])
+        ns("ip", "link", "set", links[0][1], "up")
+        ns("ip", "link", "add", links[1][0], "type", "veth", "peer", "name", links[1][1])
+        ns("ip", "link", "set", links[1][1], "netns", container)
+        ns("ip", "addr", "add", "172.30.7.1/24", "dev", links[1][0])
+        ns("ip", "link", "set", links[1][0], "up")
+        ns("ip", "addr", "add", "172.30.7.2/24", "dev", links[1][1], target=container)
+        ns("ip", "link", "set", links[1][1], "up", target=container)
+        ns("ip", "link", "set", "lo", "up", target=container)
+        ns("ip", "route", "add", "default", "via", "172.30.7.1", target=container)
+        ns("sysctl", "-w", "net.ipv4.ip_forward=1")
+        # what dockerd sets up for `ports: - "5432:5432"`
+        ns("iptables", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "5432", "-j", "DNAT",
+           "--to-destination", "172.30.7.2:5432")
+        ns("iptables", "-N", "DOCKER-USER")
+        ns("iptables", "-A", "DOCKER-USER", "-j", "RETURN")
+        ns("iptables", "-I", "FORWARD", "-j", "DOCKER-USER")
+        ns("iptables", "-A", "FORWARD", "-d", "172.30.7.2", "-p", "tcp", "--dport", "5432", "-j", "ACCEPT")
+        ns("iptables", "-A", "FORWARD", "-s", "172.30.7.2", "-j", "ACCEPT")
+        listener = subprocess.Popen(["ip", "netns", "exec", container, sys.executable, "-c",
+                                     "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 5432))\ns.listen(16)\n"
+                                     "while True:\n    c, _ = s.accept()\n    c.close()\n"])
+        time.sleep(0.5)
+
+        def reaches() -> bool:
+            try:
+                with socket.create_connection(("198.18.50.2", 5432), timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        assert reaches()
+        app = make_host_tree(tmp_path / "app")
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+        applied = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "toolkit", "--json", "harden",
+                                  "apply", "--yes", "--only", "firewall", "--app-dir", str(app.app_dir)],
+                                 capture_output=True, text=True, env=env, timeout=120)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        bundle = json.loads(applied.stdout)["bundle"]
+        assert not reaches()  # filtered in DOCKER-USER, which ufw alone does not see
+        rolled = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "toolkit", "harden",
+                                 "rollback", bundle, "--app-dir", str(app.app_dir)], capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert rolled.returncode == 0, rolled.stderr
+        assert reaches()
+        shutil.rmtree(bundle, ignore_errors=True)
+    finally:
+        if listener:
+            listener.kill()
+        subprocess.run(["ip", "link", "delete", links[0][0]], capture_output=True)
+        subprocess.run(["ip", "netns", "delete", container], capture_output=True)

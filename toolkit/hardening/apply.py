@@ -307,6 +307,12 @@ def rollback(ctx: HardenContext, path: Optional[str]) -> Dict[str, Any]:
             enabled = "ENABLED=yes" in (ctx.read("/etc/ufw/ufw.conf") or "")
             run = run_program("ufw", ["--force", "enable"] if enabled else ["--force", "disable"], timeout=60)
             reloaded.append(run.record())
+            # ufw does not own DOCKER-USER: take our rules out of it one by one (Docker's own stay)
+            from toolkit.hardening.checks import AFTER_RULES_BLOCK
+
+            for line in reversed(AFTER_RULES_BLOCK.splitlines()):
+                if line.startswith("-A DOCKER-USER ") and line != "-A DOCKER-USER -j RETURN":
+                    reloaded.append(run_program("iptables", ["-D"] + line.split()[1:], timeout=20).record())
         if "sshd" in applied:
             reloaded.append({"sshd": _reload_sshd(ctx)})
         if "fail2ban" in applied:
