@@ -475,3 +475,44 @@ def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_pa
             listener.kill()
         subprocess.run(["ip", "link", "delete", links[0][0]], capture_output=True)
         subprocess.run(["ip", "netns", "delete", container], capture_output=True)
+
+
+def test_a_missing_package_installs_from_the_packages_dir_with_dpkg(tmp_path):
+    """Offline: ufw comes from a .deb on the medium (one built here with dpkg-deb), installed with the real dpkg
+    into the audited tree; without --packages the plan only says which package is needed."""
+    host = make_host_tree(tmp_path / "root")
+    (host.root / "usr/bin").mkdir(parents=True)
+    (host.root / "usr/bin/dockerd").write_text("installed\n")  # Docker runs here: DOCKER-USER must be filtered
+    dpkg_db = host.root / "var/lib/dpkg"
+    for directory in ("info", "updates", "triggers"):
+        (dpkg_db / directory).mkdir(parents=True)
+    (dpkg_db / "status").write_text("")
+    (dpkg_db / "available").write_text("")
+    package = tmp_path / "pkg"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        "Package: ufw\nVersion: 0.0-bookgen-test\nArchitecture: all\nMaintainer: tests <t@example.org>\n"
+        "Description: a stand-in ufw package built by the test\n")
+    for path, content in (("usr/sbin/ufw", "#!/bin/sh\nexit 0\n"), ("etc/ufw/ufw.conf", "ENABLED=no\n"),
+                          ("etc/ufw/after.rules", "*filter\nCOMMIT\n"),
+                          ("etc/default/ufw", 'DEFAULT_INPUT_POLICY="DROP"\n')):
+        (package / path).parent.mkdir(parents=True, exist_ok=True)
+        (package / path).write_text(content)
+    (package / "usr/sbin/ufw").chmod(0o755)
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    subprocess.run(["dpkg-deb", "--build", str(package), str(debs / "ufw_0.0-bookgen-test_all.deb")], check=True,
+                   capture_output=True)
+    planned = plan(host, "firewall")["firewall"]
+    assert planned[0]["kind"] == "package" and "ufw" in planned[0]["diff"]
+    missing = kit("harden", "apply", "--yes", "--only", "firewall", "--root", str(host.root), "--app-dir",
+                  "/opt/bookgen")
+    assert missing.returncode == 4 and "needs package ufw" in missing.stderr
+    done = kit("--json", "harden", "apply", "--yes", "--only", "firewall", "--root", str(host.root), "--app-dir",
+               "/opt/bookgen", "--packages", str(debs))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (host.root / "usr/sbin/ufw").exists()
+    assert "Package: ufw\nStatus: install ok installed" in (dpkg_db / "status").read_text()
+    installed = json.loads(done.stdout)["applied"][0]["changes"][0]
+    assert installed["package"] == "ufw" and installed["binary"]["path"].endswith("/dpkg")
+    assert "bookgen-kit DOCKER-USER" in (host.root / "etc/ufw/after.rules").read_text()

@@ -7,10 +7,11 @@ from toolkit.cli.common import deployment_options
 from toolkit.cli.output import current_output, json_option
 
 
-def _context(root, deployment, allow_ports):
+def _context(root, deployment, allow_ports, packages_dir=None):
     from toolkit.hardening.base import HardenContext
 
-    return HardenContext(root=root, deployment=deployment, allowed_ports=list(allow_ports) or [22, 80, 443])
+    return HardenContext(root=root, deployment=deployment, allowed_ports=list(allow_ports) or [22, 80, 443],
+                         packages_dir=packages_dir)
 
 
 @click.group("harden")
@@ -80,10 +81,12 @@ def plan_command(root, only, allow_ports, deployment) -> None:
 @click.option("--allow-port", "allow_ports", multiple=True, type=int)
 @click.option("--confirm-within", default=300, show_default=True,
               help="Seconds to run `harden confirm` before the old sshd_config comes back by itself.")
+@click.option("--packages", "packages_dir", metavar="DIR",
+              help="Debian .deb files (on the medium) to install a missing ufw, fail2ban or auditd from.")
 @click.option("--yes", is_flag=True)
 @deployment_options
 @json_option
-def apply_command(root, only, allow_ports, confirm_within, yes, deployment) -> None:
+def apply_command(root, only, allow_ports, confirm_within, packages_dir, yes, deployment) -> None:
     """Write an undo bundle, then apply each plan, validated; a failing check is rolled back and apply stops."""
     import sys
 
@@ -95,7 +98,7 @@ def apply_command(root, only, allow_ports, confirm_within, yes, deployment) -> N
         if not sys.stdin.isatty():
             raise UsageError("apply changes the host and no terminal can confirm it", hint="add --yes")
         click.confirm("Apply the hardening plan to %s?" % root, abort=True, err=True)
-    result = apply(_context(root, deployment, allow_ports), select(list(only)), confirm_within)
+    result = apply(_context(root, deployment, allow_ports, packages_dir), select(list(only)), confirm_within)
     out = current_output()
     if out.json:
         out.emit_json(result)

@@ -1,1 +1,2 @@
-"""Host hardening: checks (check, plan), apply with an undo bundle, rollback, the sshd dead-man switch."""
+"""Host hardening: checks (check, plan), apply with an undo bundle, rollback, the sshd dead-man switch,
+containment."""

@@ -51,8 +51,16 @@ class Bundle:
 
     @classmethod
     def create(cls, ctx: HardenContext) -> "Bundle":
-        directory = ctx.path(os.path.join(BUNDLES, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
-        os.makedirs(directory, mode=0o700)
+        base = ctx.path(os.path.join(BUNDLES, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
+        os.makedirs(os.path.dirname(base), mode=0o700, exist_ok=True)
+        directory, serial = base, 1
+        while True:
+            try:
+                os.mkdir(directory, 0o700)
+                break
+            except FileExistsError:
+                serial += 1
+                directory = "%s-%d" % (base, serial)
         bundle = cls(ctx, directory)
         bundle._save({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "root": ctx.root, "files": {},
                       "applied": [], "confirmed": False, "watchdog_pid": None})
@@ -62,7 +70,8 @@ class Bundle:
     def open(cls, ctx: HardenContext, path: Optional[str]) -> "Bundle":
         base = ctx.path(BUNDLES)
         if path is None:
-            names = sorted(os.listdir(base)) if os.path.isdir(base) else []
+            names = sorted(os.listdir(base), key=lambda n: (n.split("-")[0], int(n.split("-")[1]) if "-" in n
+                                                            else 1)) if os.path.isdir(base) else []
             if not names:
                 raise UsageError("no undo bundle in %s" % base)
             path = os.path.join(base, names[-1])
@@ -133,7 +142,28 @@ class Bundle:
             _write(path, base64.b64decode(entry["data"]), entry["mode"], entry["uid"], entry["gid"])
 
 
+def install_package(ctx: HardenContext, package: str) -> Dict[str, Any]:
+    """dpkg -i the package's .deb from --packages DIR (the responder's medium); never from a network."""
+    import glob
+
+    if not ctx.packages_dir:
+        raise EnvironmentProblem("not installed: needs package %s" % package,
+                                 hint="give --packages DIR holding %s_*.deb (and what it depends on)" % package)
+    debs = sorted(glob.glob(os.path.join(ctx.packages_dir, "%s_*.deb" % package)))
+    if not debs:
+        raise EnvironmentProblem("not installed: needs package %s, and %s has no %s_*.deb" % (
+            package, ctx.packages_dir, package))
+    args = (["--root=%s" % ctx.root] if not ctx.live else []) + ["-i", debs[-1]]
+    run = run_program("dpkg", args, timeout=600)
+    if run.error or run.returncode != 0:
+        raise EnvironmentProblem("dpkg could not install %s: %s" % (os.path.basename(debs[-1]), (
+            run.error or run.stderr.decode("utf-8", "replace").strip().splitlines()[-1:])))
+    return {"package": package, "deb": debs[-1], "binary": run.record()}
+
+
 def _run_change(ctx: HardenContext, change: Change) -> Dict[str, Any]:
+    if change.kind == "package":
+        return install_package(ctx, change.package)
     if change.kind == "file":
         data = (change.after or "").encode()
         _write(ctx.path(change.path), data, change.mode)
@@ -223,6 +253,12 @@ def apply(ctx: HardenContext, checks, confirm_within: int = 300) -> Dict[str, An
                     _validate_sshd(ctx, change)
             if check.id == "auditd" and ctx.live:
                 _remove_our_audit_rules(ctx)  # loading twice would fail on "rule exists"
+            if changes and changes[0].kind == "package":
+                done.append(_run_change(ctx, changes[0]))
+                changes = check.plan(ctx)  # installed now: plan the configuration
+                for change in changes:
+                    for path in ([change.path] if change.kind == "file" else []) + list(change.touches):
+                        bundle.keep_file(path)
             for change in changes:
                 done.append(_run_change(ctx, change))
             if check.id == "sshd":

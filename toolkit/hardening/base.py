@@ -18,6 +18,7 @@ class HardenContext:
     root: str
     deployment: Any
     allowed_ports: List[int] = field(default_factory=lambda: [22, 80, 443])
+    packages_dir: Optional[str] = None  # Debian .deb files carried on the medium
 
     def path(self, logical: str) -> str:
         if self.root in ("", "/"):
@@ -65,7 +66,7 @@ class CheckResult:
 @dataclass
 class Change:
     """An exact change apply would make: a file's new content (shown as a diff) or a command."""
-    kind: str  # "file" (new content), "mode" (permissions, owner) or "command"
+    kind: str  # "file" (new content), "mode" (permissions, owner), "package" or "command"
     description: str
     path: Optional[str] = None
     before: Optional[str] = None
@@ -74,8 +75,11 @@ class Change:
     argv: Optional[List[str]] = None
     touches: List[str] = field(default_factory=list)  # files a command changes (kept in the undo bundle)
     owner: Optional[tuple] = None  # ("user", "group") for kind "mode"
+    package: Optional[str] = None  # for kind "package": the Debian package to install from --packages DIR
 
     def diff(self) -> str:
+        if self.kind == "package":
+            return "$ dpkg -i <--packages DIR>/%s_*.deb   (offline: never from a network)" % self.package
         if self.kind == "mode":
             return "chmod %04o %s%s" % (self.mode, self.path, "; chown %s:%s %s" % (self.owner + (self.path,))
                                         if self.owner else "")

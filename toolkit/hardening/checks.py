@@ -349,7 +349,7 @@ class FirewallCheck(Check):
             return []
         items = {f.item for f in result.findings}
         if "ufw" in items:
-            return [Change("command", "install ufw (offline: from --packages DIR)", argv=["dpkg", "-i", "ufw_*.deb"])]
+            return [Change("package", "install ufw from --packages DIR", package="ufw")]
         touches = list(UFW_STATE_FILES)
         changes = [Change("command", "deny incoming by default", argv=["ufw", "default", "deny", "incoming"],
                           touches=touches)]
@@ -403,8 +403,7 @@ class Fail2banCheck(Check):
         if result.status != FAIL:
             return []
         if any(f.item == "fail2ban" for f in result.findings):
-            return [Change("command", "install fail2ban (offline: from --packages DIR)",
-                           argv=["dpkg", "-i", "fail2ban_*.deb"])]
+            return [Change("package", "install fail2ban from --packages DIR", package="fail2ban")]
         content = ("# written by bookgen-kit harden\n[DEFAULT]\nbantime = 1h\nbantime.increment = true\n"
                    "bantime.maxtime = 1w\nfindtime = 10m\nmaxretry = 5\n\n[sshd]\nenabled = true\nbackend = %s\n"
                    % self.backend(ctx))
@@ -450,8 +449,7 @@ class AuditdCheck(Check):
         if result.status != FAIL:
             return []
         if any(f.item == "auditd" for f in result.findings):
-            return [Change("command", "install auditd (offline: from --packages DIR)",
-                           argv=["dpkg", "-i", "auditd_*.deb"])]
+            return [Change("package", "install auditd from --packages DIR", package="auditd")]
         content = "# written by bookgen-kit harden (no -D, no -e 2: other rules stay, rules stay changeable)\n" + \
             "".join("-w %s -p %s -k %s\n" % w for w in audit_watches(ctx))
         return [Change("file", "our audit watches", AUDIT_FILE, ctx.read(AUDIT_FILE) or "", content, 0o640),
