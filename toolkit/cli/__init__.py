@@ -48,6 +48,8 @@ COMMANDS: Dict[str, Tuple[str, str, str]] = {
                "Audit the host's hardening (index 0-100, evidence) and show the exact changes that fix it."),
     "contain": ("toolkit.cli.contain", "contain_group",
                 "Cut the host off except the responder's SSH, and pause BookGen's containers; release undoes it."),
+    "case": ("toolkit.cli.case", "case_group",
+             "The incident case: a journal of every command, the runbook's checklists, the report."),
     "rotate": ("toolkit.cli.rotate", "rotate_group",
                "Rotate the .env's credentials on the live services, journaled: plan, run, resume, rollback."),
 }
@@ -87,12 +89,16 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.option("--quiet", "-q", is_flag=True, help="Print only results and errors.")
 @click.option("--no-color", is_flag=True, help="No colour (also when NO_COLOR is set).")
 @click.option("--verbose", "-v", count=True, help="More detail; tracebacks on errors.")
+@click.option("--case-dir", metavar="DIR", help="The current incident case (else BOOKGEN_KIT_CASE, else the "
+                                                 "pointer beside the pyz).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Print the version and exit.")
 @click.pass_context
-def cli(ctx: click.Context, json_output: bool, quiet: bool, no_color: bool, verbose: int) -> None:
+def cli(ctx: click.Context, json_output: bool, quiet: bool, no_color: bool, verbose: int,
+        case_dir: Optional[str]) -> None:
     """bookgen-kit: offline forensics and recovery for BookGen hosts."""
     output = current_output()
+    output.case_dir = case_dir
     output.json = output.json or json_output
     output.quiet = quiet
     output.no_color = output.no_color or no_color
@@ -100,10 +106,68 @@ def cli(ctx: click.Context, json_output: bool, quiet: bool, no_color: bool, verb
     ctx.obj = output
 
 
+GLOBAL_FLAGS = {"--json", "-q", "--quiet", "--no-color", "-v", "--verbose", "-vv", "-vvv"}
+GROUPS = {"backup", "jobs", "custody", "rotate", "harden", "contain", "db", "case"}
+SELF_JOURNALING = {"case open", "case note", "case check", "case close"}
+
+
+def command_name(args: List[str]) -> str:
+    words, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--case-dir":
+            skip = True
+            continue
+        if arg.startswith("--case-dir=") or arg in GLOBAL_FLAGS:
+            continue
+        if arg.startswith("-"):
+            if words:
+                break
+            continue
+        words.append(arg)
+        if len(words) == 2 or words[0] not in GROUPS:
+            break
+    return " ".join(words)
+
+
+def _journal(args: List[str], code: int, started: float) -> None:
+    """One entry in the current case's journal for this command: done here, once, for every command."""
+    name = command_name(args)
+    if not name or name in SELF_JOURNALING:
+        return
+    output = current_output()
+    try:
+        from toolkit.case import journal
+
+        directory = journal.current_case(output.case_dir)
+        if directory is None:
+            return
+        import time
+
+        journal.append(directory, {
+            "kind": "command", "command_name": name, "argv": journal.redact(["bookgen-kit"] + args),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "exit_code": code,
+            "outputs": journal.outputs_of(output.document), "changes": journal.changes_of(output.document)})
+    except Exception as error:  # the journal must never change what the command did
+        sys.stderr.write("bookgen-kit: warning: not recorded in the case journal: %s\n" % error)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the console script and the zipapp; returns the exit code."""
-    output = current_output()
+    import time
+
     args = list(sys.argv[1:] if argv is None else argv)
+    started = time.time()
+    code = _run(args)
+    _journal(args, code, started)
+    return code
+
+
+def _run(args: List[str]) -> int:
+    output = current_output()
     output.verbose = sum(1 for a in args if a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"}))
     output.json = "--json" in args
     try:

@@ -48,7 +48,8 @@ def backup_group() -> None:
 
 @backup_group.command("create")
 @click.option("--database", default="bookgen", show_default=True)
-@click.option("--out", "out_dir", metavar="DIR", help="Where the set goes (default APP_DIR/backups).")
+@click.option("--out", "out_dir", metavar="DIR",
+              help="Where the set goes (default: the current case's backups/, else APP_DIR/backups).")
 @click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT", help="Encrypt to age recipients.")
 @click.option("-R", "--recipients-file", "recipient_files", multiple=True, metavar="FILE")
 @server_options
@@ -62,6 +63,13 @@ def create_command(database, out_dir, recipients, recipient_files, dsn, containe
     chosen = load_recipients(recipients, recipient_files) if (recipients or recipient_files) else []
     server = _server(deployment, dsn, container)
     out = current_output()
+    if not out_dir:
+        import os
+
+        from toolkit.case.journal import current_case
+
+        case = current_case(out.case_dir)
+        out_dir = os.path.join(case, "backups") if case else None
     progress = None
     if out.interactive:
         from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn
@@ -77,8 +85,9 @@ def create_command(database, out_dir, recipients, recipient_files, dsn, containe
     finally:
         if progress:
             bar.stop()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
     else:
         click.echo("backup %s: %d bytes, sha256 %s, %d tables, %d rows, %.1f s" % (
             result["dump"], result["size"], result["sha256"], result["tables"], result["rows"], result["seconds"]))
@@ -112,8 +121,9 @@ def verify_command(set_path, identity_files, passphrase_file, restore_test, scra
     else:
         result = verify_backup(backup, _server(deployment, dsn, container), identities, restore_test)
     out = current_output()
+    out.remember({"set": backup.dump, "ok": result.ok, "checks": result.checks})
     if out.json:
-        out.emit_json({"set": backup.dump, "ok": result.ok, "checks": result.checks})
+        out.emit_json(out.document)
     else:
         _checks_table(out, result.checks)
     if not result.ok:
@@ -142,8 +152,9 @@ def list_command(directory, max_age, dsn, container, deployment) -> None:
         listing["pre_restore_databases"] = None
         listing["server_note"] = "old databases not listed: %s" % error.message
     out = current_output()
+    out.remember(listing)
     if out.json:
-        out.emit_json(listing)
+        out.emit_json(out.document)
         return
     from rich.table import Table
 
@@ -174,8 +185,9 @@ def prune_command(directory, keep_last, keep_days, apply_changes, deployment) ->
     plan = plan_prune(directory or deployment.backups_dir, keep_last, keep_days)
     deleted = apply_prune(plan) if apply_changes else []
     out = current_output()
+    out.remember(dict(plan, applied=apply_changes, deleted=deleted))
     if out.json:
-        out.emit_json(dict(plan, applied=apply_changes, deleted=deleted))
+        out.emit_json(out.document)
         return
     for path in plan["delete"]:
         click.echo("%s %s" % ("deleted" if apply_changes else "would delete", path))
@@ -193,8 +205,9 @@ def keep_command(set_path, release) -> None:
     backup = locate_set(set_path)
     mark_keep(backup, not release)
     out = current_output()
+    out.remember({"set": backup.dump, "keep": not release})
     if out.json:
-        out.emit_json({"set": backup.dump, "keep": not release})
+        out.emit_json(out.document)
     else:
         click.echo("%s %s" % ("released" if release else "kept", backup.dump))
 
@@ -236,9 +249,10 @@ def restore_command(set_path, database, identity_files, passphrase_file, into, s
                        api_container=names["api"])
     say = (lambda message: out.err_console.print("[dim]%s[/dim]" % message)) if out.interactive else None
     report = restore(server, plan, _identities(identity_files, passphrase_file), say)
-    if out.json:
-        out.emit_json({"ok": True, "steps": report.steps, "database": report.restored_database,
+    out.remember({"ok": True, "steps": report.steps, "database": report.restored_database,
                        "old_database": report.old_database, "emergency_backup": report.emergency_backup})
+    if out.json:
+        out.emit_json(out.document)
     else:
         _checks_table(out, [{"name": s["step"], "ok": s["ok"], "detail": s["detail"]} for s in report.steps])
 
@@ -260,8 +274,9 @@ def drop_old_command(name, yes, dsn, container, deployment) -> None:
 
     drop_old(_server(deployment, dsn, container), name)
     out = current_output()
+    out.remember({"dropped": name})
     if out.json:
-        out.emit_json({"dropped": name})
+        out.emit_json(out.document)
     else:
         click.echo("dropped %s" % name)
 
@@ -278,8 +293,9 @@ def check_command(database, yes, dsn, container, deployment) -> None:
 
     report = check_database(_server(deployment, dsn, container), database, allow_extension=yes)
     out = current_output()
+    out.remember(report)
     if out.json:
-        out.emit_json(report)
+        out.emit_json(out.document)
     else:
         _checks_table(out, report["checks"])
     if not report["ok"]:
@@ -303,7 +319,8 @@ def repair_command(database, reindex, vacuum_full, dsn, container, deployment) -
     steps = repair_database(_server(deployment, dsn, container), database, deployment.backups_dir, reindex,
                             vacuum_full)
     out = current_output()
+    out.remember({"steps": steps})
     if out.json:
-        out.emit_json({"steps": steps})
+        out.emit_json(out.document)
     else:
         _checks_table(out, [{"name": s["step"], "ok": True, "detail": s["detail"]} for s in steps])

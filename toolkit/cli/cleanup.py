@@ -28,8 +28,9 @@ def cleanup_command(days, log_days, backup_days, apply_changes, archive_to, depl
     plan = plan_cleanup(deployment, days, log_days, backup_days)
     result = apply_cleanup(plan, deployment, archive_to) if apply_changes else dry_run(plan, deployment)
     out = current_output()
+    out.remember(result.to_dict())
     if out.json:
-        out.emit_json(result.to_dict())
+        out.emit_json(out.document)
     else:
         _render(out, result)
     if result.not_deleted:

@@ -26,8 +26,9 @@ def apply_command(allow, ssh_port, pause_containers, evidence_dir, deployment) -
 
     result = contain(list(allow), pause_containers, deployment.compose_project, evidence_dir, ssh_port)
     out = current_output()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
         return
     for warning in result["warnings"]:
         out.console.print("[yellow]warning[/yellow] %s" % warning)
@@ -43,7 +44,8 @@ def release_command() -> None:
 
     result = release()
     out = current_output()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
     else:
         click.echo("released; unpaused: %s" % (", ".join(result["unpaused"]) or "nothing"))

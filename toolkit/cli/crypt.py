@@ -17,6 +17,7 @@ def _report(result, verb: str) -> None:
                 "bytes_out": result.bytes_out, "output_sha256": result.output_sha256}
     if verb == "encrypted":
         document["recipients"] = result.recipients
+    out.remember(document)
     if out.json:
         if result.output == "-":
             return  # stdout carries the data itself

@@ -78,7 +78,8 @@ class _Progress:
 
 
 @click.command("capture")
-@click.option("--out", "out_dir", required=True, metavar="DIR", help="Where the bundle goes (the responder's medium).")
+@click.option("--out", "out_dir", metavar="DIR",
+              help="Where the bundle goes (the responder's medium); default: the current case's evidence/.")
 @click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT", help="age1... or ssh-ed25519 key.")
 @click.option("-R", "--recipients-file", "recipient_files", multiple=True, metavar="FILE")
 @click.option("-p", "--passphrase", "use_passphrase", is_flag=True, help="Encrypt with a passphrase instead.")
@@ -114,6 +115,15 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
     from toolkit.evidence.capture import CaptureOptions, capture, redacted_command_line
 
     out = current_output()
+    if not out_dir:
+        from toolkit.case.journal import current_case
+
+        case = current_case(out.case_dir)
+        if case is None:
+            raise UsageError("give --out DIR (the responder's medium), or open a case first")
+        import os
+
+        out_dir = os.path.join(case, "evidence")
     chosen, names = _recipients(recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt)
     if not chosen and not no_encrypt:
         raise UsageError("no recipients: capture refuses to write plaintext evidence",
@@ -137,12 +147,13 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
     else:
         result = capture(options, deployment)
     errors = [e for e in result.errors if e["kind"] == "error"]
-    if out.json:
-        out.emit_json({"payload": result.payload, "manifest": result.manifest, "custody": result.custody,
+    out.remember({"payload": result.payload, "manifest": result.manifest, "custody": result.custody,
                        "sums": result.sums, "signature": result.signature, "payload_size": result.payload_size,
                        "payload_sha256": result.payload_sha256, "members": result.members,
                        "artifacts": result.artifacts, "errors": result.errors, "collectors": result.collectors,
                        "seconds": result.seconds, "encrypted": result.encrypted, "findings": result.findings})
+    if out.json:
+        out.emit_json(out.document)
     else:
         _render_capture(out, result)
     if errors:
@@ -196,10 +207,11 @@ def verify_command(bundle, identity_files, passphrase_file, allowed_signers) -> 
     identities = _identities(identity_files, passphrase_file) if (identity_files or passphrase_file) else []
     report = verify_bundle(bundle, identities, allowed_signers)
     out = current_output()
-    if out.json:
-        out.emit_json({"bundle": report.bundle, "ok": report.ok, "complete": report.complete,
+    out.remember({"bundle": report.bundle, "ok": report.ok, "complete": report.complete,
                        "members_checked": report.members_checked, "intact_members": report.intact_members,
                        "checks": [c.__dict__ for c in report.checks]})
+    if out.json:
+        out.emit_json(out.document)
     else:
         for check in report.checks:
             out.console.print("%s %-22s %s" % ("[green]ok  [/green]" if check.ok else "[red]FAIL[/red]",
@@ -223,8 +235,9 @@ def extract_command(bundle, identity_files, passphrase_file, target) -> None:
 
     report = extract_bundle(bundle, _identities(identity_files, passphrase_file), target)
     out = current_output()
+    out.remember(report.__dict__)
     if out.json:
-        out.emit_json(report.__dict__)
+        out.emit_json(out.document)
     else:
         out.console.print("extracted %d of %d members into %s" % (len(report.extracted), report.members,
                                                                   report.target))
@@ -268,8 +281,9 @@ def custody_add(bundle, action, actor, location, purpose, sign_key, sign_passphr
                                            "purpose": purpose, "payload_sha256": sha256_file(paths.payload),
                                            "manifest_sha256": sha256_file(paths.manifest)}, signer=signer)
     out = current_output()
+    out.remember(entry)
     if out.json:
-        out.emit_json(entry)
+        out.emit_json(out.document)
     else:
         click.echo("custody entry %d (%s by %s) added to %s" % (entry["seq"], action, actor, paths.custody))
 
@@ -284,8 +298,9 @@ def custody_show(bundle) -> None:
 
     entries = custody.read_log(locate(bundle).custody)
     out = current_output()
+    out.remember({"entries": entries})
     if out.json:
-        out.emit_json({"entries": entries})
+        out.emit_json(out.document)
         return
     from rich.table import Table
 
@@ -314,7 +329,8 @@ def custody_verify(bundle, allowed_signers) -> None:
             allowed = handle.read()
     entries = custody.verify_chain(paths.custody, load_manifest(paths)["payload"]["sha256"], allowed)
     out = current_output()
+    out.remember({"ok": True, "entries": len(entries)})
     if out.json:
-        out.emit_json({"ok": True, "entries": len(entries)})
+        out.emit_json(out.document)
     else:
         click.echo("custody chain intact: %d entries, each saw the manifest's payload" % len(entries))

@@ -33,10 +33,11 @@ def check_command(root, only, allow_ports, deployment) -> None:
     results = [check.check(ctx) for check in select(list(only))]
     index = hardening_index(results)
     out = current_output()
-    if out.json:
-        out.emit_json({"root": root, "index": index, "checks": [
+    out.remember({"root": root, "index": index, "checks": [
             {"id": r.id, "title": r.title, "why": r.why, "weight": r.weight, "status": r.status,
              "findings": [f.__dict__ for f in r.findings], "seen": r.seen} for r in results]})
+    if out.json:
+        out.emit_json(out.document)
         return
     from rich.table import Table
 
@@ -63,8 +64,9 @@ def plan_command(root, only, allow_ports, deployment) -> None:
     ctx = _context(root, deployment, allow_ports)
     plans = [{"id": check.id, "changes": [c.to_dict() for c in check.plan(ctx)]} for check in select(list(only))]
     out = current_output()
+    out.remember({"root": root, "plans": plans})
     if out.json:
-        out.emit_json({"root": root, "plans": plans})
+        out.emit_json(out.document)
         return
     for plan in plans:
         if not plan["changes"]:
@@ -100,8 +102,9 @@ def apply_command(root, only, allow_ports, confirm_within, packages_dir, yes, de
         click.confirm("Apply the hardening plan to %s?" % root, abort=True, err=True)
     result = apply(_context(root, deployment, allow_ports, packages_dir), select(list(only)), confirm_within)
     out = current_output()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
         return
     for item in result["applied"]:
         click.echo("applied %s (%d changes)" % (item["check"], len(item["changes"])))
@@ -121,8 +124,9 @@ def confirm_command(bundle, root, deployment) -> None:
 
     result = confirm(_context(root, deployment, ()), bundle)
     out = current_output()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
     else:
         click.echo("confirmed: %s" % result["bundle"])
 
@@ -138,7 +142,8 @@ def rollback_command(bundle, root, deployment) -> None:
 
     result = rollback(_context(root, deployment, ()), bundle)
     out = current_output()
+    out.remember(result)
     if out.json:
-        out.emit_json(result)
+        out.emit_json(out.document)
     else:
         click.echo("restored %d files from %s" % (len(result["restored"]), result["bundle"]))

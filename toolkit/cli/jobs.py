@@ -40,9 +40,10 @@ def stuck_command(older_than, deployment, database_choice) -> None:
     target = target_factory(deployment, database_choice)()
     jobs = stuck_jobs(target, seconds)
     out = current_output()
-    if out.json:
-        out.emit_json({"target": target.description, "older_than_seconds": seconds,
+    out.remember({"target": target.description, "older_than_seconds": seconds,
                        "jobs": [job.__dict__ for job in jobs]})
+    if out.json:
+        out.emit_json(out.document)
         return
     _jobs_table(out, jobs, "%d stuck jobs in %s (processing for more than %s)" % (len(jobs), target.description,
                                                                                  older_than))
@@ -68,8 +69,9 @@ def reset_command(older_than, dry_run, yes, deployment, database_choice) -> None
     if not out.json:
         _jobs_table(out, jobs, "%d stuck jobs in %s" % (len(jobs), target.description))
     if dry_run or not jobs:
+        out.remember(document)
         if out.json:
-            out.emit_json(document)
+            out.emit_json(out.document)
         elif not jobs:
             click.echo("nothing to reset")
         else:
@@ -81,7 +83,8 @@ def reset_command(older_than, dry_run, yes, deployment, database_choice) -> None
         click.confirm("Set these %d jobs to failed?" % len(jobs), abort=True, err=True)
     changed = reset_stuck(target, seconds)
     document["reset"] = changed
+    out.remember(document)
     if out.json:
-        out.emit_json(document)
+        out.emit_json(out.document)
         return
     click.echo("reset %d jobs: %s" % (len(changed), " ".join(changed)))

@@ -24,8 +24,9 @@ def keygen_command(output, identity_file) -> None:
         raise UsageError("-o and -y do not go together")
     if identity_file:
         recipients = age.recipients_of(load_identities([identity_file], None))
+        out.remember({"identity_file": identity_file, "recipients": recipients})
         if out.json:
-            out.emit_json({"identity_file": identity_file, "recipients": recipients})
+            out.emit_json(out.document)
         else:
             for recipient in recipients:
                 click.echo(recipient)
@@ -34,8 +35,9 @@ def keygen_command(output, identity_file) -> None:
         raise UsageError("keygen writes the secret key only to a file", hint="give -o FILE")
     identity = write_new_identity(output, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     recipient = str(identity.recipient())
+    out.remember({"identity_file": output, "recipient": recipient})
     if out.json:
-        out.emit_json({"identity_file": output, "recipient": recipient})
+        out.emit_json(out.document)
         return
     if not out.quiet:
         click.echo("identity written to %s (mode 0600)" % output, err=True)

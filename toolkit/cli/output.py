@@ -20,6 +20,8 @@ class Output:
         self.no_color = bool(os.environ.get("NO_COLOR"))
         self.verbose = 0
         self.emitted = False  # one JSON document per run: an error after it goes to stderr only
+        self.document = None  # the command's result, also without --json (the case journal reads it)
+        self.case_dir = None  # --case-dir
         self._console = None
         self._err_console = None
 
@@ -43,6 +45,9 @@ class Output:
     def interactive(self) -> bool:
         """Progress bars only on a terminal, never with --json or --quiet."""
         return not (self.json or self.quiet) and sys.stderr.isatty()
+
+    def remember(self, document: Any) -> None:
+        self.document = document
 
     def emit_json(self, document: Any) -> None:
         sys.stdout.write(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n")

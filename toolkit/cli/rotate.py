@@ -28,8 +28,9 @@ def _options(deployment, only=(), db_container=None, admin_dsn=None):
 
 def _render(document) -> None:
     out = current_output()
+    out.remember(document)
     if out.json:
-        out.emit_json(document)
+        out.emit_json(out.document)
         return
     from rich.table import Table
 
@@ -59,8 +60,9 @@ def plan_command(only, deployment) -> None:
 
     document = plan(_options(deployment, only))
     out = current_output()
+    out.remember(document)
     if out.json:
-        out.emit_json(document)
+        out.emit_json(out.document)
         return
     for item in document["rotate"]:
         click.echo("rotate %-18s on %s (keys %s; current %s)%s" % (
@@ -129,8 +131,9 @@ def status_command(deployment) -> None:
 
     runs = Journal(deployment.app_dir).runs()
     out = current_output()
+    out.remember({"runs": runs})
     if out.json:
-        out.emit_json({"runs": runs})
+        out.emit_json(out.document)
         return
     if not runs:
         click.echo("no rotations recorded")

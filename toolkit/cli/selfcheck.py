@@ -19,8 +19,9 @@ def self_check_command() -> int:
     output = current_output()
     report = run_self_check()
     code = EXIT_OK if report.ok else EXIT_ENVIRONMENT
+    output.remember(report.to_dict())
     if output.json:
-        output.emit_json(report.to_dict())
+        output.emit_json(output.document)
         return code
     _render(output, report)
     return code

@@ -24,8 +24,9 @@ def sign_command(key_path, namespace, output, passphrase_file, force, path) -> N
     written = sign_file(key, path, output, namespace, force)
     out = current_output()
     document = {"file": path, "signature": written, "key": key.public.fingerprint(), "namespace": namespace}
+    out.remember(document)
     if out.json:
-        out.emit_json(document)
+        out.emit_json(out.document)
     elif not out.quiet:
         click.echo("signed %s with %s -> %s" % (path, document["key"], written))
 
@@ -45,7 +46,8 @@ def verify_signature_command(allowed_signers, identity, namespace, signature, pa
     out = current_output()
     document = {"file": path, "ok": True, "principal": verified.principal, "key": verified.key_fingerprint,
                 "namespace": verified.namespace, "allowed_signers_line": verified.allowed_signers_line}
+    out.remember(document)
     if out.json:
-        out.emit_json(document)
+        out.emit_json(out.document)
     elif not out.quiet:
         click.echo('Good "%s" signature for %s with key %s' % (namespace, identity, verified.key_fingerprint))

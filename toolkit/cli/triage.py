@@ -25,8 +25,9 @@ def triage_command(deployment, database_choice) -> None:
     explicit = bool(os.environ.get("BOOKGEN_KIT_HEALTH_URL")) or deployment.health_url != "http://127.0.0.1:8000/health"
     report = run_triage(deployment, target_factory(deployment, database_choice), health_url_explicit=explicit)
     out = current_output()
+    out.remember(report.to_dict())
     if out.json:
-        out.emit_json(report.to_dict())
+        out.emit_json(out.document)
         return
     _render(out, report)
 

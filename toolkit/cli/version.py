@@ -35,8 +35,9 @@ def version_command() -> None:
     """Show the version, build id, baked-in recipients and the targets inside the pyz."""
     output = current_output()
     document = version_document()
+    output.remember(document)
     if output.json:
-        output.emit_json(document)
+        output.emit_json(output.document)
         return
     console = output.console
     console.print("bookgen-kit [bold]%s[/bold]  build %s  (%s)" % (

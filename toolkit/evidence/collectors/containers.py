@@ -123,7 +123,8 @@ class ContainerCollector(Collector):
             if info is None:
                 continue
             mode = info.get("mode", 0)
-            is_regular = not (mode & (1 << 31)) and not (mode & (1 << 27))  # Go's ModeDir, ModeSymlink
+            # Go's FileMode type bits: Dir, Symlink, Device, NamedPipe, Socket, CharDevice, Irregular
+            is_regular = not mode & ((1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19))
             executable = is_regular and bool(mode & 0o111)
             if executable:
                 new_executables.append(path)

@@ -1,0 +1,140 @@
+"""A whole incident on the real stack, journaled: open -> triage -> capture -> backup -> rotate -> harden plan
+-> report; the journal verifies, every command is in it once with its outputs' hashes, no secret anywhere, the
+checklists fill themselves, and the HTML report renders in headless Chromium with no network."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.world.bookgen import make_host_tree
+from toolkit.secrets import dotenv
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def medium():
+    """The responder's USB stick: its own filesystem."""
+    path = Path(tempfile.mkdtemp(prefix="bk-usb-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(path)], check=True)
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
+    path.rmdir()
+
+
+def test_a_whole_incident(running_stack, medium, tmp_path):
+    host = make_host_tree(tmp_path / "host", db_host="db", redis_host="redis",
+                          db_password=running_stack.db_password, redis_password=running_stack.redis_password)
+    identity = medium / "team.key"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True).stdout.strip()
+    case_dir = medium / "INC-2026-042"
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent",
+           "DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir),
+           "BOOKGEN_KIT_LOG_DIRS": str(host.log_dir),
+           "BOOKGEN_KIT_HEALTH_URL": "http://127.0.0.1:%d/health" % running_stack.api_port}
+
+    def kit(*args, case=True):
+        environment = dict(env, BOOKGEN_KIT_CASE=str(case_dir)) if case else env
+        return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                              env=environment, timeout=600, stdin=subprocess.DEVNULL)
+
+    secrets = dict(host.secrets)
+    try:
+        opened = kit("case", "open", "--id", "INC-2026-042", "--dir", str(case_dir), "--title",
+                     "Suspicious logins on the BookGen API host", "--examiner", "alice", case=False)
+        assert opened.returncode == 0, opened.stderr
+        steps = [("triage",), ("capture", "-r", recipient, "--root", str(host.root), "--skip", "timeline",
+                               "--skip", "tmp-executables", "--case", "INC-2026-042"),
+                 ("backup", "create"), ("rotate", "run", "--yes"),
+                 ("harden", "plan", "--root", str(host.root), "--app-dir", "/opt/bookgen")]
+        for step in steps:
+            done = kit(*step)
+            assert done.returncode in (0, 6), (step, done.stdout[-2000:], done.stderr)
+        assert kit("case", "note", "14:05 notified DBA").returncode == 0
+        assert kit("case", "check", "Notify security team", "--note", "phoned the CISO at 14:10").returncode == 0
+        reports = []
+        for fmt in ("md", "html"):
+            done = kit("--json", "case", "report", "--format", fmt)
+            assert done.returncode == 0, done.stderr
+            reports.append(Path(json.loads(done.stdout)["report"]))
+        assert reports[0].parent == case_dir / "reports"
+
+        # the journal: every command once, with its outputs' hashes
+        entries = [json.loads(line) for line in (case_dir / "journal.jsonl").read_text().splitlines()]
+        names = [e.get("command_name") for e in entries if e["kind"] == "command"]
+        assert names == ["triage", "capture", "backup create", "rotate run", "harden plan", "case report",
+                         "case report"]
+        capture = next(e for e in entries if e.get("command_name") == "capture")
+        payload = next(o for o in capture["outputs"] if o["path"].endswith(".tar.zst.age"))
+        assert Path(payload["path"]).parent == case_dir / "evidence"  # outputs default into the case
+        assert payload["sha256"] == hashlib.sha256(Path(payload["path"]).read_bytes()).hexdigest()
+        backup = next(e for e in entries if e.get("command_name") == "backup create")
+        assert any(Path(o["path"]).parent == case_dir / "backups" for o in backup["outputs"])
+        rotation = next(e for e in entries if e.get("command_name") == "rotate run")
+        assert set(rotation["changes"]["rotated"]) == {"DATABASE_PASSWORD", "REDIS_PASSWORD", "SECRET_KEY"}
+        assert all(e["uid"] == 0 and e["host"] for e in entries)
+        assert kit("case", "verify").returncode == 0
+
+        # no secret in the journal or the reports: neither the old values nor the rotated ones
+        rotated = dotenv.read(str(host.env_file)).values()
+        for value in list(secrets.values()) + [rotated["DATABASE_PASSWORD"], rotated["REDIS_PASSWORD"],
+                                               rotated["SECRET_KEY"]]:
+            for path in [case_dir / "journal.jsonl"] + reports:
+                assert value not in path.read_text(), path
+
+        # the checklists fill themselves
+        checklist = json.loads(kit("--json", "case", "checklist").stdout)
+        breach = {i["item"]: i for i in checklist["security-breach"]}
+        assert breach["Preserve evidence"]["status"] == "done" and "capture" in breach["Preserve evidence"]["by"]
+        assert breach["Change all credentials"]["status"] == "done"
+        assert breach["Notify security team"]["status"] == "marked"
+        assert breach["File incident report"]["status"] == "done"
+        assert breach["Isolate system"]["status"] == "pending"
+        loss = {i["item"]: i for i in checklist["data-loss-prevention"]}
+        assert loss["Create emergency backup"]["status"] == "done"
+        down = {i["item"]: i for i in checklist["system-down"]}
+        assert down["Verify outage confirmed"]["status"] == "done"
+        markdown = reports[0].read_text()
+        for section in ("## Timeline", "## Evidence inventory", "## Changes made to the host", "## Findings",
+                        "## Checklists", "## Post-incident procedures still open"):
+            assert section in markdown
+        assert payload["sha256"] in markdown and "14:05 notified DBA" in markdown
+        assert "rotate rollback" in markdown  # how to undo the rotation
+
+        # the HTML report: self-contained, and it renders with no network at all
+        page = reports[1].read_text()
+        assert "http://" not in page and "https://" not in page and "<link" not in page and "<script" not in page
+        shot = Path(os.environ.get("BOOKGEN_KIT_TEST_SHOT_DIR", str(tmp_path))) / "report.png"
+        profile = tmp_path / "chromium-profile"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--user-data-dir=%s" % profile, "--window-size=1200,1600"]
+        rendered = subprocess.run(["unshare", "-n", CHROMIUM, *flags, "--screenshot=%s" % shot,
+                                   "file://%s" % reports[1]], capture_output=True, timeout=120)
+        assert shot.exists() and shot.stat().st_size > 20000, rendered.stderr[-2000:]
+        dom = subprocess.run(["unshare", "-n", CHROMIUM, *flags, "--dump-dom", "file://%s" % reports[1]],
+                             capture_output=True, text=True, timeout=120).stdout
+        assert "<title>Incident report: INC-2026-042</title>" in dom and "Evidence inventory" in dom
+
+        # closing seals it; a flipped byte anywhere in the journal is caught
+        assert kit("case", "close").returncode == 0
+        assert kit("case", "note", "too late").returncode == 2
+        journal = case_dir / "journal.jsonl"
+        data = bytearray(journal.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        journal.write_bytes(bytes(data))
+        broken = kit("case", "verify")
+        assert broken.returncode == 5, broken.stdout + broken.stderr
+    finally:
+        values = dotenv.read(str(host.env_file)).values()
+        running_stack.db_password = values["DATABASE_PASSWORD"]
+        running_stack.redis_password = values["REDIS_PASSWORD"]

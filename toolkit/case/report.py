@@ -1,0 +1,202 @@
+"""The post-incident report, from the journal alone: Markdown, or one self-contained HTML file that prints well."""
+from __future__ import annotations
+
+import html
+import os
+import time
+from typing import Any, Dict
+
+from toolkit.case import checklists, journal
+
+UNDO = {
+    "restore": "the previous database is kept as {old}: `bookgen-kit db drop-old {old} --yes` once the restore is "
+               "accepted; to go back, restore the emergency backup",
+    "rotate run": "before finish `bookgen-kit rotate rollback`; after it, the previous .env is kept beside the "
+                  "current one (.env.previous-UTC) and the old credentials are burned: rotate again instead",
+    "harden apply": "`bookgen-kit harden rollback {bundle}`",
+    "contain apply": "`bookgen-kit contain release`",
+    "jobs reset": "the jobs stay failed; they can be queued again from BookGen",
+    "cleanup": "deleted files come back only from the --archive-to archive: `tar --zstd -xf ARCHIVE -C /`",
+    "db repair": "the emergency backup taken first: `bookgen-kit restore SET`",
+}
+
+
+def _command_entries(entries):
+    return [e for e in entries if e.get("kind") == "command"]
+
+
+def gather(directory: str) -> Dict[str, Any]:
+    from toolkit.errors import KitError
+    from toolkit.evidence import custody
+
+    case = journal.load_case(directory)
+    entries = journal.verify(directory)
+    commands = _command_entries(entries)
+    evidence = []
+    for entry in commands:
+        if entry.get("command_name") != "capture":
+            continue
+        for output in entry.get("outputs", []):
+            if output["path"].endswith((".tar.zst.age", ".tar.gz.age", ".tar.age", ".tar.zst", ".tar.gz", ".tar")):
+                status = "no custody log"
+                custody_path = output["path"] + ".custody.jsonl"
+                if os.path.exists(custody_path):
+                    try:
+                        chain = custody.verify_chain(custody_path, output["sha256"])
+                        status = "intact, %d entries (last: %s by %s)" % (len(chain), chain[-1]["action"],
+                                                                          chain[-1]["actor"])
+                    except KitError as error:
+                        status = "BROKEN: %s" % error.message
+                evidence.append({"path": output["path"], "sha256": output["sha256"], "size": output["size"],
+                                 "custody": status, "seq": entry["seq"]})
+    changes = []
+    for entry in commands:
+        name = entry.get("command_name") or ""
+        key = next((k for k in UNDO if name == k or name.startswith(k + " ")), None)
+        if key is None or entry.get("exit_code") not in (0, 6):
+            continue
+        found = entry.get("changes", {})
+        bundle = found.get("bundle") or "BUNDLE"
+        changes.append({"seq": entry["seq"], "command": " ".join(entry.get("argv", [])), "what": found,
+                        "undo": UNDO[key].format(old=found.get("old_database") or "<db>_pre_restore_<UTC>",
+                                                 bundle=bundle)})
+    findings = []
+    for entry in commands:
+        for finding in (entry.get("changes") or {}).get("findings", []):
+            findings.append(dict(finding, seq=entry["seq"]))
+    incidents = []
+    for entry in commands:
+        for name in (entry.get("changes") or {}).get("incidents", []):
+            incidents.append({"name": name, "seq": entry["seq"], "time": entry["time"]})
+    manual = {(e.get("item")) for e in entries if e.get("kind") == "check"}
+    post = {phase: [{"item": item, "done": item in manual} for item in items]
+            for phase, items in checklists.POST_INCIDENT.items()}
+    return {"case": case, "entries": entries, "commands": commands, "evidence": evidence, "changes": changes,
+            "findings": findings, "incidents": incidents, "checklists": checklists.status(entries),
+            "post_incident": post, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _entry_text(entry: Dict[str, Any]) -> str:
+    kind = entry.get("kind")
+    if kind == "command":
+        outputs = ", ".join("%s (sha256 %s)" % (o["path"].rsplit("/", 1)[-1], o["sha256"][:16])
+                            for o in entry.get("outputs", []))
+        return "`%s` exit %s%s" % (" ".join(entry.get("argv", [])), entry.get("exit_code"),
+                                   " -> " + outputs if outputs else "")
+    if kind == "note":
+        return "note: %s" % entry.get("text", "")
+    if kind == "check":
+        return "checked by hand: %s (%s)" % (entry.get("item"), entry.get("note") or "")
+    return kind or "?"
+
+
+def markdown(data: Dict[str, Any]) -> str:
+    case = data["case"]
+    lines = ["# Incident report: %s" % case["id"], "", "%s" % case["title"], "",
+             "## Summary", "",
+             "- Case: %s, examiner %s, opened %s%s" % (case["id"], case["examiner"], case["opened"],
+                                                       ", closed %s" % case["closed"] if case.get("closed") else ""),
+             "- Journal: %d entries, chain intact; %d commands, %d notes" % (
+                 len(data["entries"]), len(data["commands"]),
+                 sum(1 for e in data["entries"] if e.get("kind") == "note")),
+             "- Incidents seen by triage: %s" % (", ".join(sorted({i["name"] for i in data["incidents"]})) or "none"),
+             "- Evidence bundles: %d; findings: %d; changes to the host: %d" % (
+                 len(data["evidence"]), len(data["findings"]), len(data["changes"])),
+             "", "## Timeline", ""]
+    for entry in data["entries"]:
+        lines.append("- %s #%d %s: %s" % (entry["time"], entry["seq"], entry.get("login") or entry.get("uid"),
+                                          _entry_text(entry)))
+    lines += ["", "## Evidence inventory", ""]
+    lines += ["- %s  \n  sha256 `%s`, %d bytes, custody: %s" % (e["path"], e["sha256"], e["size"], e["custody"])
+              for e in data["evidence"]] or ["- none"]
+    lines += ["", "## Changes made to the host, and how to undo each", ""]
+    lines += ["- #%d `%s`: %s  \n  undo: %s" % (c["seq"], c["command"], ", ".join(
+        "%s=%s" % (k, v) for k, v in sorted(c["what"].items()) if k not in ("findings",))[:400], c["undo"])
+        for c in data["changes"]] or ["- none"]
+    lines += ["", "## Findings from the capture", ""]
+    lines += ["- [%s] %s (#%d)" % (f["severity"], f["title"], f["seq"]) for f in data["findings"]] or ["- none"]
+    lines += ["", "## Checklists", ""]
+    for name, items in data["checklists"].items():
+        lines += ["### %s" % checklists.TITLES[name], ""]
+        lines += ["- [%s] %s%s" % ("x" if i["status"] != "pending" else " ", i["item"],
+                                   " (%s)" % i["by"] if i["by"] else "") for i in items]
+        lines.append("")
+    lines += ["## Post-incident procedures still open", ""]
+    for phase, items in data["post_incident"].items():
+        lines += ["### %s" % phase, ""] + ["- [%s] %s" % ("x" if i["done"] else " ", i["item"]) for i in items] + [""]
+    lines.append("Generated %s by bookgen-kit from the case journal." % data["generated"])
+    return "\n".join(lines) + "\n"
+
+
+CSS = """
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2em auto;max-width:60em;color:#111;
+line-height:1.4}
+h1{font-size:1.7em;border-bottom:3px solid #222;padding-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;
+border-bottom:1px solid #999}h3{font-size:1.05em}table{border-collapse:collapse;width:100%;font-size:.85em}
+td,th{border:1px solid #bbb;padding:.25em .4em;vertical-align:top;text-align:left}th{background:#eee}
+code{font-family:Menlo,Consolas,monospace;font-size:.9em;word-break:break-all}.done{color:#070}.pending{color:#a00}
+.sev-critical,.sev-high{color:#a00;font-weight:bold}@media print{body{margin:0;max-width:none}h2{page-break-after:avoid}
+tr{page-break-inside:avoid}}
+"""
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text))
+
+
+def html_report(data: Dict[str, Any]) -> str:
+    case = data["case"]
+    out = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+           "<title>Incident report: %s</title><style>%s</style></head><body>" % (_e(case["id"]), CSS),
+           "<h1>Incident report: %s</h1><p>%s</p>" % (_e(case["id"]), _e(case["title"])),
+           "<h2>Summary</h2><table><tr><th>Case</th><td>%s</td></tr><tr><th>Examiner</th><td>%s</td></tr>"
+           "<tr><th>Opened</th><td>%s</td></tr><tr><th>Closed</th><td>%s</td></tr>"
+           "<tr><th>Journal</th><td>%d entries, chain intact</td></tr><tr><th>Incidents seen</th><td>%s</td></tr>"
+           "<tr><th>Evidence / findings / changes</th><td>%d / %d / %d</td></tr></table>" % (
+               _e(case["id"]), _e(case["examiner"]), _e(case["opened"]), _e(case.get("closed") or "open"),
+               len(data["entries"]), _e(", ".join(sorted({i["name"] for i in data["incidents"]})) or "none"),
+               len(data["evidence"]), len(data["findings"]), len(data["changes"])),
+           "<h2>Timeline</h2><table><tr><th>#</th><th>time (UTC)</th><th>who</th><th>what</th></tr>"]
+    out += ["<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td></tr>" % (
+        e["seq"], _e(e["time"]), _e(e.get("login") or e.get("uid")), _e(_entry_text(e))) for e in data["entries"]]
+    out.append("</table><h2>Evidence inventory</h2><table><tr><th>bundle</th><th>sha256</th><th>bytes</th>"
+               "<th>custody</th></tr>")
+    out += ["<tr><td><code>%s</code></td><td><code>%s</code></td><td>%d</td><td>%s</td></tr>" % (
+        _e(e["path"]), _e(e["sha256"]), e["size"], _e(e["custody"])) for e in data["evidence"]] or \
+        ["<tr><td colspan=4>none</td></tr>"]
+    out.append("</table><h2>Changes made to the host</h2><table><tr><th>#</th><th>command</th><th>how to undo</th>"
+               "</tr>")
+    out += ["<tr><td>%d</td><td><code>%s</code></td><td>%s</td></tr>" % (c["seq"], _e(c["command"]), _e(c["undo"]))
+            for c in data["changes"]] or ["<tr><td colspan=3>none</td></tr>"]
+    out.append("</table><h2>Findings from the capture</h2><table><tr><th>severity</th><th>finding</th></tr>")
+    out += ["<tr><td class=\"sev-%s\">%s</td><td>%s</td></tr>" % (_e(f["severity"]), _e(f["severity"]),
+                                                                  _e(f["title"])) for f in data["findings"]] or \
+        ["<tr><td colspan=2>none</td></tr>"]
+    out.append("</table><h2>Checklists</h2>")
+    for name, items in data["checklists"].items():
+        out.append("<h3>%s</h3><table><tr><th>item</th><th>status</th><th>by</th></tr>" % _e(checklists.TITLES[name]))
+        out += ["<tr><td>%s</td><td class=\"%s\">%s</td><td>%s</td></tr>" % (
+            _e(i["item"]), "pending" if i["status"] == "pending" else "done", _e(i["status"]), _e(i["by"] or ""))
+            for i in items]
+        out.append("</table>")
+    out.append("<h2>Post-incident procedures still open</h2>")
+    for phase, items in data["post_incident"].items():
+        out.append("<h3>%s</h3><ul>%s</ul>" % (_e(phase), "".join(
+            "<li>%s %s</li>" % ("&#9745;" if i["done"] else "&#9744;", _e(i["item"])) for i in items)))
+    out.append("<p><small>Generated %s by bookgen-kit from the case journal.</small></p></body></html>" %
+               _e(data["generated"]))
+    return "\n".join(out) + "\n"
+
+
+def write_report(directory: str, fmt: str) -> Dict[str, Any]:
+    from toolkit.host.atomic import AtomicFile
+
+    data = gather(directory)
+    text = markdown(data) if fmt == "md" else html_report(data)
+    path = os.path.join(directory, "reports", "report-%s.%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+                                                               fmt))
+    with AtomicFile(path, 0o644, overwrite=True) as out:
+        out.write(text.encode("utf-8"))
+        out.commit()
+    return {"report": path, "format": fmt, "entries": len(data["entries"]), "evidence": len(data["evidence"]),
+            "changes": len(data["changes"]), "findings": len(data["findings"])}
