@@ -49,6 +49,8 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
 
     secrets = dict(host.secrets)
     try:
+        on_host = kit("case", "open", "--id", "X", "--dir", str(tmp_path / "x"), case=False)
+        assert on_host.returncode == 2 and "host's own disk" in on_host.stderr
         opened = kit("case", "open", "--id", "INC-2026-042", "--dir", str(case_dir), "--title",
                      "Suspicious logins on the BookGen API host", "--examiner", "alice", case=False)
         assert opened.returncode == 0, opened.stderr
@@ -125,8 +127,13 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
                              capture_output=True, text=True, timeout=120).stdout
         assert "<title>Incident report: INC-2026-042</title>" in dom and "Evidence inventory" in dom
 
-        # closing seals it; a flipped byte anywhere in the journal is caught
-        assert kit("case", "close").returncode == 0
+        # closing seals it, signed; a flipped byte anywhere in the journal is caught
+        key = tmp_path / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        closed = kit("--json", "case", "close", "--sign-key", str(key))
+        assert closed.returncode == 0, closed.stderr
+        assert json.loads(closed.stdout)["signature"].startswith("-----BEGIN SSH SIGNATURE-----")
+        assert kit("case", "verify").returncode == 0
         assert kit("case", "note", "too late").returncode == 2
         journal = case_dir / "journal.jsonl"
         data = bytearray(journal.read_bytes())

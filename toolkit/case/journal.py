@@ -57,10 +57,17 @@ def login() -> Dict[str, Any]:
     return {"uid": os.getuid(), "login": name}
 
 
-def open_case(case_id: str, directory: str, title: Optional[str], examiner: Optional[str]) -> Dict[str, Any]:
+def open_case(case_id: str, directory: str, title: Optional[str], examiner: Optional[str],
+              allow_host_disk: bool = False) -> Dict[str, Any]:
     directory = os.path.abspath(directory)
     if os.path.exists(os.path.join(directory, CASE_FILE)):
         raise UsageError("%s already holds a case" % directory)
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not allow_host_disk and os.stat(existing).st_dev == os.stat("/").st_dev:
+        raise UsageError("%s is on the host's own disk: a case belongs on the responder's medium" % directory,
+                         hint="give a directory on the USB stick, or --allow-host-disk")
     os.makedirs(directory, exist_ok=True)
     for name in SUBDIRS:
         os.makedirs(os.path.join(directory, name), exist_ok=True)
@@ -93,8 +100,8 @@ def _lines(directory: str) -> List[bytes]:
         return handle.read().splitlines()
 
 
-def append(directory: str, entry: Dict[str, Any]) -> Dict[str, Any]:
-    """Append an entry chained to the last line (O_APPEND, fsync)."""
+def append(directory: str, entry: Dict[str, Any], signer=None) -> Dict[str, Any]:
+    """Append an entry chained to the last line (O_APPEND, fsync); signer signs the whole entry (SSHSIG)."""
     lines = _lines(directory)
     case = load_case(directory)
     if case.get("closed") and entry.get("kind") != "case-close":
@@ -103,6 +110,13 @@ def append(directory: str, entry: Dict[str, Any]) -> Dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname()}
     full.update(login())
     full.update(entry)
+    if signer is not None:
+        import io
+
+        from toolkit.crypto import sshsig
+
+        full["signature"] = sshsig.sign(signer, io.BytesIO(canonical(full)))
+        full["signer"] = signer.public.fingerprint()
     fd = os.open(os.path.join(directory, JOURNAL), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, canonical(full) + b"\n")

@@ -142,7 +142,7 @@ def _journal(args: List[str], code: int, started: float) -> None:
         from toolkit.case import journal
 
         directory = journal.current_case(output.case_dir)
-        if directory is None:
+        if directory is None or (name.startswith("case ") and journal.load_case(directory).get("closed")):
             return
         import time
 

@@ -27,12 +27,13 @@ def case_group() -> None:
 @click.option("--dir", "directory", required=True, metavar="DIR", help="On the responder's medium.")
 @click.option("--title")
 @click.option("--examiner")
+@click.option("--allow-host-disk", is_flag=True, help="Allow a case directory on the host's own root filesystem.")
 @json_option
-def open_command(case_id, directory, title, examiner) -> None:
+def open_command(case_id, directory, title, examiner, allow_host_disk) -> None:
     """Create the case directory (evidence/, backups/, reports/, journal.jsonl) and make it current."""
     from toolkit.case.journal import open_case
 
-    case = open_case(case_id, directory, title, examiner)
+    case = open_case(case_id, directory, title, examiner, allow_host_disk)
     out = current_output()
     out.remember(case)
     if out.json:
@@ -110,7 +111,6 @@ def checklist_command(name) -> None:
 def close_command(sign_key, sign_passphrase_file) -> None:
     """Seal the journal with a final entry (signed with --sign-key)."""
     import hashlib
-    import io
     import json
     import os
     import time
@@ -123,19 +123,16 @@ def close_command(sign_key, sign_passphrase_file) -> None:
         raise UsageError("case %s is already closed" % case["id"])
     lines = journal._lines(directory)
     entry = {"kind": "case-close", "journal_sha256": hashlib.sha256(b"\n".join(lines) + b"\n").hexdigest()}
+    key = None
     if sign_key:
         from toolkit.cli.prompts import passphrase_source
-        from toolkit.crypto import sshsig
         from toolkit.crypto.files import load_signing_key
 
         key = load_signing_key(sign_key, passphrase_source(sign_passphrase_file))
-        body = dict(entry, seq=len(lines) + 1, prev_sha256=hashlib.sha256(lines[-1]).hexdigest())
-        entry["signature"] = sshsig.sign(key, io.BytesIO(journal.canonical(body)))
-        entry["signer"] = key.public.fingerprint()
     case["closed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with open(os.path.join(directory, journal.CASE_FILE), "w", encoding="utf-8") as handle:
         json.dump(case, handle, indent=2, sort_keys=True)
-    written = journal.append(directory, entry)
+    written = journal.append(directory, entry, signer=key)
     out = current_output()
     out.remember(written)
     if out.json:
