@@ -305,3 +305,25 @@ def test_restore_test_in_a_scratch_cluster_and_repair(host_setup):
     steps = json.loads(repaired.stdout)["steps"]
     assert steps[0]["step"] == "emergency backup" and Path(steps[0]["detail"]).exists()
     assert steps[1]["step"] == "reindex"
+
+
+def test_restore_migrate_runs_alembic_in_the_api_container(running_stack, tmp_path):
+    """FAKE: BookGen's api image (with alembic) cannot be built here; the busybox api container gets an
+    `alembic` script that records its arguments, so the exec the restore runs is real."""
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    api = running_stack.container("api")
+    script = "#!/bin/sh\necho \"$@\" > /tmp/alembic-ran\necho INFO upgrade done\n"
+    written = api.exec_run(["sh", "-c", "printf '%s' > /bin/alembic && chmod 755 /bin/alembic" %
+                            script.replace("\n", "\\n")])
+    assert written.exit_code == 0
+    dump = json.loads(kit("--json", "backup", "create", env=env).stdout)["dump"]
+    try:
+        done = kit("--json", "restore", dump, "--yes", "--migrate", "--no-emergency-backup", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        steps = {s["step"]: s for s in json.loads(done.stdout)["steps"]}
+        assert steps["migrate"]["ok"] and "upgrade head" in steps["migrate"]["detail"]
+        assert api.exec_run(["cat", "/tmp/alembic-ran"]).output.strip() == b"upgrade head"
+        kit("db", "drop-old", json.loads(done.stdout)["old_database"], "--yes", env=env)
+    finally:
+        api.exec_run(["rm", "-f", "/bin/alembic", "/tmp/alembic-ran"])
