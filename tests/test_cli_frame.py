@@ -162,3 +162,13 @@ def test_self_check_warns_about_a_writable_sys_path_directory(tmp_path):
 
 def test_quiet_is_accepted_everywhere():
     assert kit("-q", "version").returncode == 0
+
+
+def test_recorded_command_lines_mask_secrets_even_inside_urls():
+    from toolkit.evidence.capture import redacted_command_line
+
+    masked = redacted_command_line(["bookgen-kit", "backup", "create", "--dsn",
+                                    "postgresql://postgres:hunter2@127.0.0.1:5432/postgres", "--token", "abc",
+                                    "password=pw", "redis://:r3dis@10.0.0.1:6379/0", "--out", "/media/usb"])
+    assert masked == ["bookgen-kit", "backup", "create", "--dsn", "postgresql://postgres:***@127.0.0.1:5432/postgres",
+                      "--token", "***", "password=***", "redis://:***@10.0.0.1:6379/0", "--out", "/media/usb"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import socket
 import tarfile
 import time
@@ -461,6 +462,9 @@ def redacted_command_line(argv: Sequence[str]) -> List[str]:
         if any(word in lowered for word in ("password", "passphrase=", "secret", "token")) and "=" in arg:
             masked.append(arg.split("=", 1)[0] + "=***")
         else:
-            masked.append(arg)
+            masked.append(_URL_PASSWORD.sub(r"\1***@", arg))  # postgresql://user:PASSWORD@host
             hide_next = lowered in ("--password", "--secret", "--token")
     return masked
+
+
+_URL_PASSWORD = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
