@@ -5,6 +5,7 @@ import base64
 import io
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from tests.helpers import run_with_tty
 from toolkit.crypto import age, armor
 from toolkit.crypto.errors import (
+    AgeArmorError,
     AgeHeaderError,
     AgeMacError,
     AgePayloadError,
@@ -286,11 +288,54 @@ def test_truncated_inside_the_header(victim):
     expect(AgeHeaderError, blob[:30], [victim], "ends inside the header")
 
 
-def test_truncated_before_the_nonce(victim):
+def header_length(blob: bytes) -> int:
+    return blob.index(b"\n--- ") + 5 + 43 + 1
+
+
+@pytest.mark.parametrize("nonce_bytes", [0, 7, 15], ids=["no-nonce", "7-byte-nonce", "15-byte-nonce"])
+def test_missing_or_short_nonce_is_a_header_failure(victim, nonce_bytes):
+    """CCTV stream_no_nonce / stream_short_nonce: a header failure (exit 3), not a payload one."""
     key = os.urandom(16)
     blob = craft([stanza_for(victim, key)], key, [(b"x", True)])
-    header_len = blob.index(b"\n--- ") + 5 + 43 + 1
-    expect(TruncatedPayload, blob[:header_len + 7], [victim], "nonce")
+    cut = blob[:header_length(blob) + nonce_bytes]
+    with pytest.raises(AgeHeaderError, match="nonce") as caught:
+        ours_decrypt(cut, [victim])
+    assert not isinstance(caught.value, (AgePayloadError, TruncatedPayload))
+    assert caught.value.exit_code == 3
+
+
+def released_then_error(blob, identities):
+    """The plaintext chunks() hands out before it raises, and the error it raises."""
+    released = []
+    with pytest.raises((AgePayloadError, TruncatedPayload)) as caught:
+        for chunk in age.Decryptor(io.BytesIO(blob), identities).chunks():
+            released.append(chunk)
+    return b"".join(released), caught.value
+
+
+def test_authenticated_chunks_are_released_before_a_truncation(victim):
+    """CCTV stream_no_final_full: a full chunk that authenticates as non-final is released, then EOF fails."""
+    key = os.urandom(16)
+    first, second = os.urandom(65536), os.urandom(65536)
+    blob = craft([stanza_for(victim, key)], key, [(first, False), (second, False)])
+    released, error = released_then_error(blob[:header_length(blob) + 16 + 65536 + 16], [victim])
+    assert released == first and isinstance(error, TruncatedPayload)
+    released, error = released_then_error(blob, [victim])
+    assert released == first + second and isinstance(error, TruncatedPayload)
+
+
+@pytest.mark.parametrize("trailing", [b"g", os.urandom(100), None], ids=["short", "long", "second-final-chunk"])
+def test_final_chunk_is_released_before_trailing_data_fails(victim, trailing):
+    """CCTV stream_trailing_garbage_* / stream_two_final_chunks: the final chunk's plaintext is released."""
+    key = os.urandom(16)
+    final = os.urandom(65536)
+    if trailing is None:
+        blob = craft([stanza_for(victim, key)], key, [(final, True), (b"again", True)])
+    else:
+        blob = craft([stanza_for(victim, key)], key, [(final, True)]) + trailing
+    released, error = released_then_error(blob, [victim])
+    assert released == final
+    assert isinstance(error, AgePayloadError) and "data follows the final chunk" in error.message
 
 
 def test_truncated_inside_a_chunk(victim):
@@ -374,6 +419,41 @@ def test_armor_tolerates_surrounding_whitespace_and_crlf(victim):
     assert ours_decrypt(blob.replace(b"\n", b"\r\n"), [victim]) == b"armored"
 
 
+def test_armor_without_final_newline_decrypts(victim):
+    """CCTV armor_no_eol: the END line may be the file's last bytes (the age CLI accepts it)."""
+    blob = armored_blob(victim)
+    assert blob.endswith(armor.END + b"\n")
+    assert ours_decrypt(blob[:-1], [victim]) == b"armored"
+    crlf = blob.replace(b"\n", b"\r\n")
+    assert ours_decrypt(crlf[:-2], [victim]) == b"armored"
+    assert ours_decrypt(crlf[:-1], [victim]) == b"armored"  # CR but no LF: age accepts it too
+    assert ours_decrypt(b"\n \n" + blob[:-1], [victim]) == b"armored"
+
+
+def test_armor_still_needs_a_whole_end_line(victim):
+    blob = armored_blob(victim)[:-1]
+    for cut in (blob[:-1], blob[:-len(armor.END)], blob[:-len(armor.END) - 1], blob + b" ", blob + b"junk"):
+        expect(AgeArmorError, cut, [victim], "ends before the END line")
+    expect(AgeArmorError, blob + b"\njunk", [victim], "after the END")
+
+
+@pytest.mark.parametrize("begin", [b"-----BEGIN age ENCRYPTED FILE-----", b"-----BEGIN AGE ENCRYPTED MESSAGE-----",
+                                   b"----- BEGIN AGE ENCRYPTED FILE -----", armor.BEGIN + b"\r\r",
+                                   armor.BEGIN + b" "])
+def test_armor_with_a_wrong_begin_line_is_an_armor_failure(victim, begin):
+    """CCTV armor_lowercase / armor_wrong_type / armor_whitespace_begin: armor errors, not header ones."""
+    blob = armored_blob(victim)
+    expect(AgeArmorError, begin + blob[len(armor.BEGIN):], [victim], "BEGIN")
+    with pytest.raises(AgeArmorError):
+        armor.ArmorReader(io.BytesIO(b"garbage\n" + blob))
+
+
+def test_armor_errors_are_header_failures_for_the_exit_code(victim):
+    with pytest.raises(AgeHeaderError) as caught:
+        ours_decrypt(armored_blob(victim) + b"junk\n", [victim])
+    assert isinstance(caught.value, AgeArmorError) and caught.value.exit_code == 3
+
+
 def test_armor_rejects_data_after_the_end(victim):
     expect(AgeHeaderError, armored_blob(victim) + b"junk\n", [victim], "after the END")
 
@@ -435,3 +515,44 @@ def test_ssh_recipient_file_and_identity_from_path(keys, tmp_path):
     with pytest.raises(KeyFormatError, match="line 2"):
         age.parse_recipients_file("# c\nnot-a-key\n")
     assert Path(keys["ssh_key"]).exists()
+
+
+# --------------------------------------------------------------------------- through the CLI
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kit_decrypt(tmp_path, identity, blob: bytes):
+    """`python -m toolkit decrypt -i KEY -o OUT IN` on blob: (exit code, stderr, output file)."""
+    key_file = tmp_path / "victim.key"
+    key_file.write_text(age.identity_file_text(identity, "2026-01-01T00:00:00Z"))
+    source = tmp_path / "in.age"
+    source.write_bytes(blob)
+    out = tmp_path / "out"
+    environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "toolkit", "decrypt", "-i", str(key_file), "-o", str(out),
+                           str(source)], capture_output=True, text=True, env=environment, timeout=120)
+    return done.returncode, done.stderr, out
+
+
+@pytest.mark.parametrize("nonce_bytes", [0, 15], ids=["no-nonce", "short-nonce"])
+def test_cli_missing_or_short_nonce_exits_3(victim, tmp_path, nonce_bytes):
+    key = os.urandom(16)
+    blob = craft([stanza_for(victim, key)], key, [(b"x", True)])
+    code, stderr, out = kit_decrypt(tmp_path, victim, blob[:header_length(blob) + nonce_bytes])
+    assert code == 3, stderr
+    assert "nonce" in stderr and not out.exists()
+
+
+def test_cli_missing_final_chunk_still_exits_5(victim, tmp_path):
+    key = os.urandom(16)
+    blob = craft([stanza_for(victim, key)], key, [(b"a" * 65536, False)])
+    code, stderr, out = kit_decrypt(tmp_path, victim, blob)
+    assert code == 5, stderr
+    assert not out.exists()
+
+
+def test_cli_decrypts_armor_without_final_newline(victim, tmp_path):
+    blob = armored_blob(victim, b"no final newline")[:-1]
+    code, stderr, out = kit_decrypt(tmp_path, victim, blob)
+    assert code == 0, stderr
+    assert out.read_bytes() == b"no final newline"

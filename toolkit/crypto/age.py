@@ -477,53 +477,55 @@ class Decryptor:
         if not hmac.compare_digest(_header_mac(file_key, self.header.mac_input), self.header.mac):
             raise AgeMacError("bad MAC: the age header was altered")
         nonce = _read_exactly(self._in, 16)
-        if len(nonce) < 16:
-            raise TruncatedPayload("truncated payload: the file ends before the payload nonce")
+        if len(nonce) < 16:  # the nonce belongs to the header's framing: a header failure (CCTV stream_no_nonce)
+            raise AgeHeaderError("bad header: the file ends before the 16-byte payload nonce (%d bytes)" % len(nonce))
         self._aead = ChaCha20Poly1305(hkdf(file_key, nonce, b"payload"))
         self.plaintext_bytes = 0
 
     def chunks(self) -> Iterator[bytes]:
-        """Plaintext chunks, each authenticated; the last one proves the end of the file."""
+        """Plaintext chunks, each released as soon as it is authenticated (as age does).
+
+        Iterate to the end: only the final chunk proves the end of the file, and an
+        error about what follows a chunk (truncation, data after the final chunk) is
+        raised on the next step, after the authenticated plaintext before it.
+        """
         counter = 0
-        pending = _read_exactly(self._in, ENCRYPTED_CHUNK_SIZE)
         while True:
-            if len(pending) < ENCRYPTED_CHUNK_SIZE:
-                last, following = True, b""
-            else:
-                following = _read_exactly(self._in, ENCRYPTED_CHUNK_SIZE)
-                last = not following
-            if len(pending) < TAG_SIZE:
+            data = _read_exactly(self._in, ENCRYPTED_CHUNK_SIZE)
+            if not data:
+                if counter == 0:
+                    raise TruncatedPayload("truncated payload: no chunk after the nonce")
+                raise TruncatedPayload("truncated payload: the file ends after chunk %d, before the final chunk"
+                                       % (counter - 1))
+            if len(data) < TAG_SIZE:
                 raise TruncatedPayload("truncated payload: chunk %d is shorter than its tag" % counter)
-            plaintext = self._open(pending, counter, last, trailing=bool(following))
-            if last:
-                if not plaintext and counter > 0:
-                    raise AgePayloadError("bad payload: empty final chunk after chunk %d" % (counter - 1))
-                self.plaintext_bytes += len(plaintext)
-                yield plaintext
-                return
+            if len(data) == ENCRYPTED_CHUNK_SIZE:
+                plaintext = self._try_open(data, counter, last=False)
+                if plaintext is not None:
+                    self.plaintext_bytes += len(plaintext)
+                    yield plaintext
+                    counter += 1
+                    continue
+                plaintext = self._try_open(data, counter, last=True)  # a full final chunk
+            else:
+                plaintext = self._try_open(data, counter, last=True)
+                if plaintext is None and self._try_open(data, counter, last=False) is not None:
+                    raise TruncatedPayload("truncated payload: chunk %d is short but not the final chunk" % counter)
+            if plaintext is None:
+                raise AgePayloadError("bad payload: chunk %d fails authentication" % counter)
+            if not plaintext and counter > 0:
+                raise AgePayloadError("bad payload: empty final chunk after chunk %d" % (counter - 1))
             self.plaintext_bytes += len(plaintext)
             yield plaintext
-            pending = following
-            counter += 1
+            if _read_exactly(self._in, 1):
+                raise AgePayloadError("bad payload: data follows the final chunk")
+            return
 
-    def _open(self, data: bytes, counter: int, last: bool, trailing: bool) -> bytes:
+    def _try_open(self, data: bytes, counter: int, last: bool) -> Optional[bytes]:
         try:
             return self._aead.decrypt(_chunk_nonce(counter, last), data, None)
         except InvalidTag:
-            pass
-        if last:
-            try:
-                self._aead.decrypt(_chunk_nonce(counter, False), data, None)
-            except InvalidTag:
-                raise AgePayloadError("bad payload: chunk %d fails authentication" % counter) from None
-            raise TruncatedPayload("truncated payload: the file ends after chunk %d, before the final chunk" % counter)
-        try:
-            self._aead.decrypt(_chunk_nonce(counter, True), data, None)
-        except InvalidTag:
-            raise AgePayloadError("bad payload: chunk %d fails authentication" % counter) from None
-        if trailing:
-            raise AgePayloadError("bad payload: data follows the final chunk")
-        raise AgePayloadError("bad payload: chunk %d fails authentication" % counter)
+            return None
 
     def copy_to(self, sink: BinaryIO) -> int:
         for chunk in self.chunks():

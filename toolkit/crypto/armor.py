@@ -1,8 +1,9 @@
 """age's ASCII armor: strict PEM (RFC 7468) with the label AGE ENCRYPTED FILE.
 
 Writing: 64-column lines of padded base64. Reading: only whitespace is tolerated
-before and after the block (and CRLF line endings); lines of exactly 64
-columns but the last, padding only at the end, canonical base64.
+before and after the block (and CRLF line endings; the END line may be the
+file's last bytes, without a line ending); lines of exactly 64 columns but the
+last, padding only at the end, canonical base64.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import base64
 import binascii
 from typing import BinaryIO
 
-from toolkit.crypto.errors import AgeHeaderError
+from toolkit.crypto.errors import AgeArmorError
 
 BEGIN = b"-----BEGIN AGE ENCRYPTED FILE-----"
 END = b"-----END AGE ENCRYPTED FILE-----"
@@ -83,13 +84,13 @@ class ArmorReader:
         first = self._line()
         while first.strip(_WHITESPACE) == b"" and first:
             first = self._line()
-        if first.rstrip(b"\r\n") != BEGIN or not first.endswith(b"\n"):
-            raise AgeHeaderError("bad armor: no -----BEGIN AGE ENCRYPTED FILE----- line")
+        if first not in (BEGIN + b"\n", BEGIN + b"\r\n"):
+            raise AgeArmorError("bad armor: no -----BEGIN AGE ENCRYPTED FILE----- line")
 
     def _line(self) -> bytes:
         line = self._source.readline(128)
         if len(line) >= 128 and not line.endswith(b"\n"):
-            raise AgeHeaderError("bad armor: a line longer than 64 columns")
+            raise AgeArmorError("bad armor: a line longer than 64 columns")
         return line
 
     def _fill(self) -> None:
@@ -97,22 +98,25 @@ class ArmorReader:
             return
         line = self._line()
         if not line:
-            raise AgeHeaderError("bad armor: the file ends before the END line")
-        if not line.endswith(b"\n"):
-            raise AgeHeaderError("bad armor: the END line has no line ending")
-        text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            raise AgeArmorError("bad armor: the file ends before the END line")
+        if line.endswith(b"\n"):
+            text = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        elif line in (END, END + b"\r"):
+            text = END  # the file's last line, the END line, may lack its line ending (as age accepts)
+        else:
+            raise AgeArmorError("bad armor: the file ends before the END line")
         if text == END:
             self._done = True
             rest = self._source.read(4096)
             while rest:
                 if rest.strip(_WHITESPACE):
-                    raise AgeHeaderError("bad armor: data after the END line")
+                    raise AgeArmorError("bad armor: data after the END line")
                 rest = self._source.read(4096)
             return
         if self._short_seen:
-            raise AgeHeaderError("bad armor: a line after the short last line")
+            raise AgeArmorError("bad armor: a line after the short last line")
         if len(text) > 64 or not text:
-            raise AgeHeaderError("bad armor: a line of %d columns (64 expected)" % len(text))
+            raise AgeArmorError("bad armor: a line of %d columns (64 expected)" % len(text))
         if len(text) < 64:
             self._short_seen = True
         elif b"=" in text:
@@ -120,9 +124,9 @@ class ArmorReader:
         try:
             decoded = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise AgeHeaderError("bad armor: a line that is not base64") from None
+            raise AgeArmorError("bad armor: a line that is not base64") from None
         if base64.b64encode(decoded) != text:
-            raise AgeHeaderError("bad armor: non-canonical base64")
+            raise AgeArmorError("bad armor: non-canonical base64")
         self._buffer += decoded
 
     def read(self, size: int = -1) -> bytes:
@@ -155,6 +159,7 @@ def open_maybe_armored(source: BinaryIO):
         stripped = head.lstrip(_WHITESPACE)
         if stripped and (not stripped.startswith(b"-") or len(stripped) >= len(BEGIN)):
             break
-    if head.lstrip(_WHITESPACE).startswith(BEGIN):
+    if head.lstrip(_WHITESPACE).startswith(b"-----"):
+        # A binary age file starts with its version line: anything like a PEM line is armor (good or bad).
         return ArmorReader(_Prefixed(head, source))
     return _Prefixed(head, source)

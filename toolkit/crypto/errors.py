@@ -8,6 +8,10 @@ class AgeHeaderError(BadInputError):
     """The age header is malformed or breaks a MUST of the spec (exit 3)."""
 
 
+class AgeArmorError(AgeHeaderError):
+    """The ASCII armor (PEM) around an age file is malformed (exit 3, as every header failure)."""
+
+
 class NoMatchingIdentity(BadInputError):
     """None of the given identities (keys or passphrase) opens the file (exit 3)."""
 
