@@ -62,6 +62,13 @@ def the_bundle(out: Path) -> Path:
     return payloads[0]
 
 
+def inner_manifest(bundle: Path, identity: Path) -> dict:
+    """The manifest inside the payload (the last tar member), read with age, zstd and tarfile."""
+    tar_bytes = decrypt_with_standard_tools(bundle, identity)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return json.loads(tar.extractfile("manifest.json").read())
+
+
 def decrypt_with_standard_tools(bundle: Path, identity: Path) -> bytes:
     age_done = subprocess.run([AGE, "-d", "-i", str(identity), str(bundle)], capture_output=True, check=True)
     return subprocess.run(["zstd", "-d", "-c"], input=age_done.stdout, capture_output=True, check=True).stdout
@@ -88,7 +95,15 @@ def test_round_trip_from_the_pyz_judged_by_standard_tools(pyz, bookgen_host, out
     names = [m.name for m in tarfile.open(fileobj=io.BytesIO(tar_bytes))]
     assert names[-1] == "manifest.json"
     assert "files/opt/bookgen/.env" in names and "files/var/log/bookgen/api.log" in names
-    for artifact in manifest["artifacts"]:
+    inner = json.loads((extracted / "manifest.json").read_text())
+    assert "artifacts" not in manifest and manifest["artifacts_count"] == len(inner["artifacts"])
+    detached_text = Path(str(bundle) + ".manifest.json").read_text()
+    for artifact in inner["artifacts"]:  # no per-file hash travels unencrypted (an oracle for short secrets)
+        if artifact.get("sha256"):
+            assert artifact["sha256"] not in detached_text, artifact["path"]
+    for key in set(manifest) & set(inner):
+        assert manifest[key] == inner[key], key
+    for artifact in inner["artifacts"]:
         if artifact.get("sha256"):
             out = subprocess.run(["sha256sum", str(extracted / artifact["path"])], capture_output=True, text=True)
             assert out.stdout.split()[0] == artifact["sha256"], artifact["path"]
@@ -97,7 +112,7 @@ def test_round_trip_from_the_pyz_judged_by_standard_tools(pyz, bookgen_host, out
     assert manifest["tool"]["pyz_sha256"] == hashlib.sha256(pyz.read_bytes()).hexdigest()
     assert manifest["host"]["boot_id"] and manifest["collection"]["collectors"]
     assert manifest["case"]["examiner"] == "alice"
-    env_entry = next(a for a in manifest["artifacts"] if a["path"] == "files/opt/bookgen/.env")
+    env_entry = next(a for a in inner["artifacts"] if a["path"] == "files/opt/bookgen/.env")
     assert env_entry["mode"] == "0600" and env_entry["method"].startswith("read(O_NOATIME")
 
     # our verify, both ways, and extract
@@ -150,12 +165,12 @@ def test_symlinks_fifos_and_big_sparse_files(bookgen_host, out_dir, team_key, tm
     done = kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--max-file-size", "1M"), timeout=60)
     assert done.returncode == 0, done.stderr
     manifest = json.loads(Path(json.loads(done.stdout)["manifest"]).read_text())
-    artifacts = {a["path"]: a for a in manifest["artifacts"]}
+    artifacts = {a["path"]: a for a in inner_manifest(Path(json.loads(done.stdout)["payload"]), identity)["artifacts"]}
     link = artifacts["files/var/log/bookgen/shadow-link"]
     assert link["type"] == "symlink" and link["target"] == "/etc/shadow"
     sparse = artifacts["files/var/log/bookgen/sparse.img"]
     assert sparse["truncated"] is True and sparse["size"] == 1024 * 1024 and sparse["source_size"] == 10 * 1024 ** 4
-    assert any(e["source"] == "/var/log/bookgen/pipe" and "fifo" in e["reason"] for e in manifest["errors"])
+    assert any(e["source"] == "/var/log/bookgen/pipe" and "fifo" in e["reason"].lower() for e in manifest["errors"])
     assert kit("verify", "-i", str(identity), json.loads(done.stdout)["payload"]).returncode == 0
 
 
@@ -421,14 +436,38 @@ def test_extract_never_overwrites_and_stops_on_a_tampered_member(bookgen_host, o
     (busy / "x").write_text("mine")
     refused = kit("extract", "-i", str(identity), result["payload"], "--to", str(busy))
     assert refused.returncode == 2 and (busy / "x").read_text() == "mine"
+    # someone holding only the team's PUBLIC key swaps the .env inside and re-encrypts, fixing every outer hash
+    import zstandard
+
+    from toolkit.crypto import age
+    from toolkit.evidence.capture import update_sums
+
+    payload = Path(result["payload"])
+    tar_bytes = decrypt_with_standard_tools(payload, identity)
+    rebuilt = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as source, \
+            tarfile.open(fileobj=rebuilt, mode="w", format=tarfile.PAX_FORMAT) as forged:
+        for member in source:
+            data = source.extractfile(member).read() if member.isreg() else None
+            if member.name == "files/opt/bookgen/.env":
+                data = b"DATABASE_PASSWORD=attacker\n"
+                member.size = len(data)
+            forged.addfile(member, io.BytesIO(data) if data is not None else None)
+    with open(payload, "wb") as handle:
+        encryptor = age.Encryptor(handle, [age.parse_recipient(recipient)])
+        encryptor.write(zstandard.ZstdCompressor().compress(rebuilt.getvalue()))
+        encryptor.close()
     manifest_path = Path(result["manifest"])
     manifest = json.loads(manifest_path.read_text())
-    entry = next(a for a in manifest["artifacts"] if a["path"] == "files/opt/bookgen/.env")
-    entry["sha256"] = "0" * 64
+    manifest["payload"]["sha256"] = hashlib.sha256(payload.read_bytes()).hexdigest()
+    manifest["payload"]["size"] = payload.stat().st_size
     manifest_path.write_text(json.dumps(manifest))
+    update_sums(str(out_dir), {payload.name: manifest["payload"]["sha256"],
+                               manifest_path.name: hashlib.sha256(manifest_path.read_bytes()).hexdigest()})
     done = kit("extract", "-i", str(identity), result["payload"], "--to", str(tmp_path / "t2"))
     assert done.returncode == 5 and "files/opt/bookgen/.env" in done.stderr
     assert not (tmp_path / "t2" / "files" / "opt" / "bookgen" / ".env").exists()
+    assert not [p for p in (tmp_path / "t2").rglob("*") if p.is_file() and p.name != "manifest.json"]
 
 
 @pytest.mark.parametrize("compression,suffix,decompress", [("gzip", ".tar.gz.age", ["gzip", "-d", "-c"]),
@@ -454,4 +493,4 @@ def test_a_file_that_vanishes_is_recorded(bookgen_host, out_dir, team_key):
     done = kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--include", "/var/log/bookgen/missing.log"))
     assert done.returncode == 6
     errors = json.loads(done.stdout)["errors"]
-    assert any(e["source"] == "/var/log/bookgen/missing.log" and "vanished" in e["reason"] for e in errors)
+    assert any(e["source"] == "/var/log/bookgen/missing.log" and "does not exist" in e["reason"] for e in errors)

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from toolkit.evidence.collectors.base import (
     LogLine,
     MemberEnd,
     MemberStart,
+    Reference,
     Skip,
     is_done,
     start_collector,
@@ -35,10 +37,13 @@ from toolkit.evidence.collectors.base import (
 from toolkit.host.atomic import AtomicFile
 from toolkit.host.hashing import sha256_path as sha256_file
 
-SCHEMA = "bookgen-kit/evidence-manifest/1"
+SCHEMA = "bookgen-kit/evidence-manifest/2"
 RESERVE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_FILE_SIZE = 2 * 1024 ** 3
 SUMS_NAME = "SHA256SUMS"
+# The whole capture ends by these (seconds), whatever the host does to slow it: the collectors left are
+# recorded as not run, and the bundle is completed with what was collected.
+DEADLINES = {"volatile": 600.0, "triage": 1800.0, "full": 6 * 3600.0}
 
 
 @dataclass
@@ -66,6 +71,8 @@ class CaptureOptions:
     allow_same_disk: bool = False
     force: bool = False
     command_line: List[str] = field(default_factory=list)
+    budgets: Dict[str, float] = field(default_factory=dict)  # collector name -> seconds (overrides its own)
+    deadline_seconds: Optional[float] = None  # the whole capture; default per profile (DEADLINES)
 
 
 @dataclass
@@ -124,23 +131,16 @@ def _source_devices(options: CaptureOptions, deployment) -> Dict[str, int]:
     return devices
 
 
-def _estimate_bytes(paths: Sequence[str], max_file_size: int, budget: float = 5.0) -> int:
+def _estimate_bytes(fs, logicals: Sequence[str], max_file_size: int, budget: float = 5.0) -> int:
     """Upper bound of what the sources add (each file capped at max_file_size), within a time budget."""
-    deadline = time.monotonic() + budget
+    from toolkit.host.hostfs import WalkLimits
+
+    limits = WalkLimits(deadline=time.monotonic() + budget)
     total = 0
-    for path in paths:
-        if os.path.isfile(path):
-            total += min(os.path.getsize(path), max_file_size)
-            continue
-        for directory, _dirs, files in os.walk(path, followlinks=False):
-            for name in files:
-                try:
-                    info = os.lstat(os.path.join(directory, name))
-                except OSError:
-                    continue
-                total += min(info.st_size, max_file_size)
-            if time.monotonic() > deadline:
-                return total
+    for logical in logicals:
+        for entry in fs.walk(logical, limits):
+            if stat.S_ISREG(entry.info.st_mode):
+                total += min(entry.info.st_size, max_file_size)
     return total
 
 
@@ -154,10 +154,10 @@ def preflight(options: CaptureOptions, deployment) -> Dict[str, Any]:
                          "filesystem as %s)" % (options.out_dir, ", ".join(sorted(same))),
                          hint="write to the responder's medium, or add --allow-same-disk")
     context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size)
-    sources = [context.host_path(os.path.abspath(i) if options.root in ("", "/") else i) for i in options.includes]
-    estimate = _estimate_bytes(sources, options.max_file_size) + 4 * 1024 * 1024  # includes, plus generated members and app config
-    stat = os.statvfs(options.out_dir)
-    free = stat.f_bavail * stat.f_frsize
+    sources = [os.path.abspath(i) if options.root in ("", "/") else i for i in options.includes]
+    estimate = _estimate_bytes(context.fs, sources, options.max_file_size) + 4 * 1024 * 1024  # includes, plus generated members and app config
+    space = os.statvfs(options.out_dir)
+    free = space.f_bavail * space.f_frsize
     needed = estimate + RESERVE_BYTES
     if free < needed and not options.force:
         raise EnvironmentProblem("not enough space on %s: the bundle may need up to %d MiB (+%d MiB reserve), "
@@ -184,31 +184,43 @@ class _Recorder:
         self.errors: List[Dict[str, Any]] = []
         self.log: List[str] = []
         self.facts: Dict[str, List[Dict[str, Any]]] = {}
+        self.by_path: Dict[str, Dict[str, Any]] = {}
         self.bytes = 0
 
     def note(self, message: str) -> None:
         self.log.append("%s %s" % (_utc(), message))
 
-    def run(self, collector, context: CollectionContext) -> Dict[str, Any]:
+    def run(self, collector, context: CollectionContext, budget: float) -> Dict[str, Any]:
+        """Consume the collector's events until it is done or its budget (which includes the time the writer
+        takes) runs out; the deadline is checked before every event, so a slow writer cannot stretch it."""
         started = time.monotonic()
-        deadline = started + collector.budget_seconds
-        events, _thread = start_collector(collector, context)
-        self.note("collector %s started (budget %.0f s)" % (collector.name, collector.budget_seconds))
+        deadline = started + budget
+        if context.deadline is not None:
+            deadline = min(deadline, context.deadline)
+        events, _thread, emitter = start_collector(collector, context)
+        self.note("collector %s started (budget %.0f s)" % (collector.name, budget))
         stats = {"name": collector.name, "rank": collector.rank, "items": 0, "bytes": 0, "errors": 0,
-                 "status": "ok", "budget_seconds": collector.budget_seconds}
+                 "status": "ok", "budget_seconds": round(budget, 3)}
         current = None  # (entry, hash, info)
         while True:
             remaining = deadline - time.monotonic()
-            try:
-                event = events.get(timeout=max(0.0, remaining)) if remaining > 0 else events.get_nowait()
-            except queue.Empty:
+            event = None
+            if remaining > 0:
+                try:
+                    event = events.get(timeout=min(remaining, 0.5))
+                except queue.Empty:
+                    continue
+            if event is None:
+                emitter.cancelled.set()
+                why = "its time budget of %.0f s" % budget if context.deadline is None or \
+                    started + budget <= context.deadline else "the capture's deadline"
                 stats["status"] = "abandoned"
-                self.note("collector %s abandoned: its time budget of %.0f s ran out" % (
-                    collector.name, collector.budget_seconds))
+                self.note("collector %s abandoned: %s ran out" % (collector.name, why))
                 if current is not None:
-                    self._finish(current, {"error": "abandoned: the collector's time budget ran out"}, stats)
+                    self._finish(current, {"error": "abandoned: %s ran out while this was read" % why}, stats)
                 self.errors.append({"collector": collector.name, "source": None, "kind": "error",
-                                    "reason": "abandoned after %.0f s (time budget)" % collector.budget_seconds})
+                                    "reason": "abandoned after %.1f s: %s ran out; what it had produced is kept" % (
+                                        time.monotonic() - started, why)})
                 stats["errors"] += 1
                 break
             if is_done(event):
@@ -226,6 +238,12 @@ class _Recorder:
             elif isinstance(event, MemberEnd):
                 self._finish(current, event.notes, stats)
                 current = None
+            elif isinstance(event, Reference):
+                entry = self.by_path.get(event.archive_path)
+                if entry is not None:
+                    also = entry.setdefault("also_collected_by", [])
+                    if event.collector not in also:
+                        also.append(event.collector)
             elif isinstance(event, Skip):
                 self.errors.append({"collector": collector.name, "source": event.source, "reason": event.reason,
                                     "kind": event.kind})
@@ -268,6 +286,7 @@ class _Recorder:
             self.errors.append({"collector": entry.get("collector"), "source": entry.get("source"),
                                 "reason": notes["changed_during_read"], "kind": "changed"})
         self.artifacts.append(entry)
+        self.by_path[entry["path"]] = entry
         stats["items"] += 1
         if self.progress:
             self.progress(0, 1, entry.get("collector"))
@@ -324,8 +343,15 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         raise UsageError("--include given but the include collector is skipped")
     started = time.time()
     flight = preflight(options, deployment)
+    unknown = sorted(set(options.budgets) - {c.name for c in collectors})
+    if unknown:
+        raise UsageError("--budget names collectors that do not run: %s" % ", ".join(unknown))
+    deadline_seconds = options.deadline_seconds or DEADLINES.get(options.profile, DEADLINES["triage"])
+    out_info = os.stat(options.out_dir)
     context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size,
-                                started, options.docker_root)
+                                started, options.docker_root, own_outputs=frozenset({(out_info.st_dev,
+                                                                                      out_info.st_ino)}),
+                                deadline=time.monotonic() + deadline_seconds)
     if options.low_priority:
         lower_priority()
     name = bundle_base_name(options, started)
@@ -341,7 +367,15 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         collector_stats = []
         try:
             for collector in collectors:
-                collector_stats.append(recorder.run(collector, context))
+                if time.monotonic() >= context.deadline:
+                    recorder.errors.append({"collector": collector.name, "source": None, "kind": "error",
+                                            "reason": "not run: the capture's deadline of %.0f s had passed" %
+                                            deadline_seconds})
+                    collector_stats.append({"name": collector.name, "rank": collector.rank, "status": "not run",
+                                            "items": 0, "bytes": 0, "errors": 1, "seconds": 0})
+                    continue
+                budget = options.budgets.get(collector.name, collector.budget_seconds)
+                collector_stats.append(recorder.run(collector, context, budget))
             from toolkit.evidence.findings import compute
 
             findings = _environment_findings(tool) + compute(recorder.facts, options.expected_ports)
@@ -368,7 +402,8 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                     "started_utc": _utc(started), "ended_utc": _utc(ended), "seconds": round(ended - started, 3),
                     "profile": options.profile, "root": options.root, "command_line": options.command_line,
                     "identity": _capabilities(), "preflight": flight,
-                    "limits": {"max_file_size": options.max_file_size, "compression": options.compression},
+                    "limits": {"max_file_size": options.max_file_size, "compression": options.compression,
+                               "deadline_seconds": deadline_seconds},
                     "collectors": collector_stats,
                 },
                 "artifacts": recorder.artifacts,
@@ -385,7 +420,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
             writer.abort()
             raise
         out.commit()
-    manifest["inner_manifest_sha256"] = hashlib.sha256(inner).hexdigest()
+    manifest = detached_manifest(manifest, hashlib.sha256(inner).hexdigest())
     manifest["payload"] = {"file": name, "size": payload["size"], "sha256": payload["sha256"],
                            "container": "POSIX pax tar", "compression": options.compression,
                            "encrypted": options.encrypt, "tar_bytes": payload["tar_bytes"],
@@ -415,6 +450,15 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
                          payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
                          collector_stats, round(time.time() - started, 2), options.encrypt, findings)
+
+
+def detached_manifest(inner: Dict[str, Any], inner_sha256: str) -> Dict[str, Any]:
+    """What travels unencrypted: the inner manifest without its per-file entries (their hashes are an oracle
+    for short secrets), committing to the inner manifest by its sha256 (the payload is added by the caller)."""
+    detached = {key: value for key, value in inner.items() if key != "artifacts"}
+    detached["artifacts_count"] = len(inner.get("artifacts", []))
+    detached["inner_manifest_sha256"] = inner_sha256
+    return detached
 
 
 def _host_facts(context: CollectionContext) -> Dict[str, Any]:

@@ -12,9 +12,12 @@ import os
 import queue
 import stat
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from toolkit.host.hostfs import VANISHED, HostFS, Refused, WalkEntry, WalkLimits, WalkStats, kind_of, reason
 
 READ_SIZE = 1 << 20
 QUEUE_DEPTH = 8
@@ -30,12 +33,32 @@ class CollectionContext:
     max_file_size: int
     started_at: float = field(default_factory=time.time)
     docker_root: str = "/var/lib/docker"
+    own_outputs: frozenset = frozenset()  # (st_dev, st_ino) of our output directory: never collected
+    deadline: Optional[float] = None  # time.monotonic() by which the whole capture must end
+    fs: HostFS = field(init=False)
+    _claimed: Dict[str, str] = field(init=False, default_factory=dict)
+    _lock: Any = field(init=False, default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.fs = HostFS(self.root)
 
     def host_path(self, logical: str) -> str:
-        """The path on disk of a logical (absolute) path under the root prefix."""
+        """The path on disk of a logical (absolute) path under the root prefix (for messages, not for reads)."""
         if self.root in ("", "/"):
             return logical
         return os.path.join(self.root, logical.lstrip("/"))
+
+    def claim(self, archive_path: str, collector: str) -> Optional[str]:
+        """None when archive_path is new (now ours); else the collector that already stored it."""
+        with self._lock:
+            owner = self._claimed.get(archive_path)
+            if owner is None:
+                self._claimed[archive_path] = collector
+            return owner
+
+    def walk_limits(self, deadline: Optional[float] = None) -> WalkLimits:
+        ends = [d for d in (deadline, self.deadline) if d is not None]
+        return WalkLimits(deadline=min(ends) if ends else None, exclude=self.own_outputs)
 
 
 # -- events -------------------------------------------------------------------------
@@ -64,6 +87,13 @@ class Skip:
 
 
 @dataclass
+class Reference:
+    """A source already stored by another collector: recorded on that member, not stored twice."""
+    archive_path: str
+    collector: str
+
+
+@dataclass
 class LogLine:
     message: str
 
@@ -87,30 +117,75 @@ def stat_times(info: os.stat_result) -> Dict[str, str]:
     return {"mtime": _utc(info.st_mtime), "atime": _utc(info.st_atime), "ctime": _utc(info.st_ctime)}
 
 
-class Emitter:
-    """What a collector calls; every call becomes an event on the queue the capture thread reads."""
+class Abandoned(BaseException):
+    """Raised inside a collector's thread once the capture has abandoned it (over budget or deadline)."""
 
-    def __init__(self, collector: str, events: "queue.Queue") -> None:
+
+class Emitter:
+    """What a collector calls; every call becomes an event on the queue the capture thread reads.
+
+    Host files are read only through context.fs (toolkit.host.hostfs): no symlink followed in any
+    component (inside the root under --root), regular files only, bounded reads, iterative walks.
+    """
+
+    def __init__(self, collector: str, events: "queue.Queue", context: Optional[CollectionContext] = None) -> None:
         self.collector = collector
         self.events = events
-        self.seen: set = set()
+        self.context = context
+        self.fs = context.fs if context is not None else HostFS("/")
+        self.cancelled = threading.Event()
+        self._local_claims: set = set()
 
     def _put(self, event) -> None:
-        self.events.put(event)
+        while True:
+            if self.cancelled.is_set():
+                raise Abandoned()
+            try:
+                self.events.put(event, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _claim(self, archive_path: str) -> bool:
+        """True when this member is ours to write; otherwise the earlier one is referenced."""
+        if self.context is None:
+            if archive_path in self._local_claims:
+                return False
+            self._local_claims.add(archive_path)
+            return True
+        owner = self.context.claim(archive_path, self.collector)
+        if owner is None:
+            return True
+        if owner != self.collector:
+            self._put(Reference(archive_path, self.collector))
+        return False
 
     def log(self, message: str) -> None:
         self._put(LogLine("%s: %s" % (self.collector, message)))
 
-    def skip(self, source: str, reason: str, kind: str = "error") -> None:
-        self._put(Skip(source, reason, kind))
+    def skip(self, source: str, reason_text: str, kind: str = "error") -> None:
+        self._put(Skip(source, reason_text, kind))
 
-    def stream(self, archive_path: str, chunks, method: str) -> int:
+    def refusal(self, source: str, error: BaseException, requested: bool = True) -> None:
+        """Record why a host path was not read. A symlink met in a component is recorded as "refused"
+        (the link itself is collected); anything else that was asked for and not read is an error."""
+        text = reason(error)
+        if isinstance(error, Refused) and error.link is not None:
+            self.skip(source, text, "refused")
+        elif isinstance(error, FileNotFoundError):
+            self.skip(source, "vanished before it could be read", "error" if requested else "skip")
+        else:
+            self.skip(source, text, "error" if requested else "skip")
+
+    def stream(self, archive_path: str, chunks: Iterable[bytes], method: str) -> int:
         """A stream of unknown length (docker logs, cp, export): one member, or PATH.part0000, .part0001...
-        when it is longer than PART_SIZE (`cat PATH.part* > PATH` rebuilds it). Returns the bytes taken."""
+        when it is longer than PART_SIZE (`cat PATH.part* > PATH` rebuilds it). Returns the bytes taken.
+        If the source fails midway, what it produced so far is stored before the error goes on."""
         buffer = bytearray()
         part, total = 0, 0
         iterator = iter(chunks)
         finished = False
+        failure: Optional[BaseException] = None
         while not finished:
             while len(buffer) < PART_SIZE:
                 try:
@@ -118,15 +193,22 @@ class Emitter:
                 except StopIteration:
                     finished = True
                     break
+                except Abandoned:
+                    raise
+                except Exception as error:  # keep what was produced, then report
+                    failure, finished = error, True
+                    break
             piece = bytes(buffer[:PART_SIZE])
             del buffer[:PART_SIZE]
             if finished and not buffer and part == 0:
-                self.generated(archive_path, piece, method)
+                self.generated(archive_path, piece, method + (" (cut short by an error)" if failure else ""))
             else:
                 self.generated("%s.part%04d" % (archive_path, part), piece, method + " (part %d)" % part)
             finished = finished and not buffer
             total += len(piece)
             part += 1
+        if failure is not None:
+            raise failure
         return total
 
     def fact(self, kind: str, data: Any, evidence: str) -> None:
@@ -153,6 +235,9 @@ class Emitter:
 
     def generated(self, archive_path: str, data: bytes, method: str, source: Optional[str] = None) -> None:
         """A member made by the collector itself (JSON of facts, a listing)."""
+        if not self._claim(archive_path):
+            self.skip(archive_path, "a member of this name was already written: not written twice", "error")
+            return
         info = tarfile.TarInfo(archive_path)
         info.size, info.mode, info.mtime = len(data), 0o444, time.time()
         entry = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
@@ -165,24 +250,85 @@ class Emitter:
             self._put(Chunk(piece, digest.copy()))
         self._put(MemberEnd({}))
 
-    def path(self, host_path: str, logical_path: str, max_size: int) -> None:
-        """A file, directory or symlink from disk, as it is (never following a symlink)."""
-        archive_path = "files/" + logical_path.lstrip("/")
-        if archive_path in self.seen:
-            return
-        self.seen.add(archive_path)
+    # -- host files -----------------------------------------------------------------------------
+    def file(self, logical: str, max_size: int, follow: bool = False, missing_ok: bool = True) -> bool:
+        """One host path as it is (a file's content, a directory or a symlink as such); True if stored.
+        Under --root, `follow` resolves a final symlink inside the root too (the member is then named by
+        the path it resolved to, with `via` recording the path asked for)."""
         try:
-            info = os.lstat(host_path)
+            dir_fd, name, resolved, info = self.fs.final(logical, follow)
         except FileNotFoundError:
-            self.skip(logical_path, "vanished before it could be read")
-            return
+            if not missing_ok:
+                self.skip(logical, "does not exist", "error")
+            return False
+        except Refused as error:
+            self._refused_component(logical, error)
+            return False
         except OSError as error:
-            self.skip(logical_path, "cannot stat: %s" % error.strerror)
-            return
-        base = {"path": archive_path, "source": logical_path, "collector": self.collector,
+            self.refusal(logical, error)
+            return False
+        try:
+            return self._entry(dir_fd, name, resolved, info, max_size, requested=True,
+                               via=logical if resolved != os.path.normpath("/" + logical) else None)
+        finally:
+            os.close(dir_fd)
+
+    def _refused_component(self, logical: str, error: Refused) -> None:
+        """A path not read because of a symlink in a component: the refusal, and the link itself."""
+        self.refusal(logical, error)
+        if error.link is not None:
+            self.file(error.link, 0)
+
+    def tree(self, logical: str, max_size: int, limits: Optional[WalkLimits] = None) -> WalkStats:
+        """A path and, for a directory, everything below it: iterative, no symlink followed, bounded."""
+        stats = WalkStats()
+        if limits is None and self.context is not None:
+            limits = self.context.walk_limits()
+        try:
+            os.close(self.fs.final(logical)[0])
+        except Refused as error:
+            self._refused_component(logical, error)
+            return stats
+        except OSError:
+            pass  # absent, or said by the walk below
+        try:
+            for entry in self.fs.walk(logical, limits, stats):
+                self._entry(entry.dir_fd, entry.name, entry.logical, entry.info, max_size,
+                            requested=entry.depth == 0)
+        finally:
+            self.walk_report(logical, stats)
+        return stats
+
+    def walk_report(self, logical: str, stats: WalkStats) -> None:
+        """A walk's errors and limits, into the manifest's errors and collection.log."""
+        for path, text in stats.errors[:1000]:
+            self.skip(path, text, "skip" if VANISHED in text else "error")
+        if len(stats.errors) > 1000:
+            self.skip(logical, "%d more walk errors not listed" % (len(stats.errors) - 1000), "error")
+        for hit in stats.limits_hit:
+            self.skip(str(hit["first_path"]), "walk limit reached: %s (%s), %d times; not descended further" % (
+                hit["limit"], hit["value"], hit["count"]), "limit")
+        for path, text in stats.skipped:
+            self.log("%s not entered: %s" % (path, text))
+
+    def entry(self, walk_entry: WalkEntry, max_size: int) -> bool:
+        """A name met by a walk (through context.fs.walk), stored as it is; True if stored."""
+        return self._entry(walk_entry.dir_fd, walk_entry.name, walk_entry.logical, walk_entry.info, max_size,
+                           requested=walk_entry.depth == 0)
+
+    def _entry(self, dir_fd: int, name: str, logical: str, info: os.stat_result, max_size: int,
+               requested: bool, via: Optional[str] = None) -> bool:
+        archive_path = "files/" + logical.lstrip("/")
+        if not logical.strip("/"):
+            return False  # the root itself is not a member
+        if not self._claim(archive_path):
+            return False
+        base = {"path": archive_path, "source": logical, "collector": self.collector,
                 "mode": "%04o" % stat.S_IMODE(info.st_mode), "uid": info.st_uid, "gid": info.st_gid,
                 "inode": info.st_ino, "device": info.st_dev, "source_size": info.st_size,
                 "collected_at": _utc(time.time())}
+        if via:
+            base["via"] = via
         base.update(stat_times(info))
         member = tarfile.TarInfo(archive_path)
         member.mode, member.uid, member.gid, member.mtime = stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid, \
@@ -190,99 +336,85 @@ class Emitter:
         member.pax_headers = {"atime": "%.9f" % info.st_atime, "ctime": "%.9f" % info.st_ctime}
         if stat.S_ISLNK(info.st_mode):
             try:
-                member.type, member.linkname = tarfile.SYMTYPE, os.readlink(host_path)
+                member.type, member.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)
             except OSError as error:
-                self.skip(logical_path, "cannot read symlink: %s" % error.strerror)
-                return
-            self._put(MemberStart(member, dict(base, type="symlink", target=member.linkname, method="readlink")))
+                self.refusal(logical, error, requested)
+                return False
+            self._put(MemberStart(member, dict(base, type="symlink", target=member.linkname, method="readlinkat")))
             self._put(MemberEnd({}))
-        elif stat.S_ISDIR(info.st_mode):
+            return True
+        if stat.S_ISDIR(info.st_mode):
             member.type = tarfile.DIRTYPE
-            self._put(MemberStart(member, dict(base, type="dir", method="lstat")))
+            self._put(MemberStart(member, dict(base, type="dir", method="fstatat")))
             self._put(MemberEnd({}))
-        elif stat.S_ISREG(info.st_mode):
-            self._file(host_path, logical_path, member, base, max_size)
-        else:
-            kind = "fifo" if stat.S_ISFIFO(info.st_mode) else "socket" if stat.S_ISSOCK(info.st_mode) else "device"
-            self.skip(logical_path, "%s: not read" % kind, "skip")
+            return True
+        if not stat.S_ISREG(info.st_mode):
+            self.skip(logical, "it is a %s: not read" % kind_of(info.st_mode), "error" if requested else "skip")
+            return False
+        try:
+            opened = self.fs.open_at(dir_fd, name, logical)
+        except (OSError, Refused) as error:
+            self.refusal(logical, error, True)
+            return False
+        with opened:
+            method = "read(O_NOATIME), opened by O_PATH then reopened" if opened.noatime else \
+                "read (no O_NOATIME permission: the atime may change), opened by O_PATH then reopened"
+            self._read_into(opened.fd, opened.info, member, dict(base, method=method), max_size)
+        return True
 
     def proc_file(self, source: str, archive_path: str, max_size: int) -> None:
         """A file reached through a /proc magic link (a process's exe), which must be followed."""
-        if archive_path in self.seen:
+        if not self._claim(archive_path):
             return
-        self.seen.add(archive_path)
         member = tarfile.TarInfo(archive_path)
         member.mode, member.mtime = 0o444, time.time()
-        base = {"path": archive_path, "source": source, "collector": self.collector, "collected_at": _utc(time.time())}
-        self._file(source, source, member, base, max_size, follow=True)
-
-    def _file(self, host_path: str, logical_path: str, member: tarfile.TarInfo, base: Dict[str, Any],
-              max_size: int, follow: bool = False) -> None:
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
-        method = "read(O_NOATIME)" if follow else "read(O_NOATIME|O_NOFOLLOW)"
+        base = {"path": archive_path, "source": source, "collector": self.collector, "collected_at": _utc(time.time()),
+                "method": "read through the magic link"}
         try:
-            fd = os.open(host_path, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:
-            try:  # O_NOATIME needs ownership or CAP_FOWNER; the read may then touch atime
-                fd = os.open(host_path, flags)
-                method = "read(O_NOFOLLOW; atime may change: no O_NOATIME permission)"
-            except OSError as error:
-                self.skip(logical_path, "cannot open: %s" % error.strerror)
-                return
-        except FileNotFoundError:
-            self.skip(logical_path, "vanished before it could be read")
-            return
+            fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except OSError as error:
-            self.skip(logical_path, "cannot open: %s" % error.strerror)
+            self.refusal(source, error)
             return
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                self.skip(logical_path, "changed into a non-regular file: not read", "skip")
+                self.skip(source, "not a regular file: not read", "error")
                 return
-            size = info.st_size
-            truncated = size > max_size
-            member.size = min(size, max_size)
-            entry = dict(base, type="file", method=method, truncated=truncated)
-            if truncated:
-                entry["truncated_at"] = max_size
-            self._put(MemberStart(member, entry))
-            remaining, notes = member.size, {}
-            digest = hashlib.sha256()
-            while remaining:
-                try:
-                    data = os.read(fd, min(READ_SIZE, remaining))
-                except OSError as error:
-                    notes["error"] = "read failed after %d bytes: %s" % (member.size - remaining, error.strerror)
-                    break
-                if not data:
-                    notes["changed_during_read"] = "shrank to %d bytes while read" % (member.size - remaining)
-                    break
-                digest.update(data)
-                self._put(Chunk(data, digest.copy()))
-                remaining -= len(data)
-            after = os.fstat(fd)
-            if after.st_size > size and not truncated:
-                notes["changed_during_read"] = "grew from %d to %d bytes while read (first %d kept)" % (
-                    size, after.st_size, size)
-            elif after.st_mtime_ns != info.st_mtime_ns and "changed_during_read" not in notes:
-                notes["changed_during_read"] = "modified while read"
-            self._put(MemberEnd(notes))
+            self._read_into(fd, info, member, base, max_size)
         finally:
             os.close(fd)
 
-    def tree(self, host_path: str, logical_path: str, max_size: int) -> None:
-        """A path and, for a directory, everything below it, without following symlinks."""
-        self.path(host_path, logical_path, max_size)
-        if not os.path.isdir(host_path) or os.path.islink(host_path):
-            return
-        for directory, dirs, files in os.walk(host_path, followlinks=False, onerror=lambda e: self.skip(
-                e.filename, "cannot list: %s" % e.strerror)):
-            dirs.sort()
-            relative = os.path.relpath(directory, host_path)
-            for name in dirs + sorted(files):
-                logical = os.path.normpath(os.path.join(logical_path, relative, name))
-                self.path(os.path.join(directory, name), logical, max_size)
+    def _read_into(self, fd: int, info: os.stat_result, member: tarfile.TarInfo, base: Dict[str, Any],
+                   max_size: int) -> None:
+        """Stream at most max_size bytes of an open regular file into one member (its size fixed first)."""
+        size = info.st_size
+        truncated = size > max_size
+        member.size = min(size, max_size)
+        entry = dict(base, type="file", truncated=truncated)
+        if truncated:
+            entry["truncated_at"] = max_size
+        self._put(MemberStart(member, entry))
+        remaining, notes = member.size, {}
+        digest = hashlib.sha256()
+        while remaining:
+            try:
+                data = os.read(fd, min(READ_SIZE, remaining))
+            except OSError as error:
+                notes["error"] = "read failed after %d bytes: %s" % (member.size - remaining, error.strerror)
+                break
+            if not data:
+                notes["changed_during_read"] = "shrank to %d bytes while read" % (member.size - remaining)
+                break
+            digest.update(data)
+            self._put(Chunk(data, digest.copy()))
+            remaining -= len(data)
+        after = os.fstat(fd)
+        if after.st_size > size and not truncated:
+            notes["changed_during_read"] = "grew from %d to %d bytes while read (first %d kept)" % (
+                size, after.st_size, size)
+        elif after.st_mtime_ns != info.st_mtime_ns and "changed_during_read" not in notes:
+            notes["changed_during_read"] = "modified while read"
+        self._put(MemberEnd(notes))
 
 
 class Collector:
@@ -299,22 +431,29 @@ class Collector:
 
 
 def start_collector(collector: Collector, context: CollectionContext):
-    """Run the collector on a daemon thread; (events queue, thread)."""
-    import threading
-
+    """Run the collector on a daemon thread; (events queue, thread, emitter). Setting emitter.cancelled
+    makes the collector's next emit raise Abandoned, so an abandoned collector stops and lets go."""
     events: "queue.Queue" = queue.Queue(QUEUE_DEPTH)
-    emitter = Emitter(collector.name, events)
+    emitter = Emitter(collector.name, events, context)
 
     def body() -> None:
         try:
             collector.run(context, emitter)
-        except Exception as error:  # a collector's crash is recorded, the capture goes on
-            events.put(Skip(collector.name, "collector failed: %s: %s" % (type(error).__name__, error)))
-        events.put(_DONE)
+        except Abandoned:
+            return
+        except Exception as error:  # a collector's crash is recorded, the capture goes on with what it had
+            try:
+                emitter.skip(collector.name, "collector failed: %s" % reason(error))
+            except Abandoned:
+                return
+        try:
+            emitter._put(_DONE)
+        except Abandoned:
+            return
 
     thread = threading.Thread(target=body, name="collector-" + collector.name, daemon=True)
     thread.start()
-    return events, thread
+    return events, thread, emitter
 
 
 def is_done(event) -> bool:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import posixpath
+import re
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import Refused, reason
 
 TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
 LOG_CAP = 16 * 1024 * 1024
 DIFF_PROBE_LIMIT = 300
 KINDS = {0: "changed", 1: "added", 2: "deleted"}
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # container and layer ids: never a path
 
 
 def _safe(name: str) -> str:
@@ -154,65 +157,62 @@ class ContainerCollector(Collector):
         except Exception as error:
             emit.skip(base + "export.tar", "docker export: %s" % error)
 
-    def _fallback(self, context: CollectionContext, emit: Emitter, reason: str) -> None:
-        root = context.host_path(context.docker_root)
-        directory = os.path.join(root, "containers")
+    def _fallback(self, context: CollectionContext, emit: Emitter, reason_text: str) -> None:
+        fs = context.fs
+        root = posixpath.normpath("/" + context.docker_root)
+        directory = root + "/containers"
         try:
-            ids = sorted(os.listdir(directory))
-        except OSError as error:
-            absent = isinstance(error, FileNotFoundError) and not os.path.exists(context.host_path("/var/run/docker.sock"))
+            ids = fs.listdir(directory)
+        except (OSError, Refused) as error:
+            absent = isinstance(error, FileNotFoundError) and not fs.lexists("/run/docker.sock") and \
+                not fs.lexists("/var/run/docker.sock")
             emit.skip(directory, "no Docker on this host (no daemon, no data root)" if absent else
-                      "Docker does not answer and its data root is not readable: %s" % error.strerror,
+                      "Docker does not answer and its data root is not readable: %s" % reason(error),
                       "skip" if absent else "error")
-            emit.json("containers/index.json", {"source": "none", "fallback": True, "reason": reason,
+            emit.json("containers/index.json", {"source": "none", "fallback": True, "reason": reason_text,
                                                 "containers": []}, "nothing readable")
             return
         summary = []
         for container_id in ids:
-            folder = os.path.join(directory, container_id)
+            if not _ID.match(container_id):
+                emit.skip(directory + "/" + container_id, "not a container id: not read", "skip")
+                continue
+            folder = directory + "/" + container_id
             config = {}
             try:
-                with open(os.path.join(folder, "config.v2.json"), encoding="utf-8") as handle:
-                    config = json.load(handle)
-            except (OSError, ValueError):
+                config = json.loads(fs.read_bytes(folder + "/config.v2.json", 16 << 20))
+            except (OSError, Refused, ValueError):
                 pass
             name = _safe(config.get("Name", container_id[:12]))
             base = "containers/%s/" % name
             for file_name in ("config.v2.json", "hostconfig.json", container_id + "-json.log"):
-                path = os.path.join(folder, file_name)
-                if os.path.exists(path):
-                    emit.path(path, os.path.join("/var/lib/docker/containers", container_id, file_name),
-                              min(context.max_file_size, LOG_CAP) if file_name.endswith(".log") else
-                              context.max_file_size)
-            upper = self._upper_dir(root, container_id)
+                emit.file(folder + "/" + file_name, min(context.max_file_size, LOG_CAP) if file_name.endswith(".log")
+                          else context.max_file_size)
+            upper = self._upper_dir(fs, root, container_id)
             listing = []
-            if upper and os.path.isdir(upper):
-                for current, dirs, files in os.walk(upper, followlinks=False):
-                    for entry in sorted(dirs + files):
-                        full = os.path.join(current, entry)
-                        try:
-                            info = os.lstat(full)
-                        except OSError:
-                            continue
-                        listing.append({"path": "/" + os.path.relpath(full, upper), "mode": "%o" % info.st_mode,
-                                        "size": info.st_size, "mtime": info.st_mtime})
+            if upper and fs.is_dir(upper):
+                for entry in fs.walk(upper, context.walk_limits()):
+                    if entry.depth == 0:
+                        continue
+                    info = entry.info
+                    listing.append({"path": entry.logical[len(upper):], "mode": "%o" % info.st_mode,
+                                    "size": info.st_size, "mtime": info.st_mtime})
             emit.json(base + "upperdir.json", {"upper_dir": upper, "entries": listing},
-                      "fallback: os.walk of the overlay2 upper directory (daemon not answering)")
+                      "fallback: walk of the overlay2 upper directory (daemon not answering)")
             new_executables = [e["path"] for e in listing if int(e["mode"], 8) & 0o111 and
                                int(e["mode"], 8) & 0o170000 == 0o100000]
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
             emit.fact("container", {"name": config.get("Name", "").strip("/"), "id": container_id, "service": None,
                                     "new_executables": new_executables, "pid": None}, base + "upperdir.json")
-        emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason,
+        emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")
 
     @staticmethod
-    def _upper_dir(root: str, container_id: str) -> Optional[str]:
-        mount_id_file = os.path.join(root, "image", "overlay2", "layerdb", "mounts", container_id, "mount-id")
-        try:
-            with open(mount_id_file, encoding="ascii") as handle:
-                return os.path.join(root, "overlay2", handle.read().strip(), "diff")
-        except OSError:
+    def _upper_dir(fs, root: str, container_id: str) -> Optional[str]:
+        mount_id_file = root + "/image/overlay2/layerdb/mounts/%s/mount-id" % container_id
+        text = (fs.read_text(mount_id_file, 4096) or "").strip()
+        if not _ID.match(text):
             return None
+        return root + "/overlay2/" + text + "/diff"

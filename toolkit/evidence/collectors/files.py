@@ -1,10 +1,12 @@
-"""Files: what --include names, and the BookGen app directory's configuration."""
+"""Files: what --include names, and the BookGen app directory's configuration (read through context.fs)."""
 from __future__ import annotations
 
 import fnmatch
 import os
+import posixpath
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import Refused
 
 APP_CONFIG_PATTERNS = (".env", ".env.*", "docker-compose*.yml", "docker-compose*.yaml", "compose*.yml",
                        "compose*.yaml", "*.conf", "*.ini", "*.toml", "*.cfg", "Dockerfile*", "alembic.ini",
@@ -20,25 +22,24 @@ class AppConfigCollector(Collector):
     description = "BookGen's configuration in the app directory (.env, compose files, other config)"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
-        app = context.deployment.app_dir
-        host_app = context.host_path(app)
+        app = posixpath.normpath("/" + context.deployment.app_dir)
         try:
-            names = sorted(os.listdir(host_app))
+            names = context.fs.listdir(app)
         except FileNotFoundError:
             emit.skip(app, "no app directory", "skip")
             return
-        except OSError as error:
-            emit.skip(app, "cannot list: %s" % error.strerror)
+        except (OSError, Refused) as error:
+            emit.refusal(app, error)
             return
-        emit.path(host_app, app, context.max_file_size)
+        emit.file(app, context.max_file_size)
         for name in names:
             if name in APP_BULK_DIRS:
                 continue
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in APP_CONFIG_PATTERNS):
-                emit.path(os.path.join(host_app, name), os.path.join(app, name), context.max_file_size)
+                emit.file(posixpath.join(app, name), context.max_file_size)
         env_file = context.deployment.env_path
         if not env_file.startswith(app.rstrip("/") + "/"):
-            emit.path(context.host_path(env_file), env_file, context.max_file_size)
+            emit.file(env_file, context.max_file_size)
 
 
 class IncludeCollector(Collector):
@@ -49,6 +50,13 @@ class IncludeCollector(Collector):
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         for logical in context.includes:
-            logical = os.path.normpath("/" + logical.lstrip("/")) if context.root not in ("", "/") else \
+            logical = posixpath.normpath("/" + logical.lstrip("/")) if context.root not in ("", "/") else \
                 os.path.abspath(logical)
-            emit.tree(context.host_path(logical), logical, context.max_file_size)
+            try:
+                context.fs.lstat(logical)
+            except FileNotFoundError:
+                emit.skip(logical, "--include path does not exist", "error")
+                continue
+            except (OSError, Refused):
+                pass  # emit.tree records why, and a symlink met on the way as such
+            emit.tree(logical, context.max_file_size)

@@ -1,13 +1,14 @@
-"""Files read through the root prefix: logs, persistence places, executables in temporary directories."""
+"""Files read through the host filesystem object (context.fs): logs, persistence places, executables in
+temporary directories. Nothing here opens a host path by itself (DESIGN.md principle 9)."""
 from __future__ import annotations
 
-import glob
-import os
+import posixpath
 import stat
 import time
 from typing import Iterator, List, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
 
 SYSTEM_LOGS = ("/var/log/auth.log", "/var/log/secure", "/var/log/syslog", "/var/log/messages", "/var/log/kern.log",
                "/var/log/audit", "/var/log/nginx", "/var/log/journal", "/var/log/apt/history.log", "/var/log/dpkg.log")
@@ -27,18 +28,23 @@ HOME_FILES = (".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profi
 TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 TMP_EXEC_CAP = 64 * 1024 * 1024
 RECENT_UNIT_DAYS = 30
+PASSWD_LIMIT = 16 << 20
 
 
 def accounts(context: CollectionContext) -> Iterator[Tuple[str, str]]:
-    """(user, home) for every account in the root's /etc/passwd."""
+    """(user, home) for every account in the root's /etc/passwd, parsed here (no name-service lookup)."""
+    text = context.fs.read_text("/etc/passwd", PASSWD_LIMIT) or ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            yield fields[0], fields[5]
+
+
+def _listdir(context: CollectionContext, logical: str) -> List[str]:
     try:
-        with open(context.host_path("/etc/passwd"), encoding="utf-8", errors="replace") as passwd:
-            for line in passwd:
-                fields = line.rstrip("\n").split(":")
-                if len(fields) >= 6 and fields[5].startswith("/"):
-                    yield fields[0], fields[5]
-    except OSError:
-        return
+        return context.fs.listdir(logical)
+    except (OSError, Refused):
+        return []
 
 
 class LogCollector(Collector):
@@ -50,12 +56,11 @@ class LogCollector(Collector):
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         for logical in list(context.deployment.log_dirs) + list(SYSTEM_LOGS):
-            for candidate in sorted(glob.glob(context.host_path(logical) + "*")):
-                relative = os.path.relpath(candidate, context.host_path("/"))
-                logical_path = "/" + relative if context.root not in ("", "/") else candidate
-                if candidate == context.host_path(logical) or os.path.basename(candidate).startswith(
-                        os.path.basename(logical) + "."):
-                    emit.tree(candidate, logical_path, context.max_file_size)
+            logical = posixpath.normpath("/" + logical)
+            parent, base = posixpath.split(logical)
+            for name in _listdir(context, parent):
+                if name == base or name.startswith(base + "."):
+                    emit.tree(posixpath.join(parent, name), context.max_file_size)
 
 
 class AppBulkCollector(Collector):
@@ -67,7 +72,7 @@ class AppBulkCollector(Collector):
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         for logical in (context.deployment.bios_dir, context.deployment.docx_dir):
-            emit.tree(context.host_path(logical), logical, context.max_file_size)
+            emit.tree(logical, context.max_file_size)
 
 
 class PersistenceCollector(Collector):
@@ -78,68 +83,53 @@ class PersistenceCollector(Collector):
     description = "cron, systemd units, rc files, shell rc and histories, authorized_keys, accounts, sudo, sshd, PAM"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
+        fs = context.fs
         for logical in PERSISTENCE_PATHS:
-            host = context.host_path(logical)
-            if os.path.lexists(host):
-                emit.tree(host, logical, context.max_file_size)
+            emit.tree(logical, context.max_file_size)
         cutoff = time.time() - RECENT_UNIT_DAYS * 86400
         for logical_dir in UNIT_DIRS_ELSEWHERE:
-            host_dir = context.host_path(logical_dir)
-            if not os.path.isdir(host_dir) or os.path.islink(host_dir):
+            if not fs.is_dir(logical_dir):
                 continue
-            for name in sorted(os.listdir(host_dir)):
-                path = os.path.join(host_dir, name)
+            for name in _listdir(context, logical_dir):
+                path = posixpath.join(logical_dir, name)
                 try:
-                    info = os.lstat(path)
-                except OSError:
+                    info = fs.lstat(path)
+                except (OSError, Refused):
                     continue
                 if max(info.st_mtime, info.st_ctime) >= cutoff:
-                    emit.path(path, os.path.join(logical_dir, name), context.max_file_size)
+                    emit.file(path, context.max_file_size)
         seen_homes = set()
-        for user, home in accounts(context):
+        homes = [home for _user, home in accounts(context)]
+        for home in homes:
             if home in seen_homes or home in ("/", "/nonexistent", "/dev/null"):
                 continue
             seen_homes.add(home)
             for name in HOME_FILES:
-                logical = os.path.join(home, name)
-                host = context.host_path(logical)
-                if os.path.lexists(host):
-                    emit.tree(host, logical, context.max_file_size)
+                emit.tree(posixpath.join(home, name), context.max_file_size)
         for logical in ("/etc/crontab", "/etc/cron.d", "/var/spool/cron"):
             self._facts_for(context, emit, logical, "cron")
-        for _user, home in accounts(context):
+        for home in sorted(seen_homes):
             for name in (".ssh/authorized_keys", ".ssh/authorized_keys2"):
-                self._facts_for(context, emit, os.path.join(home, name), "authorized_keys")
+                self._facts_for(context, emit, posixpath.join(home, name), "authorized_keys")
         for logical in ("/etc/systemd/system",) + UNIT_DIRS_ELSEWHERE:
             self._facts_for(context, emit, logical, "systemd_unit")
 
     @staticmethod
     def _facts_for(context: CollectionContext, emit: Emitter, logical: str, kind: str) -> None:
-        host = context.host_path(logical)
-        paths: List[str] = []
-        if os.path.isfile(host) and not os.path.islink(host):
-            paths = [host]
-        elif os.path.isdir(host) and not os.path.islink(host):
-            for current, _dirs, files in os.walk(host, followlinks=False):
-                paths += [os.path.join(current, f) for f in files]
-        for path in paths:
-            try:
-                info = os.lstat(path)
-            except OSError:
-                continue
-            logical_path = "/" + os.path.relpath(path, context.host_path("/")) if context.root not in ("", "/") \
-                else path
-            emit.fact(kind, {"path": logical_path, "mtime": info.st_mtime, "ctime": info.st_ctime},
-                      "files" + logical_path)
+        for entry in context.fs.walk(logical, context.walk_limits()):
+            if stat.S_ISREG(entry.info.st_mode):
+                emit.fact(kind, {"path": entry.logical, "mtime": entry.info.st_mtime, "ctime": entry.info.st_ctime},
+                          "files" + entry.logical)
 
 
-def _looks_executable(path: str, info: os.stat_result) -> bool:
-    if info.st_mode & 0o111:
+def looks_executable(context: CollectionContext, entry: WalkEntry) -> bool:
+    """Exec bits, or an ELF or #! header (read through the walk's directory, O_NOATIME)."""
+    if entry.info.st_mode & 0o111:
         return True
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError:
+        with context.fs.open_at(entry.dir_fd, entry.name, entry.logical) as opened:
+            head = opened.read(4)
+    except (OSError, Refused):
         return False
     return head == b"\x7fELF" or head.startswith(b"#!")
 
@@ -149,25 +139,21 @@ class TmpExecutablesCollector(Collector):
     rank = 40
     profiles = ("triage", "full")
     budget_seconds = 120.0
-    description = "regular files with exec bits or ELF/script headers in /tmp, /var/tmp, /dev/shm"
+    description = "regular files with exec bits or ELF/script headers in /tmp, /var/tmp, /dev/shm " \
+                  "(our own output is known by device and inode, never by name)"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         for logical_dir in TMP_DIRS:
-            host_dir = context.host_path(logical_dir)
-            if not os.path.isdir(host_dir):
-                continue
-            for current, dirs, files in os.walk(host_dir, followlinks=False):
-                dirs[:] = [d for d in dirs if not d.startswith("bookgen-kit-")]
-                for name in sorted(files):
-                    path = os.path.join(current, name)
-                    try:
-                        info = os.lstat(path)
-                    except OSError:
+            stats = WalkStats()
+            try:
+                for entry in context.fs.walk(logical_dir, context.walk_limits(), stats):
+                    info = entry.info
+                    if not stat.S_ISREG(info.st_mode) or not looks_executable(context, entry):
                         continue
-                    if not stat.S_ISREG(info.st_mode) or not _looks_executable(path, info):
-                        continue
-                    logical = os.path.join(logical_dir, os.path.relpath(path, host_dir))
-                    emit.path(path, logical, min(context.max_file_size, TMP_EXEC_CAP))
-                    emit.fact("tmp_executable", {"path": logical, "mode": "%o" % info.st_mode,
+                    emit.entry(entry, min(context.max_file_size, TMP_EXEC_CAP))
+                    emit.fact("tmp_executable", {"path": entry.logical, "mode": "%o" % info.st_mode,
                                                  "suid": bool(info.st_mode & (stat.S_ISUID | stat.S_ISGID)),
-                                                 "size": info.st_size, "mtime": info.st_mtime}, "files" + logical)
+                                                 "size": info.st_size, "mtime": info.st_mtime},
+                              "files" + entry.logical)
+            finally:
+                emit.walk_report(logical_dir, stats)

@@ -8,14 +8,16 @@ import time
 from typing import Any, Dict, Optional
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import Refused
 
 TIME_SYNC_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd", "timesyncd")
 
 
-def _read(path: str) -> Optional[str]:
+def _read(path: str, limit: int = 1 << 20) -> Optional[str]:
+    """A kernel file under /proc or /sys (never a host file: those go through context.fs), bounded."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read().strip()
+        with open(path, "rb") as handle:
+            return handle.read(limit).decode("utf-8", "replace").strip()
     except OSError:
         return None
 
@@ -39,7 +41,7 @@ def system_facts(context: CollectionContext) -> Dict[str, Any]:
     now = time.time()
     return {
         "hostname": socket.gethostname(),
-        "machine_id": _read(context.host_path("/etc/machine-id")),
+        "machine_id": (context.fs.read_text("/etc/machine-id", 4096, follow=True) or "").strip() or None,
         "boot_id": _read("/proc/sys/kernel/random/boot_id"),
         "kernel": {"sysname": uname.sysname, "release": uname.release, "version": uname.version,
                    "machine": uname.machine},
@@ -97,18 +99,17 @@ class SystemCollector(Collector):
         emit.generated("volatile/system.json", json.dumps(facts, indent=2, sort_keys=True).encode(),
                        "/proc, uname, /etc/machine-id")
         logins = {}
-        for name in ("/var/run/utmp", "/run/utmp", "/var/log/wtmp", "/var/log/btmp"):
+        utmp = ("/run/utmp",) if context.fs.lexists("/run/utmp") else ("/var/run/utmp",)
+        for name in utmp + ("/var/log/wtmp", "/var/log/btmp"):
             try:
-                with open(context.host_path(name), "rb") as handle:
-                    logins[name] = parse_utmp(handle.read(64 << 20))
+                logins[name] = parse_utmp(context.fs.read_bytes(name, 64 << 20, follow=True))
             except FileNotFoundError:
                 continue
-            except OSError as error:
-                emit.skip(name, "cannot read: %s" % error.strerror)
+            except (OSError, Refused) as error:
+                emit.refusal(name, error)
         emit.json("volatile/logins.json", logins, "utmp/wtmp/btmp records parsed (glibc struct utmp)")
         for name in ("/var/log/wtmp", "/var/log/btmp", "/var/log/lastlog"):
-            if os.path.exists(context.host_path(name)):
-                emit.path(context.host_path(name), name, context.max_file_size)
+            emit.file(name, context.max_file_size)
         tainted = _read("/proc/sys/kernel/tainted")
         emit.json("volatile/kernel.json", {
             "modules": (_read("/proc/modules") or "").splitlines(), "taint": taint(tainted),
@@ -117,7 +118,7 @@ class SystemCollector(Collector):
         }, "/proc/modules, /proc/sys, /proc/cmdline")
         emit.fact("taint", taint(tainted), "volatile/kernel.json")
         emit.generated("volatile/mountinfo.txt", (_read("/proc/self/mountinfo") or "").encode(), "/proc/self/mountinfo")
-        preload = context.host_path("/etc/ld.so.preload")
-        if os.path.lexists(preload):
-            emit.path(preload, "/etc/ld.so.preload", context.max_file_size)
-            emit.fact("ld_so_preload", (_read(preload) or "").strip(), "files/etc/ld.so.preload")
+        if context.fs.lexists("/etc/ld.so.preload"):
+            emit.file("/etc/ld.so.preload", context.max_file_size)
+            emit.fact("ld_so_preload", (context.fs.read_text("/etc/ld.so.preload", 1 << 20) or "").strip(),
+                      "files/etc/ld.so.preload")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import posixpath
 import stat
 import time
 from typing import Dict, List, Optional
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
 
 TRIAGE_ROOTS = ("/opt/bookgen", "/etc", "/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/var/log")
 # statfs f_type of filesystems the walk does not enter: pseudo, network and FUSE
@@ -20,7 +22,6 @@ SKIPPED_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x6367727
               0x564C: "ncp", 0x1373: "devfs", 0x42494E4D: "binfmt_misc", 0x19800202: "mqueue",
               0x958458F6: "hugetlbfs", 0x187: "autofs", 0x73717368: "squashfs"}
 RECENT_DAYS = 7
-AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BTIME = 0x800
 
@@ -45,33 +46,39 @@ class _Statfs(ctypes.Structure):
 
 
 class BirthTimes:
-    """crtime from statx(2) where the kernel and filesystem give it; 0 where they do not."""
+    """crtime from statx(2) where the kernel and filesystem give it (0 where not), and a filesystem's type,
+    both asked relative to descriptors the walk already holds."""
 
     def __init__(self) -> None:
         self._statx = None
+        self._fstatfs = None
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             self._statx = libc.statx
             self._statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
                                     ctypes.POINTER(_Statx)]
             self._buffer = _Statx()
-            self._statfs = libc.statfs
-            self._statfs.argtypes = [ctypes.c_char_p, ctypes.POINTER(_Statfs)]
         except (OSError, AttributeError):
             self._statx = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            self._fstatfs = libc.fstatfs
+            self._fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
+        except (OSError, AttributeError):
+            self._fstatfs = None
 
-    def birth(self, path: bytes) -> int:
+    def birth_at(self, dir_fd: int, name: str) -> int:
         if self._statx is None:
             return 0
-        if self._statx(AT_FDCWD, path, AT_SYMLINK_NOFOLLOW, STATX_BTIME, ctypes.byref(self._buffer)) != 0:
+        if self._statx(dir_fd, os.fsencode(name), AT_SYMLINK_NOFOLLOW, STATX_BTIME, ctypes.byref(self._buffer)) != 0:
             return 0
         return int(self._buffer.stx_btime.tv_sec) if self._buffer.stx_mask & STATX_BTIME else 0
 
-    def fs_type(self, path: str) -> Optional[int]:
-        if self._statx is None:
+    def fs_type(self, fd: int) -> Optional[int]:
+        if self._fstatfs is None:
             return None
         buffer = _Statfs()
-        if self._statfs(path.encode(), ctypes.byref(buffer)) != 0:
+        if self._fstatfs(fd, ctypes.byref(buffer)) != 0:
             return None
         return buffer.f_type & 0xFFFFFFFF
 
@@ -100,33 +107,32 @@ class TimelineCollector(Collector):
         roots = ["/"] if context.profile == "full" else list(TRIAGE_ROOTS)
         if context.deployment.app_dir not in roots and context.profile != "full":
             roots.insert(0, context.deployment.app_dir)
-        state = {"entries": 0, "crtime": False, "skipped_mounts": [],
+        state = {"entries": 0, "crtime": False, "skipped_mounts": [], "walks": [],
                  "notable": {"suid_sgid": [], "world_writable": [], "recent_changes": []}}
-        emit.stream("timeline/bodyfile.txt", self._walk(context, roots, state),
-                    "os.walk + lstat + statx (crtime), local filesystems only")
-        emit.json("timeline/notable.json", dict(state["notable"], roots=roots, skipped_mounts=state["skipped_mounts"],
-                                                crtime_available=state["crtime"], entries=state["entries"]),
-                  "the timeline walk")
-        for entry in state["notable"]["suid_sgid"]:
-            emit.fact("suid", entry, "timeline/notable.json")
+        try:
+            emit.stream("timeline/bodyfile.txt", self._walk(context, roots, state, emit),
+                        "iterative walk (fstatat + statx crtime) through the host filesystem object, "
+                        "local filesystems only")
+        finally:  # even when the walk failed midway, what it saw is kept and said
+            emit.json("timeline/notable.json", dict(state["notable"], roots=roots,
+                                                    skipped_mounts=state["skipped_mounts"],
+                                                    crtime_available=state["crtime"], entries=state["entries"],
+                                                    walks=state["walks"]),
+                      "the timeline walk")
+            for entry in state["notable"]["suid_sgid"]:
+                emit.fact("suid", entry, "timeline/notable.json")
 
     @staticmethod
-    def _walk(context: CollectionContext, roots: List[str], state: Dict):
+    def _walk(context: CollectionContext, roots: List[str], state: Dict, emit: Emitter):
         births = BirthTimes()
         recent = time.time() - RECENT_DAYS * 86400
         watch = ("/etc/", context.deployment.app_dir.rstrip("/") + "/")
         notable = state["notable"]
-        proc, sys_dir = context.host_path("/proc"), context.host_path("/sys")
-        visited_roots = set()
+        walked: List[str] = []
 
-        def line(path: str):
-            try:
-                info = os.lstat(path)
-            except OSError:
-                return None
-            logical = path if context.root in ("", "/") else "/" + os.path.relpath(path, context.host_path("/"))
-            logical = os.path.normpath(logical)
-            birth = births.birth(os.fsencode(path))
+        def line(entry: WalkEntry) -> str:
+            info, logical = entry.info, entry.logical
+            birth = births.birth_at(entry.dir_fd, entry.name) if entry.dir_fd >= 0 else 0
             if birth:
                 state["crtime"] = True
             mode = info.st_mode
@@ -142,34 +148,44 @@ class TimelineCollector(Collector):
                 int(info.st_atime), int(info.st_mtime), int(info.st_ctime), birth)
 
         for logical_root in roots:
-            host_root = context.host_path(logical_root)
-            if not os.path.isdir(host_root) or os.path.islink(host_root) or any(
-                    host_root == v or host_root.startswith(v.rstrip("/") + "/") for v in visited_roots):
+            logical_root = posixpath.normpath("/" + logical_root)
+            if any(logical_root == done or logical_root.startswith(done.rstrip("/") + "/") for done in walked):
                 continue
-            visited_roots.add(host_root)
-            root_device = os.lstat(host_root).st_dev
-            batch = [line(host_root) or ""]
-            for current, dirs, files in os.walk(host_root, followlinks=False):
-                keep = []
-                for directory in dirs:
-                    full = os.path.join(current, directory)
-                    if full in (proc, sys_dir):
-                        continue
-                    try:
-                        info = os.lstat(full)
-                    except OSError:
-                        continue
-                    if info.st_dev != root_device:
-                        kind = births.fs_type(full)
-                        if kind in SKIPPED_FS:
-                            state["skipped_mounts"].append({"path": full, "fstype": SKIPPED_FS[kind]})
-                            continue
-                    keep.append(directory)
-                dirs[:] = keep
-                for name in dirs + files:
-                    batch.append(line(os.path.join(current, name)) or "")
-                if len(batch) > 2000:
-                    yield "".join(batch).encode("utf-8", "surrogateescape")
-                    batch = []
+            try:
+                root_info = context.fs.lstat(logical_root)
+            except (OSError, Refused):
+                continue
+            if not stat.S_ISDIR(root_info.st_mode):
+                continue
+            walked.append(logical_root)
+            root_device = root_info.st_dev
+
+            def descend(entry: WalkEntry, child_fd: int) -> Optional[str]:
+                if entry.logical in ("/proc", "/sys"):
+                    return "pseudo filesystem"
+                if entry.info.st_dev != root_device:
+                    kind = births.fs_type(child_fd)
+                    if kind in SKIPPED_FS:
+                        state["skipped_mounts"].append({"path": entry.logical, "fstype": SKIPPED_FS[kind]})
+                        return "a %s mount" % SKIPPED_FS[kind]
+                return None
+
+            stats = WalkStats()
+            batch: List[str] = []
+            failure: Optional[Exception] = None
+            try:
+                for entry in context.fs.walk(logical_root, context.walk_limits(), stats, descend):
+                    batch.append(line(entry))
+                    if len(batch) >= 2000:
+                        yield "".join(batch).encode("utf-8", "surrogateescape")
+                        batch = []
+            except Exception as error:  # keep the lines already made, then let the failure be recorded
+                failure = error
             if batch:
                 yield "".join(batch).encode("utf-8", "surrogateescape")
+            state["walks"].append({"root": logical_root, "entries": stats.entries,
+                                   "directories": stats.directories, "limits_hit": stats.limits_hit,
+                                   "errors": len(stats.errors)})
+            emit.walk_report(logical_root, stats)
+            if failure is not None:
+                raise failure
