@@ -205,11 +205,23 @@ def test_signed_manifest_and_custody(bookgen_host, out_dir, team_key, tmp_path):
     assert verified.returncode == 0, verified.stdout
     checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
     assert "allowed as alice" in checks["signature"]["detail"]
-    # custody: received, then show and verify
+    # custody: an unsigned entry by bob breaks the rule "every entry signed by its actor" of --allowed-signers
     added = kit("custody", "add", result["payload"], "--action", "received", "--actor", "bob", "--location", "lab")
     assert added.returncode == 0, added.stderr
-    shown = json.loads(kit("--json", "custody", "show", result["payload"]).stdout)["entries"]
-    assert [e["action"] for e in shown] == ["collected", "received"] and "signature" in shown[0]
+    shown = json.loads(kit("--json", "custody", "show", result["payload"]).stdout)
+    assert [e["action"] for e in shown["entries"]] == ["collected", "received"] and "signature" in shown["entries"][0]
+    unsigned = kit("custody", "verify", result["payload"], "--allowed-signers", str(allowed))
+    assert unsigned.returncode == 5 and "bob" in unsigned.stderr
+    assert kit("custody", "verify", result["payload"], "--head", shown["head"]).returncode == 0
+    # ... and a signed one by bob, whose key the team allows, holds
+    result = json.loads(kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--sign-key", str(key),
+                                                    "--evidence-id", "second")).stdout)
+    bob = tmp_path / "bob_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(bob)], check=True)
+    allowed.write_text(allowed.read_text() + "bob %s\n" % bob.with_suffix(".pub").read_text().strip())
+    added = kit("custody", "add", result["payload"], "--action", "received", "--actor", "bob", "--location", "lab",
+                "--sign-key", str(bob))
+    assert added.returncode == 0, added.stderr
     assert kit("custody", "verify", result["payload"], "--allowed-signers", str(allowed)).returncode == 0
 
 

@@ -22,6 +22,20 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * 1024 ** " KMGT".index((match.group(2) or " ").upper())
 
 
+def parse_budgets(items) -> dict:
+    budgets = {}
+    for item in items:
+        name, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = -1.0
+        if not name or value <= 0:
+            raise UsageError("--budget wants COLLECTOR=SECONDS with a positive number, e.g. timeline=120")
+        budgets[name.strip()] = value
+    return budgets
+
+
 def _recipients(recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt):
     from toolkit.crypto import age
     from toolkit.crypto.files import load_recipients
@@ -105,12 +119,18 @@ class _Progress:
 @click.option("--expected-port", "expected_ports", multiple=True, type=int,
               help="A port expected to listen (default: 8000 5432 6379 22 80 443); repeatable.")
 @click.option("--force", is_flag=True, help="Go on although the space preflight says it may not fit.")
+@click.option("--budget", "budgets", multiple=True, metavar="COLLECTOR=SECONDS",
+              help="A collector's time budget (the writer's time included); over it, the collector is abandoned "
+                   "and what it produced is kept. Repeatable.")
+@click.option("--deadline", "deadline", type=float, metavar="SECONDS",
+              help="The whole capture ends by then (default: volatile 600, triage 1800, full 21600); collectors "
+                   "not reached are recorded as not run.")
 @deployment_options
 @json_option
 def capture_command(out_dir, recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt, profile,
                     includes, only, skip_collectors, case_id, evidence_id, examiner, purpose, authority, sign_key,
                     sign_passphrase_file, compression, max_file_size, root, allow_same_disk, docker_root,
-                    expected_ports, force, deployment) -> None:
+                    expected_ports, force, budgets, deadline, deployment) -> None:
     """Collect evidence into one encrypted, hashed bundle with a manifest and a custody log."""
     from toolkit.evidence.capture import CaptureOptions, capture, redacted_command_line
 
@@ -141,6 +161,11 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
                              force=force, command_line=redacted_command_line(sys.argv), docker_root=docker_root)
     if expected_ports:
         options.expected_ports = list(expected_ports)
+    options.budgets = parse_budgets(budgets)
+    if deadline is not None:
+        if deadline <= 0:
+            raise UsageError("--deadline must be a positive number of seconds")
+        options.deadline_seconds = deadline
     if out.interactive:
         with _Progress(out) as progress:
             result = capture(options, deployment, progress)
@@ -196,31 +221,46 @@ def _render_capture(out, result) -> None:
 @click.command("verify")
 @click.argument("bundle")
 @click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE",
-              help="With a key, every member is checked against the manifest.")
+              help="With a key, every member and the manifest inside the payload are checked against the detached "
+                   "manifest.")
 @click.option("--passphrase-file", metavar="FILE", help="For a passphrase-encrypted bundle.")
-@click.option("--allowed-signers", metavar="FILE", help="OpenSSH allowed_signers for the signature and custody.")
+@click.option("--allowed-signers", metavar="FILE",
+              help="OpenSSH allowed_signers: the manifest must then be signed by an allowed principal, and every "
+                   "custody entry by a key allowed for its actor.")
+@click.option("--custody-head", metavar="SHA256",
+              help="The custody chain head recorded at the last transfer: the chain must end there.")
 @json_option
-def verify_command(bundle, identity_files, passphrase_file, allowed_signers) -> None:
-    """Verify a bundle: hashes, signature and custody without a key; every member with one. Exit 5 on a mismatch."""
+def verify_command(bundle, identity_files, passphrase_file, allowed_signers, custody_head) -> None:
+    """Verify a bundle: hashes, signature and custody without a key; every member with one. Exit 5 on a mismatch.
+
+    Every failure is reported, not just the first; the notes say what was NOT proven."""
     from toolkit.evidence.verify import verify_bundle
 
     identities = _identities(identity_files, passphrase_file) if (identity_files or passphrase_file) else []
-    report = verify_bundle(bundle, identities, allowed_signers)
+    report = verify_bundle(bundle, identities, allowed_signers, custody_head)
     out = current_output()
-    out.remember({"bundle": report.bundle, "ok": report.ok, "complete": report.complete,
-                       "members_checked": report.members_checked, "intact_members": report.intact_members,
-                       "checks": [c.__dict__ for c in report.checks]})
+    out.remember({"bundle": report.bundle, "ok": report.ok, "complete": report.complete, "schema": report.schema,
+                  "members_checked": report.members_checked, "intact_members": report.intact_members,
+                  "content_checked": report.content_checked, "authorship_checked": report.authorship_checked,
+                  "custody_head": report.custody_head, "notes": report.notes,
+                  "checks": [c.__dict__ for c in report.checks]})
     if out.json:
         out.emit_json(out.document)
     else:
+        from rich.markup import escape
+
         for check in report.checks:
-            out.console.print("%s %-22s %s" % ("[green]ok  [/green]" if check.ok else "[red]FAIL[/red]",
-                                               check.name, check.detail))
-        if not identities and report.complete:
-            out.console.print("members not checked: give -i IDENTITY to decrypt and check every member")
+            out.console.print("%s %-24s %s" % ("[green]ok  [/green]" if check.ok else "[red]FAIL[/red]",
+                                               escape(check.name), escape(check.detail)))
+        for note in report.notes:
+            out.console.print("[yellow]note[/yellow] %s" % escape(note))
     if not report.ok:
         failed = report.failures()
-        raise VerificationFailed("%s: %s" % (failed[0].name, failed[0].detail) if failed else "incomplete bundle")
+        if not failed:
+            raise VerificationFailed("incomplete bundle")
+        raise VerificationFailed("%d check%s failed: %s" % (len(failed), "" if len(failed) == 1 else "s",
+                                                            "; ".join("%s: %s" % (c.name, c.detail)
+                                                                      for c in failed)))
 
 
 @click.command("extract")
@@ -228,28 +268,41 @@ def verify_command(bundle, identity_files, passphrase_file, allowed_signers) -> 
 @click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE")
 @click.option("--passphrase-file", metavar="FILE", help="For a passphrase-encrypted bundle.")
 @click.option("--to", "target", required=True, metavar="DIR", help="A new or empty directory.")
+@click.option("--max-bytes", default="64G", show_default=True, metavar="SIZE",
+              help="Stop (keeping nothing) when the bundle needs more than this in total (sparse files count "
+                   "their full size).")
+@click.option("--max-member-bytes", default="16G", show_default=True, metavar="SIZE",
+              help="Refuse (skip, recorded) a member larger than this, sparse or not.")
 @json_option
-def extract_command(bundle, identity_files, passphrase_file, target) -> None:
+def extract_command(bundle, identity_files, passphrase_file, target, max_bytes, max_member_bytes) -> None:
     """Extract a bundle, verifying every member; refuses unsafe members, never overwrites."""
     from toolkit.evidence.extract import extract_bundle
 
-    report = extract_bundle(bundle, _identities(identity_files, passphrase_file), target)
+    limits = {"max_bytes": parse_size(max_bytes), "max_member_bytes": parse_size(max_member_bytes)}
+    if not all(limits.values()):
+        raise UsageError("--max-bytes and --max-member-bytes must be more than 0")
+    report = extract_bundle(bundle, _identities(identity_files, passphrase_file), target, **limits)
     out = current_output()
     out.remember(report.__dict__)
     if out.json:
         out.emit_json(out.document)
     else:
+        from rich.markup import escape
+
         out.console.print("extracted %d of %d members into %s" % (len(report.extracted), report.members,
-                                                                  report.target))
-        for item in report.refused:
-            out.console.print("[yellow]refused[/yellow] %s: %s" % (item["member"], item["reason"]))
+                                                                  escape(report.target)))
+        for item in report.refused:  # member names come from the bundle: never markup
+            out.console.print("[yellow]refused[/yellow] %s: %s" % (escape(item["member"]), escape(item["reason"])))
     if report.refused:
         raise PartialFailure("%d members were refused (listed above)" % len(report.refused))
 
 
 @click.group("custody")
 def custody_group() -> None:
-    """The bundle's chain-of-custody log (hash-chained JSON lines)."""
+    """The bundle's chain-of-custody log (hash-chained JSON lines, anchored in the payload and manifest).
+
+    Record the chain head that `custody add` and `custody show` print after every transfer; `custody verify
+    --head` then detects a chain cut short or extended."""
 
 
 @custody_group.command("add")
@@ -258,20 +311,27 @@ def custody_group() -> None:
 @click.option("--actor", required=True)
 @click.option("--location", default="")
 @click.option("--purpose", default="")
-@click.option("--sign-key", metavar="SSHKEY")
+@click.option("--sign-key", metavar="SSHKEY", help="Sign the entry (and so the chain up to it) with this key.")
 @click.option("--sign-passphrase-file", metavar="FILE")
 @json_option
 def custody_add(bundle, action, actor, location, purpose, sign_key, sign_passphrase_file) -> None:
-    """Append an entry recording the payload sha256 this actor sees now."""
+    """Append an entry recording the payload and manifest sha256 this actor sees now; prints the new head."""
     import os
 
+    from toolkit.errors import BadInputError
     from toolkit.evidence import custody
-    from toolkit.evidence.bundle import locate
+    from toolkit.evidence.bundle import load_manifest, locate
     from toolkit.host.hashing import sha256_path as sha256_file
 
     paths = locate(bundle)
     if not os.path.exists(paths.payload):
         raise VerificationFailed("no complete payload at %s" % paths.payload)
+    if not os.path.exists(paths.custody):
+        raise BadInputError("no custody log at %s: the chain begins at capture and cannot be started later"
+                            % paths.custody)
+    manifest = load_manifest(paths)
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    schema = schema if isinstance(schema, str) else ""
     signer = None
     if sign_key:
         from toolkit.crypto.files import load_signing_key
@@ -279,58 +339,115 @@ def custody_add(bundle, action, actor, location, purpose, sign_key, sign_passphr
         signer = load_signing_key(sign_key, passphrase_source(sign_passphrase_file))
     entry = custody.append(paths.custody, {"action": action, "actor": actor, "location": location,
                                            "purpose": purpose, "payload_sha256": sha256_file(paths.payload),
-                                           "manifest_sha256": sha256_file(paths.manifest)}, signer=signer)
+                                           "manifest_sha256": sha256_file(paths.manifest)},
+                           signer=signer, schema=schema)
+    head = custody.chain_head(paths.custody)
     out = current_output()
-    out.remember(entry)
+    out.remember(dict(entry, head=head, custody=paths.custody))
     if out.json:
         out.emit_json(out.document)
     else:
-        click.echo("custody entry %d (%s by %s) added to %s" % (entry["seq"], action, actor, paths.custody))
+        click.echo("custody entry %d (%s by %s%s) added to %s" % (entry["seq"], action, actor,
+                                                                  ", signed" if signer else "", paths.custody))
+        click.echo("chain head: %s" % head)
+        click.echo("record it: a chain cut short or extended no longer ends at it "
+                   "(custody verify --head %s)" % head)
 
 
 @custody_group.command("show")
 @click.argument("bundle")
 @json_option
 def custody_show(bundle) -> None:
-    """Print the custody log."""
+    """Print the custody log and its head (the sha256 of the last entry's line)."""
     from toolkit.evidence import custody
     from toolkit.evidence.bundle import locate
 
-    entries = custody.read_log(locate(bundle).custody)
+    path = locate(bundle).custody
+    entries = custody.read_log(path)
+    head = custody.chain_head(path)
     out = current_output()
-    out.remember({"entries": entries})
+    out.remember({"entries": entries, "head": head})
     if out.json:
         out.emit_json(out.document)
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="custody", title_justify="left")
     for column in ("seq", "time", "action", "actor", "location", "payload sha256", "signed"):
         table.add_column(column)
     for e in entries:
-        table.add_row(str(e["seq"]), e["time"], e["action"], e["actor"], e.get("location", ""),
-                      e["payload_sha256"][:16] + "…", e.get("signer", "no"))
+        table.add_row(escape(str(e.get("seq"))), escape(str(e.get("time"))), escape(str(e.get("action"))),
+                      escape(str(e.get("actor"))), escape(str(e.get("location", ""))),
+                      escape(str(e.get("payload_sha256", ""))[:16]) + "…", escape(str(e.get("signer", "no"))))
     out.console.print(table)
+    out.console.print("chain head: %s (not verified here: use custody verify)" % head)
 
 
 @custody_group.command("verify")
 @click.argument("bundle")
-@click.option("--allowed-signers", metavar="FILE")
+@click.option("--allowed-signers", metavar="FILE",
+              help="Every entry must then be signed by a key allowed for its actor (namespace bookgen-kit).")
+@click.option("--head", metavar="SHA256", help="The chain head recorded at the last transfer: the chain must end there.")
 @json_option
-def custody_verify(bundle, allowed_signers) -> None:
-    """Check the chain, and that every entry saw the payload that is there now."""
+def custody_verify(bundle, allowed_signers, head) -> None:
+    """Check the chain: its anchor in this payload and manifest, every link, that every entry saw the payload and
+    manifest there now, signatures; with --head, that it ends where recorded. Every problem is reported."""
+    import os
+
+    from toolkit.errors import BadInputError
     from toolkit.evidence import custody
     from toolkit.evidence.bundle import load_manifest, locate
+    from toolkit.host.hashing import sha256_path as sha256_file
 
     paths = locate(bundle)
+    if head is not None:
+        head = custody.normalize_head(head)
     allowed = None
     if allowed_signers:
-        with open(allowed_signers, encoding="utf-8") as handle:
-            allowed = handle.read()
-    entries = custody.verify_chain(paths.custody, load_manifest(paths)["payload"]["sha256"], allowed)
+        try:
+            with open(allowed_signers, encoding="utf-8") as handle:
+                allowed = handle.read()
+        except OSError as error:
+            raise BadInputError("cannot read allowed signers %s: %s" % (allowed_signers, error.strerror)) from None
+    manifest = load_manifest(paths)
+    schema = manifest.get("schema") if isinstance(manifest, dict) else None
+    schema = schema if isinstance(schema, str) else ""
+    notes = []
+    if os.path.exists(paths.payload):
+        payload_sha256 = sha256_file(paths.payload)
+    else:
+        payload = manifest.get("payload") if isinstance(manifest, dict) else None
+        payload_sha256 = payload.get("sha256") if isinstance(payload, dict) else None
+        notes.append("the payload is not here: entries checked against the sha256 the manifest records")
+    if not os.path.exists(paths.custody):
+        raise BadInputError("no custody log at %s" % paths.custody)
+    chain = custody.check_chain(paths.custody, payload_sha256, sha256_file(paths.manifest), schema, allowed, head,
+                                discover=False)
+    notes += chain.notes
+    if allowed is None:
+        notes.append("authorship UNPROVEN: signatures were checked only against the keys they carry "
+                     "(give --allowed-signers)")
+    if head is None:
+        notes.append("truncation not checked: give --head with the head recorded at the last transfer")
     out = current_output()
-    out.remember({"ok": True, "entries": len(entries)})
+    out.remember({"ok": chain.ok, "entries": len(chain.entries), "signed_entries": chain.signed_entries,
+                  "head": chain.head, "schema": schema, "notes": notes,
+                  "problems": [p.__dict__ for p in chain.problems]})
     if out.json:
         out.emit_json(out.document)
     else:
-        click.echo("custody chain intact: %d entries, each saw the manifest's payload" % len(entries))
+        for problem in chain.problems:
+            click.echo("FAIL %s: %s" % (problem.name, problem.detail))
+        if chain.ok:
+            click.echo("custody chain intact: %d entries (%d signed), %s, each saw this payload and manifest%s" % (
+                len(chain.entries), chain.signed_entries,
+                "starting from zeros (schema 1)" if chain.legacy else "anchored in this payload and manifest",
+                "; ends at the recorded head" if head else ""))
+        click.echo("chain head: %s" % chain.head)
+        for note in notes:
+            click.echo("note: %s" % note)
+    if not chain.ok:
+        raise VerificationFailed("custody chain: %d problem%s: %s" % (
+            len(chain.problems), "" if len(chain.problems) == 1 else "s",
+            "; ".join("%s: %s" % (p.name, p.detail) for p in chain.problems)))

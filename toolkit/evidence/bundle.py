@@ -80,8 +80,32 @@ class _ChunkReader(io.RawIOBase):
         return size
 
 
-def open_tar_stream(source, compression: str, encrypted: bool, identities: Sequence[Any]):
-    """A streaming tarfile over the payload file object (decrypting and decompressing as it goes)."""
+class CountingReader(io.RawIOBase):
+    """Counts the bytes read through it (the tar stream's length, which the manifest records as tar_bytes)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        data = self._inner.read(len(target))
+        size = len(data)
+        target[:size] = data
+        self.count += size
+        return size
+
+    def drain(self) -> int:
+        """Read what follows the tar's end (its padding, or anything appended); the total count."""
+        while self.read(1 << 20):
+            pass
+        return self.count
+
+
+def _decoded(source, compression: str, encrypted: bool, identities: Sequence[Any]):
+    """The payload file object, decrypted and decompressed as it is read: the tar stream."""
     stream = source
     if encrypted:
         from toolkit.crypto import age
@@ -94,7 +118,19 @@ def open_tar_stream(source, compression: str, encrypted: bool, identities: Seque
         stream = zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
     elif compression == "gzip":
         stream = gzip.GzipFile(fileobj=stream, mode="rb")
-    return tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT)
+    return stream
+
+
+def open_tar_stream(source, compression: str, encrypted: bool, identities: Sequence[Any]):
+    """A streaming tarfile over the payload file object (decrypting and decompressing as it goes)."""
+    return tarfile.open(fileobj=_decoded(source, compression, encrypted, identities), mode="r|",
+                        format=tarfile.PAX_FORMAT)
+
+
+def open_counted_tar_stream(source, compression: str, encrypted: bool, identities: Sequence[Any]):
+    """open_tar_stream(), and the CountingReader under the tarfile (the decompressed bytes read so far)."""
+    counter = CountingReader(_decoded(source, compression, encrypted, identities))
+    return tarfile.open(fileobj=counter, mode="r|", format=tarfile.PAX_FORMAT), counter
 
 
 def iterate_members(tar) -> Iterator[tarfile.TarInfo]:
