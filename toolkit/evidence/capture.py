@@ -34,6 +34,7 @@ from toolkit.evidence.collectors.base import (
     is_done,
     start_collector,
 )
+from toolkit.host.accounts import login_name
 from toolkit.host.atomic import AtomicFile
 from toolkit.host.hashing import sha256_path as sha256_file
 
@@ -431,7 +432,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         out.commit()
     manifest_sha256 = sha256_file(manifest_path)
     custody_path = payload_path + ".custody.jsonl"
-    custody.append(custody_path, {"action": "collected", "actor": options.examiner or _login_name(),
+    custody.append(custody_path, {"action": "collected", "actor": options.examiner or login_name(),
                                   "location": socket.gethostname(), "purpose": options.purpose or "",
                                   "payload_sha256": payload["sha256"], "manifest_sha256": manifest_sha256},
                    signer=options.sign_key)
@@ -465,15 +466,6 @@ def _host_facts(context: CollectionContext) -> Dict[str, Any]:
     from toolkit.evidence.collectors.system import system_facts
 
     return system_facts(context)
-
-
-def _login_name() -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return "uid %d" % os.getuid()
 
 
 def lower_priority() -> None:

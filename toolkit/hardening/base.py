@@ -6,11 +6,16 @@ or a test tree as well as the live host.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from toolkit.host.hostfs import HostFS, Refused
+
 PASS, FAIL, NOT_APPLICABLE = "pass", "fail", "not applicable"
+CONFIG_READ_LIMIT = 4 << 20
 
 
 @dataclass
@@ -20,20 +25,36 @@ class HardenContext:
     allowed_ports: List[int] = field(default_factory=lambda: [22, 80, 443])
     packages_dir: Optional[str] = None  # Debian .deb files carried on the medium
 
+    def __post_init__(self) -> None:
+        # What a service would read: symlinks resolved, but only inside the root; FIFOs, devices and
+        # oversized files refused (toolkit.host.hostfs, DESIGN.md principle 9).
+        self.fs = HostFS(self.root or "/", resolve_links=True)
+
     def path(self, logical: str) -> str:
+        """The on-disk path of a logical one (for writes by apply/rollback and for messages)."""
         if self.root in ("", "/"):
             return logical
         return os.path.join(self.root, logical.lstrip("/"))
 
     def read(self, logical: str) -> Optional[str]:
-        try:
-            with open(self.path(logical), encoding="utf-8", errors="replace") as handle:
-                return handle.read()
-        except OSError:
-            return None
+        return self.fs.read_text(logical, CONFIG_READ_LIMIT, follow=True)
 
     def exists(self, logical: str) -> bool:
-        return os.path.lexists(self.path(logical))
+        return self.fs.lexists(logical)
+
+    def lstat(self, logical: str) -> Optional[os.stat_result]:
+        try:
+            return self.fs.lstat(logical)
+        except (OSError, Refused):
+            return None
+
+    def glob(self, directory: str, pattern: str) -> List[str]:
+        """Logical paths of the names in directory matching a shell pattern, sorted."""
+        try:
+            names = self.fs.listdir(directory)
+        except (OSError, Refused):
+            return []
+        return [posixpath.join(directory, name) for name in names if fnmatch.fnmatchcase(name, pattern)]
 
     @property
     def live(self) -> bool:

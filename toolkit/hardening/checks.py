@@ -1,14 +1,17 @@
 """The hardening checks, one class each, registered in CHECKS."""
 from __future__ import annotations
 
-import glob
 import json
 import os
+import posixpath
 import re
 import stat
 from typing import Dict, List, Optional, Tuple
 
 from toolkit.hardening.base import FAIL, NOT_APPLICABLE, PASS, Change, Check, CheckResult, Finding, HardenContext
+from toolkit.host.hostfs import WalkLimits
+
+APP_WALK_LIMIT = 200000  # entries of the app directory inspected for world-writable files
 
 OUR_PREFIX = "90-bookgen-kit"
 
@@ -55,9 +58,10 @@ def sshd_effective(ctx: HardenContext) -> Dict[str, Tuple[str, str]]:
                 continue
             if keyword == "include":
                 for pattern in value.split():
-                    pattern = pattern if pattern.startswith("/") else os.path.join("/etc/ssh", pattern)
-                    for path in sorted(glob.glob(ctx.path(pattern))):
-                        read("/" + os.path.relpath(path, ctx.path("/")) if not ctx.live else path)
+                    pattern = pattern if pattern.startswith("/") else posixpath.join("/etc/ssh", pattern)
+                    directory, name_pattern = posixpath.split(posixpath.normpath(pattern))
+                    for path in ctx.glob(directory, name_pattern):
+                        read(path)
                 continue
             found.setdefault(keyword, (value, "%s:%d" % (logical, number)))
 
@@ -115,8 +119,7 @@ SYSCTL_FILE = "/etc/sysctl.d/%s.conf" % OUR_PREFIX
 
 def configured_sysctls(ctx: HardenContext) -> Dict[str, Tuple[str, str]]:
     values: Dict[str, Tuple[str, str]] = {}
-    files = ["/etc/sysctl.conf"] + sorted("/etc/sysctl.d/" + os.path.basename(p) for p in
-                                          glob.glob(ctx.path("/etc/sysctl.d/*.conf")))
+    files = ["/etc/sysctl.conf"] + ctx.glob("/etc/sysctl.d", "*.conf")
     for logical in files:
         for number, line in enumerate((ctx.read(logical) or "").splitlines(), 1):
             line = line.strip()
@@ -180,33 +183,25 @@ class PermissionsCheck(Check):
     def check(self, ctx: HardenContext) -> CheckResult:
         findings, seen = [], []
         for logical, wanted in ((ctx.deployment.env_path, 0o600), (ctx.deployment.backups_dir, 0o700)):
-            try:
-                info = os.lstat(ctx.path(logical))
-            except OSError:
+            info = ctx.lstat(logical)
+            if info is None:
                 continue
             mode = stat.S_IMODE(info.st_mode)
             if mode & ~wanted:
                 findings.append(Finding(logical, "%s is %04o, want %04o" % (logical, mode, wanted)))
             else:
                 seen.append("%s %04o" % (logical, mode))
-        sock = ctx.path("/var/run/docker.sock")
-        if os.path.exists(sock):
-            info = os.lstat(sock)
+        info = ctx.lstat("/run/docker.sock") or ctx.lstat("/var/run/docker.sock")
+        if info is not None and stat.S_ISSOCK(info.st_mode):
             mode = stat.S_IMODE(info.st_mode)
             if mode & 0o007:
                 findings.append(Finding("docker.sock", "/var/run/docker.sock is %04o: others can use it" % mode))
             else:
                 seen.append("/var/run/docker.sock %04o" % mode)
-        app = ctx.path(ctx.deployment.app_dir)
-        for directory, dirs, files in os.walk(app, followlinks=False):
-            for name in dirs + files:
-                path = os.path.join(directory, name)
-                try:
-                    info = os.lstat(path)
-                except OSError:
-                    continue
+        for entry in ctx.fs.walk(ctx.deployment.app_dir, WalkLimits(max_entries=APP_WALK_LIMIT)):
+            info, logical = entry.info, entry.logical
+            if entry.depth > 0:
                 if info.st_mode & stat.S_IWOTH and not stat.S_ISLNK(info.st_mode):
-                    logical = os.path.join(ctx.deployment.app_dir, os.path.relpath(path, app))
                     findings.append(Finding(logical, "%s is world-writable (%04o)" % (logical,
                                                                                     stat.S_IMODE(info.st_mode))))
         return self.result(FAIL if findings else PASS, findings, seen)
@@ -223,9 +218,11 @@ class PermissionsCheck(Check):
                 changes.append(Change("mode", "docker.sock root:docker 0660", "/var/run/docker.sock", mode=0o660,
                                       owner=("root", "docker")))
             else:
-                current = stat.S_IMODE(os.lstat(ctx.path(finding.item)).st_mode)
-                changes.append(Change("mode", "not world-writable", finding.item, mode=current & ~0o002,
-                                      touches=[finding.item] if os.path.isfile(ctx.path(finding.item)) else []))
+                info = ctx.lstat(finding.item)
+                if info is None:
+                    continue
+                changes.append(Change("mode", "not world-writable", finding.item, mode=stat.S_IMODE(info.st_mode) & ~0o002,
+                                      touches=[finding.item] if stat.S_ISREG(info.st_mode) else []))
         return changes
 
 
@@ -241,9 +238,7 @@ class DockerCheck(Check):
 
     def _compose_files(self, ctx: HardenContext) -> List[str]:
         app = ctx.deployment.app_dir
-        return sorted(os.path.join(app, os.path.basename(p)) for p in
-                      glob.glob(ctx.path(os.path.join(app, "docker-compose*.y*ml"))) +
-                      glob.glob(ctx.path(os.path.join(app, "compose*.y*ml"))))
+        return sorted(ctx.glob(app, "docker-compose*.y*ml") + ctx.glob(app, "compose*.y*ml"))
 
     def check(self, ctx: HardenContext) -> CheckResult:
         if not ctx.docker_present and not self._compose_files(ctx):
@@ -260,9 +255,8 @@ class DockerCheck(Check):
             for host in hosts:
                 if host.startswith("tcp://") and not tls:
                     findings.append(Finding("daemon.json", "/etc/docker/daemon.json hosts %s without tlsverify" % host))
-        for unit in ["/lib/systemd/system/docker.service", "/usr/lib/systemd/system/docker.service"] + [
-                "/etc/systemd/system/docker.service.d/" + os.path.basename(p) for p in
-                glob.glob(ctx.path("/etc/systemd/system/docker.service.d/*.conf"))]:
+        for unit in ["/lib/systemd/system/docker.service", "/usr/lib/systemd/system/docker.service"] + \
+                ctx.glob("/etc/systemd/system/docker.service.d", "*.conf"):
             for number, line in enumerate((ctx.read(unit) or "").splitlines(), 1):
                 if line.strip().startswith("ExecStart") and re.search(r"(-H|--host)[= ]tcp://", line) and \
                         "--tlsverify" not in line:
@@ -371,8 +365,8 @@ JAIL_FILE = "/etc/fail2ban/jail.d/%s.local" % OUR_PREFIX
 
 def _jail_text(ctx: HardenContext) -> str:
     texts = [ctx.read("/etc/fail2ban/jail.local") or ""]
-    for path in sorted(glob.glob(ctx.path("/etc/fail2ban/jail.d/*"))):
-        texts.append(ctx.read("/etc/fail2ban/jail.d/" + os.path.basename(path)) or "")
+    for path in ctx.glob("/etc/fail2ban/jail.d", "*"):
+        texts.append(ctx.read(path) or "")
     return "\n".join(texts)
 
 

@@ -140,9 +140,13 @@ class WalkLimits:
 class HostFS:
     """Reads of one filesystem tree: the live host (root "/") or an image under a root directory."""
 
-    def __init__(self, root: str = "/") -> None:
+    def __init__(self, root: str = "/", resolve_links: Optional[bool] = None) -> None:
+        """resolve_links: resolve symlinks (inside the root, as a chroot would) rather than refuse them.
+        Default: only under a root other than "/" (collection on a live host follows no link, so a planted
+        `~/.ssh -> /root/.ssh` cannot pass root's files off as a user's). Readers of configuration, which
+        must see what the service sees (hardening checks), resolve on a live host too."""
         self.root = os.path.abspath(root or "/")
-        self.in_root = self.root != "/"
+        self.in_root = self.root != "/" if resolve_links is None else resolve_links
         self._proc_reopen = os.path.isdir("/proc/self/fd")
 
     # -- resolving ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 from typing import Iterator, List, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.accounts import accounts as host_accounts
 from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
 
 SYSTEM_LOGS = ("/var/log/auth.log", "/var/log/secure", "/var/log/syslog", "/var/log/messages", "/var/log/kern.log",
@@ -28,16 +29,13 @@ HOME_FILES = (".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profi
 TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 TMP_EXEC_CAP = 64 * 1024 * 1024
 RECENT_UNIT_DAYS = 30
-PASSWD_LIMIT = 16 << 20
 
 
 def accounts(context: CollectionContext) -> Iterator[Tuple[str, str]]:
     """(user, home) for every account in the root's /etc/passwd, parsed here (no name-service lookup)."""
-    text = context.fs.read_text("/etc/passwd", PASSWD_LIMIT) or ""
-    for line in text.splitlines():
-        fields = line.split(":")
-        if len(fields) >= 6 and fields[5].startswith("/"):
-            yield fields[0], fields[5]
+    for account in host_accounts(context.fs):
+        if account.home.startswith("/"):
+            yield account.name, account.home
 
 
 def _listdir(context: CollectionContext, logical: str) -> List[str]:
