@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 DEFAULT_EXPECTED_PORTS = (8000, 5432, 6379, 22, 80, 443)
 SUSPICIOUS_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
 RECENT_DAYS = 7
+MAX_TITLE_PIDS = 5  # a title names this many pids, then "and N more"
 
 
 def _finding(finding_id: str, severity: str, title: str, evidence: Sequence[str], **details) -> Dict[str, Any]:
@@ -24,36 +26,129 @@ def _public(address: str) -> bool:
                 or ip.is_reserved)
 
 
+def _group(entries: List[Tuple[Dict[str, Any], Set[Tuple[str, str]]]]) -> List[List[Dict[str, Any]]]:
+    """Facts that share any indicator key (an exe path, a sha256, a library, an LD_PRELOAD value) in one group,
+    transitively; groups in the order of their first fact."""
+    parent = list(range(len(entries)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    owner: Dict[Tuple[str, str], int] = {}
+    for index, (_, keys) in enumerate(entries):
+        for key in sorted(keys):
+            if key in owner:
+                parent[root(index)] = root(owner[key])
+            else:
+                owner[key] = index
+    groups: Dict[int, List[Dict[str, Any]]] = {}
+    for index, (fact, _) in enumerate(entries):
+        groups.setdefault(root(index), []).append(fact)
+    return list(groups.values())
+
+
+def _first(values: Sequence[Any], count: int = 3) -> str:
+    shown = ", ".join(str(v) for v in values[:count])
+    return shown + (" and %d more" % (len(values) - count) if len(values) > count else "")
+
+
+def _process_finding(finding_id: str, group: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One finding for one indicator, listing every process that shows it.
+
+    details: pids (sorted), pid (the first of them), names; and per kind exe/exes/sha256 (binaries), paths
+    (memfd code, deleted libraries) or ld_preload. The title names the count and the first few pids.
+    """
+    by_pid = {fact["data"]["pid"]: fact for fact in group}
+    pids = sorted(by_pid)
+    processes = [by_pid[pid]["data"] for pid in pids]
+    names = sorted({str(p.get("name")) for p in processes})
+    one = len(pids) == 1
+    if one:
+        who = "pid %d (%s)" % (pids[0], processes[0].get("name"))
+    else:
+        who = "%d processes (pids %s; %s)" % (len(pids), _first(pids, MAX_TITLE_PIDS), _first(names))
+    evidence = [fact["evidence"] for fact in group]
+    details: Dict[str, Any] = {"pids": pids, "pid": pids[0], "names": names}
+    exes = sorted({p.get("exe") or "" for p in processes} - {""})
+    details_binary = dict(details, exe=exes[0] if exes else "", exes=exes,
+                          sha256=sorted({p["exe_sha256"] for p in processes if p.get("exe_sha256")}))
+    if finding_id == "process-deleted-binary":
+        title = "%s %s a deleted binary: %s" % (who, "runs" if one else "run", _first(exes))
+        copies = sorted({p["binary_member"] for p in processes if p.get("binary_member")})
+        return _finding(finding_id, "high", title, evidence + (copies or ["volatile/binaries/"]), **details_binary)
+    if finding_id == "process-from-tmp":
+        title = "%s %s from %s" % (who, "runs" if one else "run", _first(exes))
+        return _finding(finding_id, "high", title, evidence, **details_binary)
+    if finding_id == "process-memfd-code":
+        paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
+                        if m.get("memfd") and m.get("executable")})
+        title = "%s %s code from memfd: %s" % (who, "executes" if one else "execute", _first(paths))
+        return _finding(finding_id, "high", title, evidence, paths=paths, **details)
+    if finding_id == "process-deleted-library":
+        paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
+                        if m.get("deleted") and m.get("executable") and m["path"] != (p.get("exe") or "")})
+        title = "%s %s deleted libraries: %s" % (who, "maps" if one else "map", _first(paths))
+        return _finding(finding_id, "medium", title, evidence, paths=paths, **details)
+    if finding_id == "process-ld-preload":
+        value = processes[0]["ld_preload"]
+        title = "%s %s LD_PRELOAD=%s" % (who, "has" if one else "have", value)
+        return _finding(finding_id, "high", title, evidence, ld_preload=value, **details)
+    raise ValueError("not a process finding: %s" % finding_id)
+
+
+def _dedup(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The same finding reached twice (two facts for one thing) once, with the evidence of both; two findings
+    are the same only when id, title and every detail agree, so distinct indicators never merge."""
+    unique: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+    for finding in findings:
+        key = (finding["id"], finding["title"], json.dumps(finding["details"], sort_keys=True, default=str))
+        if key in unique:
+            kept = unique[key]
+            kept["evidence"] = sorted(set(kept["evidence"]) | set(finding["evidence"]))
+        else:
+            unique[key] = finding
+    order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+    return sorted(unique.values(), key=lambda f: (order.get(f["severity"], 9), f["id"], f["title"]))
+
+
 def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int] = DEFAULT_EXPECTED_PORTS,
-            now: float = None) -> List[Dict[str, Any]]:
+            now: Optional[float] = None) -> List[Dict[str, Any]]:
     """facts: kind -> [{"data": ..., "evidence": archive path}] as the collectors emitted them."""
     now = time.time() if now is None else now
     recent = now - RECENT_DAYS * 86400
     findings: List[Dict[str, Any]] = []
     processes = {f["data"]["pid"]: f for f in facts.get("process", [])}
 
+    # one indicator -> one finding: every process that shows it is listed in that finding
+    indicators: Dict[str, List[Tuple[Dict[str, Any], Set[Tuple[str, str]]]]] = {}
     for fact in facts.get("process", []):
         process = fact["data"]
         exe = process.get("exe") or ""
-        label = "pid %d (%s)" % (process["pid"], process.get("name"))
+        binary = {("exe", exe)} if exe else set()
+        if process.get("exe_sha256"):
+            binary.add(("sha256", process["exe_sha256"]))
         if process.get("exe_deleted"):
-            findings.append(_finding("process-deleted-binary", "high", "%s runs a deleted binary: %s" % (label, exe),
-                                     [fact["evidence"], "volatile/binaries/"], pid=process["pid"], exe=exe))
+            indicators.setdefault("process-deleted-binary", []).append((fact, binary))
         if exe.startswith(SUSPICIOUS_DIRS) or exe.startswith("/memfd:"):
-            findings.append(_finding("process-from-tmp", "high", "%s runs from %s" % (label, exe),
-                                     [fact["evidence"]], pid=process["pid"], exe=exe))
+            indicators.setdefault("process-from-tmp", []).append((fact, binary))
         memfd_exec = [m["path"] for m in process.get("maps") or [] if m.get("memfd") and m.get("executable")]
         deleted_libs = [m["path"] for m in process.get("maps") or []
                         if m.get("deleted") and m.get("executable") and m["path"] != exe]
         if memfd_exec and not process.get("is_self"):
-            findings.append(_finding("process-memfd-code", "high", "%s executes code from memfd: %s" % (
-                label, ", ".join(memfd_exec[:3])), [fact["evidence"]], pid=process["pid"]))
+            keys = {("memfd", path) for path in memfd_exec}
+            if exe.startswith("/memfd:") and process.get("exe_sha256"):
+                keys.add(("sha256", process["exe_sha256"]))
+            indicators.setdefault("process-memfd-code", []).append((fact, keys))
         if deleted_libs and not process.get("is_self"):
-            findings.append(_finding("process-deleted-library", "medium", "%s maps deleted libraries: %s" % (
-                label, ", ".join(deleted_libs[:3])), [fact["evidence"]], pid=process["pid"]))
+            indicators.setdefault("process-deleted-library", []).append((fact, {("library", p) for p in deleted_libs}))
         if process.get("ld_preload"):
-            findings.append(_finding("process-ld-preload", "high", "%s has LD_PRELOAD=%s" % (
-                label, process["ld_preload"]), [fact["evidence"]], pid=process["pid"]))
+            indicators.setdefault("process-ld-preload", []).append((fact, {("ld_preload", process["ld_preload"])}))
+    for finding_id, entries in sorted(indicators.items()):
+        for group in _group(entries):
+            findings.append(_process_finding(finding_id, group))
 
     for fact in facts.get("hidden_pids", []):
         if fact["data"]:
@@ -123,9 +218,4 @@ def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int
             findings.append(_finding("suid-in-tmp", "critical", "SUID/SGID file in a temporary directory: %s" % (
                 fact["data"]["path"]), [fact["evidence"]], path=fact["data"]["path"]))
 
-    unique = {}
-    for finding in findings:
-        key = (finding["id"], finding["title"])
-        unique.setdefault(key, finding)
-    order = {"critical": 0, "high": 1, "medium": 2, "low": 3}
-    return sorted(unique.values(), key=lambda f: (order.get(f["severity"], 9), f["id"], f["title"]))
+    return _dedup(findings)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Dict, List, Optional
+from collections import deque
+from typing import Any, Dict, List, Optional, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
 
@@ -162,22 +163,166 @@ def container_of(record: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def hidden_pids(listed: List[int], known_tids: set, limit: int) -> List[int]:
-    """PIDs that answer a direct probe of /proc/PID but are missing from the /proc listing (not threads)."""
-    listed_set = set(listed)
-    hidden = []
-    for pid in range(1, limit + 1):
-        if pid in listed_set or pid in known_tids:
-            continue
+HIDDEN_PID_TRIES = 3  # a candidate must survive this many probes...
+HIDDEN_PID_INTERVAL = 0.05  # ...this far apart (3 tries: ~100 ms), before it is reported
+HIDDEN_PID_MAX_ROUNDS = 8  # rounds in all, so a thread's hidden thread-group leader can still be probed 3 times
+
+
+def _listing() -> set:
+    """The PIDs the /proc listing shows right now."""
+    try:
+        return {int(name) for name in os.listdir("/proc") if name.isdigit()}
+    except OSError:
+        return set()
+
+
+def _task_owners(visible: set) -> Dict[int, int]:
+    """TID -> PID for every task of every visible process (a thread of a visible process is never hidden)."""
+    owners: Dict[int, int] = {}
+    for pid in visible:
         try:
-            os.stat("/proc/%d" % pid)
+            names = os.listdir("/proc/%d/task" % pid)
         except OSError:
             continue
-        # re-check: a process that was just born appears in the listing now
-        if str(pid) in os.listdir("/proc"):
-            continue
-        hidden.append(pid)
-    return hidden
+        for name in names:
+            if name.isdigit():
+                owners.setdefault(int(name), pid)
+    return owners
+
+
+def _answers(pid: int) -> bool:
+    try:
+        os.stat("/proc/%d" % pid)
+    except OSError:
+        return False
+    return True
+
+
+def _start_ticks(pid: int) -> Optional[int]:
+    """Field 22 of /proc/PID/stat: tells a PID that was reused from the task first probed."""
+    text = read_text("/proc/%d/stat" % pid)
+    if not text:
+        return None
+    fields = text[text.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _as_int(value: Optional[str]) -> Optional[int]:
+    try:
+        return int(value or "")
+    except ValueError:
+        return None
+
+
+def probe_range(listed: List[int]) -> Tuple[int, int]:
+    """(limit, pid_max): the hidden-PID scan covers 1..limit, twice the highest listed PID but at least 32768,
+    never past pid_max (which may be 4194304: the scan's cost is one stat per PID in the range)."""
+    pid_max = int((read_text("/proc/sys/kernel/pid_max") or "32768").strip() or 32768)
+    return min(pid_max, max(32768, 2 * max(listed or [1]))), pid_max
+
+
+def probe_hidden_pids(listed: List[int], known_tids: set, limit: int, tries: int = HIDDEN_PID_TRIES,
+                      interval: float = HIDDEN_PID_INTERVAL) -> Dict[str, Any]:
+    """PIDs that answer a direct probe of /proc/PID but are missing from the /proc listing, re-checked.
+
+    The scan of 1..limit costs one stat per PID not already known. Every candidate it finds is then re-checked,
+    all candidates together, in rounds `interval` apart (at most HIDDEN_PID_MAX_ROUNDS, no long sleeps): each
+    round re-lists /proc and the task directories of every visible process once, and reads each candidate's
+    /proc/PID/status and stat. A candidate is dismissed when it is gone, its PID was reused, it now shows in the
+    listing (born after it), or it is a thread (status Tgid != PID) of a visible process (also when found in a
+    visible process's /proc/PID/task). A thread whose thread-group leader is not visible is not reported
+    itself: the leader becomes the candidate. What survives `tries` rounds is reported, with its evidence.
+
+    Returns {"hidden": [pid, ...], "checks": [evidence per hidden pid], "candidates": n, "dismissed": {why: n},
+    "rounds": n}.
+    """
+    listed_set = set(listed)
+    candidates = [pid for pid in range(1, limit + 1)
+                  if pid not in listed_set and pid not in known_tids and _answers(pid)]
+    tracked: Dict[int, Dict[str, Any]] = {}
+    pending: List[int] = list(candidates)
+    for pid in candidates:
+        tracked[pid] = {"pid": pid, "probes": []}
+    dismissed: Dict[str, int] = {}
+    confirmed: List[int] = []
+    started = time.monotonic()
+    rounds = 0
+
+    def dismiss(pid: int, why: str) -> None:
+        dismissed[why] = dismissed.get(why, 0) + 1
+        tracked.pop(pid, None)
+
+    while pending and rounds < HIDDEN_PID_MAX_ROUNDS:
+        if rounds:
+            time.sleep(interval)
+        rounds += 1
+        visible = _listing()
+        owners = _task_owners(visible)
+        queue = deque(sorted(pending))
+        pending = []
+        while queue:
+            pid = queue.popleft()
+            entry = tracked.get(pid)
+            if entry is None:
+                continue
+            status = _status(str(pid))
+            start = _start_ticks(pid)
+            if not status or start is None:
+                dismiss(pid, "gone")
+                continue
+            if entry.setdefault("start_ticks", start) != start:
+                dismiss(pid, "pid reused")
+                continue
+            if pid in visible:
+                dismiss(pid, "listed on re-list")
+                continue
+            tgid, ppid = _as_int(status.get("Tgid")), _as_int(status.get("PPid"))
+            if pid in owners:
+                dismiss(pid, "thread of a visible process")
+                continue
+            if tgid is not None and tgid != pid:
+                if tgid in visible:
+                    dismiss(pid, "thread of a visible process")
+                    continue
+                dismiss(pid, "thread of a hidden thread-group leader")
+                if tgid not in tracked and tgid not in confirmed and _answers(tgid):
+                    tracked[tgid] = {"pid": tgid, "probes": [], "found_through_thread": pid}
+                    queue.append(tgid)
+                continue
+            entry.update(name=status.get("Name"), tgid=tgid, ppid=ppid, state=status.get("State"),
+                         uids=status.get("Uid", "").split())
+            entry["probes"].append({"at": round(time.monotonic() - started, 3), "answers": True,
+                                    "status_tgid": tgid, "start_ticks": start, "in_listing": False,
+                                    "in_visible_task_dir": False, "listing_size": len(visible)})
+            if len(entry["probes"]) >= tries:
+                confirmed.append(pid)
+            else:
+                pending.append(pid)
+    for pid in pending:  # out of rounds before `tries` probes: not confirmed, so not reported
+        dismiss(pid, "not re-probed enough times")
+    checks = []
+    for pid in sorted(confirmed):
+        entry = tracked[pid]
+        exe = _readlink("/proc/%d/exe" % pid)
+        cmdline = read_text("/proc/%d/cmdline" % pid, 4096)
+        entry.update(exe=exe, cmdline=cmdline.split("\0")[:-1] if cmdline else [], checks=[
+            "answers a direct stat of /proc/%d" % pid,
+            "status Tgid == PID (a process, not a thread)",
+            "not in the task directory of any visible process",
+            "missing from a fresh /proc listing on each of %d probes %.0f ms apart" % (tries, interval * 1000),
+            "same start time on every probe (the PID was not reused)"])
+        checks.append(entry)
+    return {"hidden": sorted(confirmed), "checks": checks, "candidates": len(candidates), "dismissed": dismissed,
+            "rounds": rounds}
+
+
+def hidden_pids(listed: List[int], known_tids: set, limit: int) -> List[int]:
+    """PIDs that answer a direct probe of /proc/PID but are missing from the /proc listing, re-checked (not
+    threads, not churn): see probe_hidden_pids."""
+    return probe_hidden_pids(listed, known_tids, limit)["hidden"]
 
 
 class ProcessCollector(Collector):
@@ -206,30 +351,39 @@ class ProcessCollector(Collector):
                 tids.update(int(t) for t in os.listdir("/proc/%s/task" % pid))
             except OSError:
                 pass
-        pid_max = int((read_text("/proc/sys/kernel/pid_max") or "32768").strip() or 32768)
-        limit = min(pid_max, max(32768, 2 * max([int(p) for p in pids] or [1])))
+        limit, pid_max = probe_range([int(p) for p in pids])
         started = time.monotonic()
-        hidden = hidden_pids([int(p) for p in pids], tids, limit)
+        probe = probe_hidden_pids([int(p) for p in pids], tids, limit)
+        hidden = probe["hidden"]
         document = {"collected_at": time.time(), "processes": records, "hidden_pids": hidden,
+                    "hidden_pid_checks": probe["checks"],
                     "hidden_pid_probe": {"range": [1, limit], "pid_max": pid_max,
-                                         "seconds": round(time.monotonic() - started, 3)}}
+                                         "seconds": round(time.monotonic() - started, 3),
+                                         "candidates": probe["candidates"], "dismissed": probe["dismissed"],
+                                         "rounds": probe["rounds"], "tries": HIDDEN_PID_TRIES,
+                                         "interval_seconds": HIDDEN_PID_INTERVAL}}
         emit.json("volatile/processes.json", document, "/proc/PID/{status,stat,cmdline,environ,exe,cwd,root,fd,"
                   "maps,cgroup,ns}")
         if denied:
             emit.skip("/proc/PID/environ", "%d processes only partly readable (permission denied: %s)" % (
                 denied, ", ".join(str(r["pid"]) for r in records if r["access"] != "full")[:200]))
         for record in records:
-            emit.fact("process", {k: record[k] for k in ("pid", "name", "exe", "exe_deleted", "cwd", "cmdline",
-                                                         "maps", "container_id")}
-                      | {"ld_preload": (record["environ"] or {}).get("LD_PRELOAD"),
-                         "is_self": record["pid"] == os.getpid()}, "volatile/processes.json")
+            if record["exe_deleted"] or (record["exe"] or "").startswith(SUSPICIOUS_DIRS):
+                record["binary_member"] = binary_member(record)
+        for record in records:
+            fact = {k: record.get(k) for k in ("pid", "name", "exe", "exe_deleted", "exe_sha256", "cwd", "cmdline",
+                                               "maps", "container_id", "binary_member")}
+            fact.update(ld_preload=(record["environ"] or {}).get("LD_PRELOAD"), is_self=record["pid"] == os.getpid())
+            emit.fact("process", fact, "volatile/processes.json")
         emit.fact("hidden_pids", hidden, "volatile/processes.json")
         for record in records:
-            if record["exe_deleted"] or (record["exe"] or "").startswith(SUSPICIOUS_DIRS):
-                self._copy_binary(record, emit, context)
+            if record.get("binary_member"):  # one copy per binary, however many processes run it
+                emit.proc_file("/proc/%d/exe" % record["pid"], record["binary_member"], context.max_file_size)
 
-    @staticmethod
-    def _copy_binary(record: Dict[str, Any], emit: Emitter, context: CollectionContext) -> None:
-        """The binary of a suspicious process, read through /proc/PID/exe (works after deletion)."""
-        emit.proc_file("/proc/%d/exe" % record["pid"], "volatile/binaries/%d-%s" % (
-            record["pid"], os.path.basename(record["exe"] or "exe")), context.max_file_size)
+
+def binary_member(record: Dict[str, Any]) -> str:
+    """Where the binary of a suspicious process is stored: named by its sha256, so it is stored once."""
+    name = os.path.basename(record.get("exe") or "exe") or "exe"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:64]
+    key = record.get("exe_sha256") or "pid%d" % record["pid"]
+    return "volatile/binaries/%s-%s" % (key[:16], safe)
