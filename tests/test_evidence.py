@@ -506,3 +506,29 @@ def test_a_file_that_vanishes_is_recorded(bookgen_host, out_dir, team_key):
     assert done.returncode == 6
     errors = json.loads(done.stdout)["errors"]
     assert any(e["source"] == "/var/log/bookgen/missing.log" and "does not exist" in e["reason"] for e in errors)
+
+
+def test_without_zstd_capture_degrades_to_gzip_and_says_so(bookgen_host, out_dir, team_key, monkeypatch):
+    """FAKE: no interpreter here lacks a zstandard wheel (a minor newer than the build would); the module's
+    absence is simulated by toolkit.evidence.archive.zstd_available answering False."""
+    from toolkit.config import deployment
+    from toolkit.crypto import age
+    from toolkit.errors import EnvironmentProblem
+    from toolkit.evidence import archive
+    from toolkit.evidence.capture import CaptureOptions, capture
+
+    identity, recipient = team_key
+    monkeypatch.setattr(archive, "zstd_available", lambda: False)
+    options = CaptureOptions(out_dir=str(out_dir), recipients=[age.parse_recipient(recipient)],
+                             recipient_names=[recipient], root=str(bookgen_host.root), only=["system", "app"])
+    result = capture(options, deployment(app_dir="/opt/bookgen"))
+    assert result.payload.endswith(".tar.gz.age")
+    manifest = json.loads(Path(result.manifest).read_text())
+    assert manifest["payload"]["compression"] == "gzip"
+    assert any("zstd" in item for item in manifest["collection"]["degraded"])
+    assert kit("verify", "-i", str(identity), result.payload).returncode == 0
+    explicit = CaptureOptions(out_dir=str(out_dir), recipients=[age.parse_recipient(recipient)],
+                              recipient_names=[recipient], root=str(bookgen_host.root), only=["system"],
+                              compression="zstd")
+    with pytest.raises(EnvironmentProblem):
+        capture(explicit, deployment(app_dir="/opt/bookgen"))

@@ -110,7 +110,8 @@ class _Progress:
 @click.option("--authority", help="Under whose authority.")
 @click.option("--sign-key", metavar="SSHKEY", help="Sign the manifest and the custody entry with this OpenSSH key.")
 @click.option("--sign-passphrase-file", metavar="FILE", help="Passphrase of an encrypted --sign-key.")
-@click.option("--compression", default="zstd", show_default=True, type=click.Choice(["zstd", "gzip", "none"]))
+@click.option("--compression", default="auto", show_default=True, type=click.Choice(["auto", "zstd", "gzip", "none"]),
+              help="auto: zstd, or gzip (recorded) on an interpreter where zstd does not load.")
 @click.option("--max-file-size", default="2G", show_default=True, help="Larger files are truncated (recorded).")
 @click.option("--root", default="/", show_default=True, help="Treat DIR as the filesystem root (an image, a test).")
 @click.option("--allow-same-disk", is_flag=True, help="Allow writing onto the filesystem being collected from.")

@@ -19,6 +19,15 @@ COMPRESSIONS = ("zstd", "gzip", "none")
 SUFFIXES = {"zstd": ".tar.zst", "gzip": ".tar.gz", "none": ".tar"}
 
 
+def zstd_available() -> bool:
+    """Whether this interpreter loads the bundled zstandard (a newer minor than the build may not)."""
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class _Passthrough:
     def __init__(self, sink) -> None:
         self.sink = sink

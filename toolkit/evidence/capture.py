@@ -63,7 +63,7 @@ class CaptureOptions:
     purpose: Optional[str] = None
     authority: Optional[str] = None
     sign_key: Any = None  # SshPrivateKey
-    compression: str = "zstd"
+    compression: str = "auto"  # zstd where this interpreter has it, else gzip (recorded as a degradation)
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     root: str = "/"
     docker_root: str = "/var/lib/docker"
@@ -335,6 +335,15 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     if options.encrypt and not options.recipients:
         raise UsageError("no recipients: capture refuses to write plaintext evidence",
                          hint="give -r/-R/-p, bake recipients into the pyz, or --no-encrypt explicitly")
+    degraded = []
+    if options.compression == "auto":
+        options.compression = "zstd" if archive.zstd_available() else "gzip"
+        if options.compression == "gzip":
+            degraded.append("zstd: the zstandard module does not load on this interpreter; the payload is gzip")
+    elif options.compression == "zstd" and not archive.zstd_available():
+        raise EnvironmentProblem("--compression zstd: the zstandard module does not load on this interpreter",
+                                 hint="use --compression gzip, or a host Python within the build's range "
+                                      "(bookgen-kit self-check names them)")
     if options.compression not in archive.COMPRESSIONS:
         raise UsageError("--compression must be one of %s" % ", ".join(archive.COMPRESSIONS))
     if options.root not in ("", "/") and not os.path.isdir(options.root):
@@ -403,6 +412,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                     "started_utc": _utc(started), "ended_utc": _utc(ended), "seconds": round(ended - started, 3),
                     "profile": options.profile, "root": options.root, "command_line": options.command_line,
                     "identity": _capabilities(), "preflight": flight,
+                    "degraded": degraded,
                     "limits": {"max_file_size": options.max_file_size, "compression": options.compression,
                                "deadline_seconds": deadline_seconds},
                     "collectors": collector_stats,
