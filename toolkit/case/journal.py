@@ -11,6 +11,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from toolkit.errors import BadInputError, UsageError, VerificationFailed
+from toolkit.host.atomic import append_state, check_state_path, read_state, state_dir, write_state
 
 CASE_FILE = "case.json"
 JOURNAL = "journal.jsonl"
@@ -34,17 +35,21 @@ def _pointer_path() -> Optional[str]:
 
 
 def current_case(option: Optional[str] = None) -> Optional[str]:
-    """--case-dir, else BOOKGEN_KIT_CASE, else the pointer file beside the pyz."""
+    """--case-dir, else BOOKGEN_KIT_CASE, else the pointer file beside the pyz.
+
+    The pointer decides where every later command journals (and where capture and backup put their outputs):
+    it is read as state (its directory checked, never through a symlink), so a planted one is refused.
+    """
     for candidate in (option, os.environ.get("BOOKGEN_KIT_CASE")):
         if candidate:
             if not os.path.exists(os.path.join(candidate, CASE_FILE)):
                 raise BadInputError("no case at %s (no %s)" % (candidate, CASE_FILE))
             return os.path.abspath(candidate)
     pointer = _pointer_path()
-    if pointer and os.path.exists(pointer):
-        with open(pointer, encoding="utf-8") as handle:
-            directory = handle.read().strip()
-        if os.path.exists(os.path.join(directory, CASE_FILE)):
+    data = read_state(pointer, limit=4096, strict=True) if pointer else None
+    if data is not None:
+        directory = data.decode("utf-8", "replace").strip()
+        if os.path.isabs(directory) and os.path.exists(os.path.join(directory, CASE_FILE)):
             return directory
     return None
 
@@ -68,36 +73,52 @@ def open_case(case_id: str, directory: str, title: Optional[str], examiner: Opti
     if not allow_host_disk and os.stat(existing).st_dev == os.stat("/").st_dev:
         raise UsageError("%s is on the host's own disk: a case belongs on the responder's medium" % directory,
                          hint="give a directory on the USB stick, or --allow-host-disk")
-    os.makedirs(directory, exist_ok=True)
+    # every place this writes is checked before anything is made: a refusal leaves no half-opened case
+    pointer = _pointer_path()
+    if pointer and not os.access(os.path.dirname(pointer), os.W_OK):
+        pointer = None  # a read-only medium: the responder exports BOOKGEN_KIT_CASE instead
+    if pointer:
+        check_state_path(pointer)
+    if os.path.lexists(directory):
+        state_dir(directory)
+        check_state_path(os.path.join(directory, CASE_FILE))
+        check_state_path(os.path.join(directory, JOURNAL))
+    state_dir(directory, create=True)
     for name in SUBDIRS:
-        os.makedirs(os.path.join(directory, name), exist_ok=True)
+        state_dir(os.path.join(directory, name), create=True)
     case = {"id": case_id, "title": title or case_id, "examiner": examiner or login()["login"],
             "opened": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
             "directory": directory, "closed": None}
-    with open(os.path.join(directory, CASE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(case, handle, indent=2, sort_keys=True)
-    pointer = _pointer_path()
+    save_case(directory, case)
     pointer_written = None
-    if pointer and os.access(os.path.dirname(pointer), os.W_OK):
-        with open(pointer, "w", encoding="utf-8") as handle:
-            handle.write(directory + "\n")
+    if pointer:
+        write_state(pointer, (directory + "\n").encode("utf-8"), 0o644)
         pointer_written = pointer
     append(directory, {"kind": "case-open", "case_id": case_id, "title": case["title"],
                        "examiner": case["examiner"]})
     return dict(case, pointer=pointer_written)
 
 
+def save_case(directory: str, case: Dict[str, Any]) -> None:
+    """case.json, written as state (its directory checked, never through a symlink, atomically)."""
+    write_state(os.path.join(directory, CASE_FILE), json.dumps(case, indent=2, sort_keys=True).encode("utf-8"),
+                0o644)
+
+
 def load_case(directory: str) -> Dict[str, Any]:
-    with open(os.path.join(directory, CASE_FILE), encoding="utf-8") as handle:
-        return json.load(handle)
+    path = os.path.join(directory, CASE_FILE)
+    data = read_state(path)
+    if data is None:
+        raise BadInputError("no case at %s (no %s)" % (directory, CASE_FILE))
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError:
+        raise BadInputError("%s is not a case file (not JSON)" % path) from None
 
 
 def _lines(directory: str) -> List[bytes]:
-    path = os.path.join(directory, JOURNAL)
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as handle:
-        return handle.read().splitlines()
+    data = read_state(os.path.join(directory, JOURNAL), limit=1 << 30)
+    return data.splitlines() if data is not None else []
 
 
 def append(directory: str, entry: Dict[str, Any], signer=None) -> Dict[str, Any]:
@@ -117,12 +138,7 @@ def append(directory: str, entry: Dict[str, Any], signer=None) -> Dict[str, Any]
 
         full["signature"] = sshsig.sign(signer, io.BytesIO(canonical(full)))
         full["signer"] = signer.public.fingerprint()
-    fd = os.open(os.path.join(directory, JOURNAL), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, canonical(full) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_state(os.path.join(directory, JOURNAL), canonical(full) + b"\n", 0o644)
     return full
 
 

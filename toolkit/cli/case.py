@@ -130,8 +130,7 @@ def close_command(sign_key, sign_passphrase_file) -> None:
 
         key = load_signing_key(sign_key, passphrase_source(sign_passphrase_file))
     case["closed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    with open(os.path.join(directory, journal.CASE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(case, handle, indent=2, sort_keys=True)
+    journal.save_case(directory, case)
     written = journal.append(directory, entry, signer=key)
     out = current_output()
     out.remember(written)

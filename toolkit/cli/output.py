@@ -108,11 +108,15 @@ def report_bug(output: Output, error: BaseException) -> None:
         path = os.path.join(directory, "bookgen-kit-crash-%s-%d.log" % (
             time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), os.getpid()))
         try:
+            from toolkit.errors import KitError
+            from toolkit.host.atomic import state_dir
+
+            state_dir(directory)  # beside the pyz: refuse a directory others can write (a planted link there)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "w") as log:
                 log.write(text)
             where = path
-        except OSError:
+        except (OSError, KitError):
             where = None
     if output.verbose:
         sys.stderr.write(text)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError
 from toolkit.hardening.base import Change, HardenContext
+from toolkit.host.atomic import make_state_dir, read_state, state_dir, write_state
 from toolkit.host.programs import run_program
 
 BUNDLES = "/var/lib/bookgen-kit/harden"
@@ -42,7 +43,11 @@ def _write(path: str, data: bytes, mode: Optional[int], uid: Optional[int] = Non
 
 
 class Bundle:
-    """Every file apply will touch, as it was (bytes, mode, owner, or absent), and the live state around it."""
+    """Every file apply will touch, as it was (bytes, mode, owner, or absent), and the live state around it.
+
+    The bundle is state: its directories and files go through toolkit.host.atomic's state functions (made 0700,
+    never through a symlink or a directory others can write). The host files it restores are not state.
+    """
 
     def __init__(self, ctx: HardenContext, directory: str) -> None:
         self.ctx = ctx
@@ -52,11 +57,11 @@ class Bundle:
     @classmethod
     def create(cls, ctx: HardenContext) -> "Bundle":
         base = ctx.path(os.path.join(BUNDLES, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
-        os.makedirs(os.path.dirname(base), mode=0o700, exist_ok=True)
+        state_dir(os.path.dirname(base), create=True)
         directory, serial = base, 1
         while True:
             try:
-                os.mkdir(directory, 0o700)
+                make_state_dir(directory, 0o700)
                 break
             except FileExistsError:
                 serial += 1
@@ -70,21 +75,28 @@ class Bundle:
     def open(cls, ctx: HardenContext, path: Optional[str]) -> "Bundle":
         base = ctx.path(BUNDLES)
         if path is None:
+            if os.path.lexists(base):
+                state_dir(base)
             names = sorted(os.listdir(base), key=lambda n: (n.split("-")[0], int(n.split("-")[1]) if "-" in n
                                                             else 1)) if os.path.isdir(base) else []
             if not names:
                 raise UsageError("no undo bundle in %s" % base)
             path = os.path.join(base, names[-1])
-        if not os.path.exists(os.path.join(path, "manifest.json")):
+        if not os.path.lexists(os.path.join(path, "manifest.json")):  # a planted link is refused when read
             raise BadInputError("not an undo bundle: %s" % path)
         return cls(ctx, path)
 
     def load(self) -> Dict[str, Any]:
-        with open(self.manifest_path, encoding="utf-8") as handle:
-            return json.load(handle)
+        data = read_state(self.manifest_path, limit=1 << 30, strict=True)
+        if data is None:
+            raise BadInputError("not an undo bundle: %s (no manifest.json)" % self.directory)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise BadInputError("%s is not an undo bundle manifest (not JSON)" % self.manifest_path) from None
 
     def _save(self, document: Dict[str, Any]) -> None:
-        _write(self.manifest_path, json.dumps(document, indent=2, sort_keys=True).encode(), 0o600)
+        write_state(self.manifest_path, json.dumps(document, indent=2, sort_keys=True).encode(), 0o600)
 
     def update(self, **changes) -> None:
         document = self.load()
@@ -127,8 +139,8 @@ class Bundle:
         if not self.ctx.live:
             return
         run = run_program(program, args, timeout=20)
-        with open(os.path.join(self.directory, name), "wb") as handle:
-            handle.write(run.stdout if not run.error else ("# %s: %s\n" % (program, run.error)).encode())
+        write_state(os.path.join(self.directory, name),
+                    run.stdout if not run.error else ("# %s: %s\n" % (program, run.error)).encode(), 0o600)
 
     def restore_file(self, logical: str) -> None:
         entry = self.load()["files"].get(logical)

@@ -5,6 +5,10 @@ comments after whitespace + #), single quotes (literal), double quotes (\\n, \\r
 \\t, \\\\, \\", \\$ escapes; may span lines), CRLF endings, a missing final newline,
 duplicate keys (the last wins). No variable interpolation is done: values are
 what the file says.
+
+A line it cannot parse is reported by the file's path, its line number and, when the line has the shape
+KEY=... with a plain name (letters, digits, _), that key: never any part of a value and never the line
+itself (a line without '=' may be a secret pasted on its own).
 """
 from __future__ import annotations
 
@@ -15,11 +19,18 @@ from typing import Dict, List, Optional
 from toolkit.errors import BadInputError
 
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a key shown in an error; anything else could be a value
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "$": "$", "'": "'"}
 
 
 class DotEnvError(BadInputError):
-    """A line of the .env that cannot be parsed (exit 3, with its line number)."""
+    """A line of the .env that cannot be parsed (exit 3, with its line number; never its text)."""
+
+
+def _error(name: str, line_no: int, problem: str, key: Optional[str] = None) -> DotEnvError:
+    """ "FILE line N: problem", or "FILE line N, key K: problem" when K is a plain name (never a value)."""
+    shown = ", key %s" % key if key is not None and PLAIN_NAME.fullmatch(key) else ""
+    return DotEnvError("%s line %d%s: %s" % (name, line_no, shown, problem))
 
 
 @dataclass
@@ -73,13 +84,13 @@ def parse(text: str, name: str = ".env") -> DotEnv:
             body = trimmed
         match = KEY.match(body)
         if not match:
-            raise DotEnvError("%s line %d: not KEY=VALUE" % (name, line_no))
+            raise _error(name, line_no, "not KEY=VALUE")
         key = match.group(0)
         rest = body[match.end():]
         spaces = len(rest) - len(rest.lstrip(" \t"))
         rest = rest[spaces:]
         if not rest.startswith("="):
-            raise DotEnvError("%s line %d: %s has no '='" % (name, line_no, key))
+            raise _error(name, line_no, "not KEY=VALUE")  # no '=': what looks like a key may be a pasted secret
         value_offset = offset + match.end() + spaces + 1
         after_eq = text[value_offset:line_end].rstrip("\r")
         lead = len(after_eq) - len(after_eq.lstrip(" \t"))
@@ -87,13 +98,13 @@ def parse(text: str, name: str = ".env") -> DotEnv:
         first = text[value_offset:value_offset + 1]
         start_line = line_no
         if first in ("'", '"'):
-            value, close = _quoted(text, value_offset, first, name, line_no)
+            value, close = _quoted(text, value_offset, first, name, line_no, key)
             line_no += text.count("\n", value_offset, close)
             tail_end = text.find("\n", close)
             tail_end = length if tail_end < 0 else tail_end
             tail = text[close + 1:tail_end].rstrip("\r").strip()
             if tail and not tail.startswith("#"):
-                raise DotEnvError("%s line %d: text after the closing quote of %s" % (name, line_no, key))
+                raise _error(name, line_no, "text after the closing quote", key)
             env.entries.append(Entry(key, value, first, start_line, value_offset, close + 1))
             pos, line_no = tail_end + 1, line_no + 1
             continue
@@ -106,7 +117,7 @@ def parse(text: str, name: str = ".env") -> DotEnv:
     return env
 
 
-def _quoted(text: str, start: int, quote: str, name: str, line_no: int):
+def _quoted(text: str, start: int, quote: str, name: str, line_no: int, key: str):
     out, i = [], start + 1
     while i < len(text):
         char = text[i]
@@ -121,21 +132,26 @@ def _quoted(text: str, start: int, quote: str, name: str, line_no: int):
             break
         out.append(char)
         i += 1
-    raise DotEnvError("%s line %d: unterminated %s quote" % (name, line_no, quote))
+    raise _error(name, line_no, "unterminated %s quote" % ("single" if quote == "'" else "double"), key)
 
 
 def read(path: str) -> DotEnv:
+    from toolkit.errors import EnvironmentProblem
+
     try:
-        with open(path, "r", encoding="utf-8", newline="") as handle:
-            return parse(handle.read(), path)
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         raise BadInputError("no .env at %s" % path, hint="give --env-file PATH or --app-dir DIR") from None
-    except UnicodeDecodeError:
-        raise DotEnvError("%s is not UTF-8 text" % path) from None
     except PermissionError:
-        from toolkit.errors import EnvironmentProblem
-
         raise EnvironmentProblem("cannot read %s: permission denied" % path) from None
+    except OSError as error:
+        raise EnvironmentProblem("cannot read %s: %s" % (path, error.strerror or "error %s" % error.errno)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:  # its position only: the bytes around it may be a value
+        raise _error(path, data.count(b"\n", 0, error.start) + 1, "not UTF-8 text") from None
+    return parse(text, path)
 
 
 def with_values(env: DotEnv, changes: Dict[str, str]) -> str:
@@ -168,32 +184,20 @@ def with_values(env: DotEnv, changes: Dict[str, str]) -> str:
 
 
 def write_atomically(path: str, text: str, like: Optional[str] = None) -> None:
-    """Temp file in the same directory, same mode and owner as `like` (default: path), fsync, rename, fsync dir."""
+    """Replace PATH atomically (AtomicFile: a partial file, fsync, rename, fsync the directory) with the mode and,
+    as root, the owner of `like` (default: PATH itself; 0600 when neither exists). Mode and owner are set on the
+    descriptor, never by path. The rename replaces a symlink at PATH, it never writes through one."""
     import os
-    import tempfile
 
-    from toolkit.host.atomic import fsync_directory
+    from toolkit.host.atomic import PARTIAL_SUFFIX, AtomicFile
 
     reference = like or path
     info = os.stat(reference) if os.path.exists(reference) else None
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, info.st_mode & 0o7777 if info else 0o600)
-        if info is not None:
-            try:
-                os.chown(temporary, info.st_uid, info.st_gid)
-            except PermissionError:
-                pass
-        os.replace(temporary, path)
-        fsync_directory(directory)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    owner = (info.st_uid, info.st_gid) if info is not None and os.geteuid() == 0 else None
+    path = os.path.abspath(path)
+    partial = os.path.join(os.path.dirname(path), ".%s.%d-%s%s" % (os.path.basename(path), os.getpid(),
+                                                                     os.urandom(4).hex(), PARTIAL_SUFFIX))
+    with AtomicFile(path, info.st_mode & 0o7777 if info else 0o600, overwrite=True, partial=partial,
+                    owner=owner) as out:
+        out.write(text.encode("utf-8"))
+        out.commit()

@@ -5,6 +5,8 @@ State on disk (secrets only in the two .env files, both 0600):
   <app>/.env.pending                         the .env with the new values
   <app>/.bookgen-kit/rotation/<id>.json       states and fingerprints (0700 directory)
   <app>/.env.previous-<UTC>                  the old .env, kept after finish
+All of it is state, written and read through toolkit.host.atomic's state functions: a symlink, a hard link or a
+directory that others can write anywhere on the way is refused (exit 4) before anything is changed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from toolkit.errors import EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.host.atomic import check_state_path, chmod_state, read_state, state_dir, write_state
 from toolkit.host.hashing import fingerprint
 from toolkit.secrets import dotenv
 from toolkit.secrets.rotators import ROTATORS, provider_keys
@@ -47,27 +50,37 @@ def _utc() -> str:
 
 class Journal:
     def __init__(self, app_dir: str) -> None:
-        self.directory = os.path.join(app_dir, ".bookgen-kit", "rotation")
+        self.base = os.path.join(app_dir, ".bookgen-kit")
+        self.directory = os.path.join(self.base, "rotation")
 
     def path(self, run_id: str) -> str:
         return os.path.join(self.directory, run_id + ".json")
 
+    def prepare(self) -> None:
+        """The journal's directories, made (0700) or checked, and kept 0700 (fchmod, never chmod by path)."""
+        state_dir(os.path.dirname(self.base))  # the app directory, checked before anything is made in it
+        for directory in (self.base, self.directory):
+            state_dir(directory, create=True)
+            chmod_state(directory, 0o700)
+
     def save(self, document: Dict[str, Any]) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        os.chmod(os.path.dirname(self.directory), 0o700)
-        os.chmod(self.directory, 0o700)
-        dotenv.write_atomically(self.path(document["id"]), json.dumps(document, indent=2, sort_keys=True) + "\n",
-                                like=None)
-        os.chmod(self.path(document["id"]), 0o600)
+        self.prepare()
+        write_state(self.path(document["id"]),
+                    (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8"), 0o600)
 
     def runs(self) -> List[Dict[str, Any]]:
-        if not os.path.isdir(self.directory):
+        if not os.path.lexists(self.directory):
             return []
+        state_dir(self.base)  # the runs decide what resume and rollback do: a planted journal is refused
+        state_dir(self.directory)
         documents = []
         for name in sorted(os.listdir(self.directory)):
             if name.endswith(".json"):
-                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
-                    documents.append(json.load(handle))
+                path = os.path.join(self.directory, name)
+                try:
+                    documents.append(json.loads((read_state(path, strict=True) or b"").decode("utf-8")))
+                except ValueError:
+                    raise BadInputError("%s is not a rotation journal (not JSON)" % path) from None
         return sorted(documents, key=lambda d: d["created"])
 
     def open_run(self) -> Optional[Dict[str, Any]]:
@@ -105,6 +118,25 @@ def _pending_path(options: RotationOptions) -> str:
     return options.env_file + ".pending"
 
 
+def _env_owner(options: RotationOptions):
+    """The .env's owner, given to its copies (.env.pending, .env.previous-*) as the copies always had it."""
+    info = os.stat(options.env_file)
+    return (info.st_uid, info.st_gid) if os.geteuid() == 0 else None
+
+
+def _read_pending(options: RotationOptions) -> dotenv.DotEnv:
+    """The new values, read as state: they are what gets set on the services."""
+    path = _pending_path(options)
+    data = read_state(path, limit=1 << 20, strict=True)
+    if data is None:
+        raise EnvironmentProblem("%s is missing: the new values of this run are gone" % path,
+                                 hint="`rotate rollback` restores the old values on the services")
+    try:
+        return dotenv.parse(data.decode("utf-8"), path)
+    except UnicodeDecodeError:
+        raise dotenv.DotEnvError("%s is not UTF-8 text" % path) from None
+
+
 def run(options: RotationOptions) -> Dict[str, Any]:
     journal = Journal(options.app_dir)
     if journal.open_run():
@@ -115,14 +147,16 @@ def run(options: RotationOptions) -> Dict[str, Any]:
     rotators = _rotators(values, options)
     if not rotators:
         raise UsageError("nothing to rotate in %s" % options.env_file)
+    # every state location is checked before any value is made or any service touched
+    journal.prepare()
+    check_state_path(_pending_path(options))
     # 1. create: new values into .env.pending (0600), states and fingerprints into the journal
     new_values = {r.name: r.generate() for r in rotators}
     changes: Dict[str, str] = {}
     for rotator in rotators:
         changes.update(rotator.changes(new_values[rotator.name]))
     pending_text = dotenv.with_values(env, changes)
-    dotenv.write_atomically(_pending_path(options), pending_text, like=options.env_file)
-    os.chmod(_pending_path(options), 0o600)
+    write_state(_pending_path(options), pending_text.encode("utf-8"), 0o600, owner=_env_owner(options))
     document = {"id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
                 "created": _utc(), "host": socket.gethostname(), "env_file": options.env_file, "state": "created",
                 "db_container": options.db_container, "secrets": {}, "events": []}
@@ -139,11 +173,7 @@ def run(options: RotationOptions) -> Dict[str, Any]:
 
 def _load_values(options: RotationOptions):
     old = dotenv.read(options.env_file).values()
-    pending_path = _pending_path(options)
-    if not os.path.exists(pending_path):
-        raise EnvironmentProblem("%s is missing: the new values of this run are gone" % pending_path,
-                                 hint="`rotate rollback` restores the old values on the services")
-    new = dotenv.read(pending_path).values()
+    new = _read_pending(options).values()
     return old, new
 
 
@@ -186,10 +216,8 @@ def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journ
     previous = "%s.previous-%s" % (options.env_file, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     with open(options.env_file, encoding="utf-8", newline="") as handle:
         old_text = handle.read()
-    dotenv.write_atomically(previous, old_text, like=options.env_file)
-    os.chmod(previous, 0o600)
-    with open(_pending_path(options), encoding="utf-8", newline="") as handle:
-        new_text = handle.read()
+    write_state(previous, old_text.encode("utf-8"), 0o600, owner=_env_owner(options))
+    new_text = _read_pending(options).text  # strict: the .env's directory is checked again before it changes
     dotenv.write_atomically(options.env_file, new_text)
     _fault("finish-env")
     os.unlink(_pending_path(options))
@@ -207,7 +235,7 @@ def resume(options: RotationOptions) -> Dict[str, Any]:
     document = journal.open_run()
     if document is None:
         raise UsageError("no interrupted rotation to resume")
-    if not os.path.exists(_pending_path(options)):
+    if not os.path.lexists(_pending_path(options)):
         # killed between writing the new .env and removing .env.pending is impossible to reach here,
         # since the .env is written before .env.pending is removed; a missing pending file means finish ran
         document["state"] = "finished"
@@ -227,7 +255,7 @@ def rollback(options: RotationOptions) -> Dict[str, Any]:
         raise UsageError("no open rotation to roll back (a finished one is undone by rotating again)")
     options.db_container = options.db_container or document.get("db_container")
     old_env = dotenv.read(options.env_file).values()
-    new_env = dotenv.read(_pending_path(options)).values() if os.path.exists(_pending_path(options)) else {}
+    new_env = _read_pending(options).values() if os.path.lexists(_pending_path(options)) else {}
     if dotenv.read(options.env_file).values() == new_env:
         raise UsageError("the .env already holds the new values: this run finished its .env step",
                          hint="`rotate resume` completes it")
