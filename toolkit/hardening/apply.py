@@ -15,6 +15,8 @@ from toolkit.hardening.base import Change, HardenContext
 from toolkit.host.atomic import make_state_dir, read_state, state_dir, write_state
 from toolkit.host.programs import run_program
 
+KEEP_LIMIT = 64 << 20  # a file kept in an undo bundle (configuration: far smaller)
+
 BUNDLES = "/var/lib/bookgen-kit/harden"
 
 
@@ -110,8 +112,10 @@ class Bundle:
         path = self.ctx.path(logical)
         if os.path.lexists(path):
             info = os.lstat(path)
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = self.ctx.fs.read_bytes(logical, KEEP_LIMIT)  # a regular file only, never a FIFO; bounded
+            if len(data) >= KEEP_LIMIT:
+                raise EnvironmentProblem("%s is larger than %d MiB: not kept in the undo bundle, nothing changed"
+                                         % (logical, KEEP_LIMIT >> 20))
             document["files"][logical] = {"absent": False, "mode": info.st_mode & 0o7777, "uid": info.st_uid,
                                           "gid": info.st_gid, "data": base64.b64encode(data).decode("ascii")}
         else:

@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from toolkit.errors import EnvironmentProblem, UsageError
+from toolkit.host.atomic import read_state, write_state
 from toolkit.host.programs import run_program
 
 TABLE = "bookgen_kit_contain"
@@ -55,17 +56,17 @@ def _state_path() -> str:
 
 
 def _load_state() -> Optional[Dict[str, Any]]:
-    try:
-        with open(_state_path(), encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
+    data = read_state(_state_path(), strict=True)  # decides what release undoes: checked as state
+    if data is None:
         return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise EnvironmentProblem("%s is not valid JSON: containment state unknown" % _state_path()) from None
 
 
 def _save_state(state: Dict[str, Any]) -> None:
-    from toolkit.hardening.apply import _write
-
-    _write(_state_path(), json.dumps(state, indent=2, sort_keys=True).encode(), 0o600)
+    write_state(_state_path(), json.dumps(state, indent=2, sort_keys=True).encode(), 0o600, create_dir=True)
 
 
 def contain(allow_ssh_from: List[str], pause_containers: bool, compose_project: str, evidence_dir: Optional[str],

@@ -23,7 +23,7 @@ import posixpath
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -35,11 +35,12 @@ DEFAULT_MAX_DEPTH = 4096
 VANISHED = "vanished while it was read"
 
 
-class Refused(Exception):
-    """A path we will not read as asked: a symlink in a component, a FIFO, a device, a loop."""
+class Refused(OSError):
+    """A path we will not read as asked: a symlink in a component, a FIFO, a device, a loop. An OSError, so
+    that code which treats an unreadable file as unreadable keeps doing so; its strerror is the reason."""
 
     def __init__(self, path: str, reason: str, link: Optional[str] = None) -> None:
-        super().__init__("%s: %s" % (path, reason))
+        super().__init__(errno.EPERM, reason, path)
         self.path = path
         self.reason = reason
         self.link = link  # the symlink met in a component (live host), which can be collected as a link
@@ -499,3 +500,17 @@ def _reason(error: BaseException) -> str:
 def reason(error: BaseException) -> str:
     """One line saying why a host path could not be read (no Python exception text)."""
     return _reason(error)
+
+
+def open_host_file(path: str, follow: bool = True) -> BinaryIO:
+    """A regular file of this host opened for reading, as a binary file object: never a FIFO, device or
+    socket; with follow, symlinks resolved as the kernel would (a configuration file read as its service
+    reads it), otherwise none followed. Raises FileNotFoundError or Refused (an OSError)."""
+    opened = HostFS("/", resolve_links=follow).open_file(os.path.abspath(path), follow=follow)
+    return os.fdopen(opened.fd, "rb")
+
+
+def read_host_file(path: str, limit: int, follow: bool = True) -> bytes:
+    """At most limit bytes of a regular file of this host (see open_host_file)."""
+    with open_host_file(path, follow) as handle:
+        return handle.read(limit)

@@ -228,8 +228,10 @@ def environment_warnings(tool: Dict[str, Any]) -> List[EnvWarning]:
     if python_vars:
         warnings.append(EnvWarning("env-python", "PYTHON* variables are set (ignored under -I): %s" % ", ".join(python_vars)))
     try:
-        with open(LD_SO_PRELOAD, encoding="utf-8", errors="replace") as preload:
-            entries = [line.strip() for line in preload if line.strip() and not line.lstrip().startswith("#")]
+        from toolkit.host.hostfs import read_host_file
+
+        text = read_host_file(LD_SO_PRELOAD, 1 << 20).decode("utf-8", "replace")  # never a FIFO; bounded
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         if entries:
             warnings.append(EnvWarning("ld-so-preload", "%s is not empty: %s" % (LD_SO_PRELOAD, ", ".join(entries))))
     except FileNotFoundError:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from toolkit.errors import BadInputError
+from toolkit.host.hostfs import read_host_file
 
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a key shown in an error; anything else could be a value
@@ -135,18 +136,22 @@ def _quoted(text: str, start: int, quote: str, name: str, line_no: int, key: str
     raise _error(name, line_no, "unterminated %s quote" % ("single" if quote == "'" else "double"), key)
 
 
+ENV_READ_LIMIT = 4 << 20
+
+
 def read(path: str) -> DotEnv:
     from toolkit.errors import EnvironmentProblem
 
     try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_host_file(path, ENV_READ_LIMIT)  # never a FIFO or device; bounded
     except FileNotFoundError:
         raise BadInputError("no .env at %s" % path, hint="give --env-file PATH or --app-dir DIR") from None
     except PermissionError:
         raise EnvironmentProblem("cannot read %s: permission denied" % path) from None
     except OSError as error:
         raise EnvironmentProblem("cannot read %s: %s" % (path, error.strerror or "error %s" % error.errno)) from None
+    if len(data) >= ENV_READ_LIMIT:
+        raise BadInputError("%s is larger than %d MiB: not a .env" % (path, ENV_READ_LIMIT >> 20))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:  # its position only: the bytes around it may be a value

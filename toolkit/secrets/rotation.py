@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
 from toolkit.host.atomic import check_state_path, chmod_state, read_state, state_dir, write_state
 from toolkit.host.hashing import fingerprint
+from toolkit.host.hostfs import read_host_file
 from toolkit.secrets import dotenv
 from toolkit.secrets.rotators import ROTATORS, provider_keys
 
@@ -214,9 +215,8 @@ def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journ
         _fault("test:" + name)
     # 4. finish: the .env becomes the pending one, atomically; the previous is kept
     previous = "%s.previous-%s" % (options.env_file, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-    with open(options.env_file, encoding="utf-8", newline="") as handle:
-        old_text = handle.read()
-    write_state(previous, old_text.encode("utf-8"), 0o600, owner=_env_owner(options))
+    old_bytes = read_host_file(options.env_file, dotenv.ENV_READ_LIMIT)  # never a FIFO or device
+    write_state(previous, old_bytes, 0o600, owner=_env_owner(options))
     new_text = _read_pending(options).text  # strict: the .env's directory is checked again before it changes
     dotenv.write_atomically(options.env_file, new_text)
     _fault("finish-env")

@@ -251,7 +251,9 @@ def recent_oom_kills(window_seconds: int = 86400, kmsg: str = "/dev/kmsg", kern_
             os.close(fd)
         return {"source": kmsg, "kills": kills[-20:]}
     try:
-        with open(kern_log, "rb") as log:
+        from toolkit.host.hostfs import open_host_file
+
+        with open_host_file(kern_log) as log:  # never a FIFO or device
             log.seek(0, os.SEEK_END)
             log.seek(max(0, log.tell() - 1024 * 1024))
             for line in log.read().decode("utf-8", "replace").splitlines():
