@@ -298,7 +298,10 @@ def test_auditd_rules_load_catch_a_write_and_only_ours_go_away(tmp_path):
                               stderr=subprocess.DEVNULL)
     bundle = None
     try:
-        time.sleep(1)
+        deadline = time.time() + 30  # auditd is up once it has opened its log
+        while time.time() < deadline and not (log_dir / "audit.log").exists():
+            time.sleep(0.1)
+        assert (log_dir / "audit.log").exists(), "auditd did not start"
         applied = kit("--json", "harden", "apply", "--yes", "--only", "auditd", "--app-dir", str(host.app_dir))
         assert applied.returncode == 0, applied.stdout + applied.stderr
         bundle = json.loads(applied.stdout)["bundle"]
