@@ -158,3 +158,14 @@ def read_member(tar, member: tarfile.TarInfo, sink=None) -> Optional[str]:
         if sink is not None:
             sink(chunk)
     return digest.hexdigest()
+
+
+def member_kind(member: tarfile.TarInfo) -> str:
+    """file, dir, symlink or other: a member's type as the manifest names it."""
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symlink"
+    return "other"

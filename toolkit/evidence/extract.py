@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from toolkit.errors import EnvironmentProblem, KitError, UsageError, VerificationFailed
-from toolkit.evidence.bundle import iterate_members, load_manifest, locate, open_tar_stream
+from toolkit.evidence.bundle import iterate_members, load_manifest, locate, member_kind, open_tar_stream
 from toolkit.host.atomic import PARTIAL_SUFFIX, environment_error
 
 GiB = 1024 ** 3
@@ -497,14 +497,6 @@ class _Extraction:
         self.staging_fd = self.root_fd = -1
 
 
-def _kind(member: tarfile.TarInfo) -> str:
-    if member.isreg():
-        return "file"
-    if member.isdir():
-        return "dir"
-    if member.issym():
-        return "symlink"
-    return "other"
 
 
 def _member_entries(artifacts: Any, origin: str) -> Dict[str, List[Dict[str, Any]]]:
@@ -646,7 +638,7 @@ def _extract(run: _Extraction, paths, manifest: Dict[str, Any], identities: Sequ
             if relative == MANIFEST_NAME:
                 inner, manifest_temporary = _inner_manifest(run, member, inner_sha256)
                 continue
-            item = _Seen(member.name, _kind(member), member.size if member.isreg() else 0, None,
+            item = _Seen(member.name, member_kind(member), member.size if member.isreg() else 0, None,
                          member.linkname if member.issym() else None)
             run.seen.append(item)
             try:

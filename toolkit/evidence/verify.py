@@ -30,6 +30,7 @@ from toolkit.evidence.bundle import (
     iterate_members,
     load_manifest,
     locate,
+    member_kind,
     open_counted_tar_stream,
     open_tar_stream,
     read_member,
@@ -332,14 +333,6 @@ class _Member:
     target: Optional[str]
 
 
-def _kind(member) -> str:
-    if member.isreg():
-        return "file"
-    if member.isdir():
-        return "dir"
-    if member.issym():
-        return "symlink"
-    return "other"
 
 
 def _check_members(paths: BundlePaths, manifest: Dict[str, Any], identities: Sequence[Any], report: VerifyReport,
@@ -366,7 +359,7 @@ def _check_members(paths: BundlePaths, manifest: Dict[str, Any], identities: Seq
                     members.append(_Member(member.name, "file", member.size, inner_digest, None))
                     continue
                 digest = read_member(tar, member)
-                members.append(_Member(member.name, _kind(member), member.size if member.isreg() else 0, digest,
+                members.append(_Member(member.name, member_kind(member), member.size if member.isreg() else 0, digest,
                                        member.linkname if member.issym() else None))
             counter.drain()
     except KitError as error:

@@ -11,6 +11,7 @@ import stat
 from typing import BinaryIO, Optional, Tuple
 
 from toolkit.errors import BadInputError, EnvironmentProblem
+from toolkit.host.hostfs import kind_of
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -154,13 +155,6 @@ def printable(path: str) -> str:
                    for c in path)
 
 
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file"),
-                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "file of unknown type"
 
 
 def _trusted(uid: int) -> bool:
@@ -170,7 +164,7 @@ def _trusted(uid: int) -> bool:
 def _check_directory(path: str, info: os.stat_result, own: bool) -> None:
     """own: the directory the state lives in (no sticky exception); else an ancestor of it."""
     if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeStatePath(path, "it is not a directory (a %s)" % _kind(info.st_mode))
+        raise UnsafeStatePath(path, "it is not a directory (a %s)" % kind_of(info.st_mode))
     if not _trusted(info.st_uid):
         raise UnsafeStatePath(path, "it is owned by uid %d, neither root nor us (its owner could plant a link for "
                                     "root to follow)" % info.st_uid, hint=_HINT_OWNER)
@@ -185,7 +179,7 @@ def _check_file(path: str, info: os.stat_result) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise UnsafeStatePath(path, "it is a symlink (%s)" % _WHY_LINK, hint=_HINT_LINK)
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafeStatePath(path, "it is not a regular file (a %s)" % _kind(info.st_mode), hint="remove it")
+        raise UnsafeStatePath(path, "it is not a regular file (a %s)" % kind_of(info.st_mode), hint="remove it")
     if info.st_nlink > 1:
         raise UnsafeStatePath(path, "it has %d hard links (a planted link would make root write to another file)"
                               % info.st_nlink, hint="remove this name (the file stays under its other names)")
@@ -213,7 +207,7 @@ def _new_directory(path: str, mode: int) -> os.stat_result:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise UnsafeStatePath(path, "after mkdir it is not a directory of ours (a %s owned by uid %d)"
-                              % (_kind(info.st_mode), info.st_uid))
+                              % (kind_of(info.st_mode), info.st_uid))
     fd = _open_nofollow(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
@@ -282,7 +276,7 @@ def make_state_dir(path: str, mode: int = 0o700) -> str:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
         raise UnsafeStatePath(path, "after mkdir it is not a directory of ours (a %s owned by uid %d)"
-                              % (_kind(info.st_mode), info.st_uid))
+                              % (kind_of(info.st_mode), info.st_uid))
     chmod_state(path, mode)
     return path
 
@@ -332,7 +326,7 @@ def read_state(path: str, limit: int = STATE_READ_LIMIT, strict: bool = False) -
         if strict:
             _check_file(path, info)
         elif not stat.S_ISREG(info.st_mode):
-            raise UnsafeStatePath(path, "it is not a regular file (a %s)" % _kind(info.st_mode), hint="remove it")
+            raise UnsafeStatePath(path, "it is not a regular file (a %s)" % kind_of(info.st_mode), hint="remove it")
         chunks, size = [], 0
         while True:
             chunk = os.read(fd, 1 << 20)
