@@ -22,6 +22,7 @@ import os
 import posixpath
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -400,7 +401,7 @@ class HostFS:
         try:
             while True:
                 if current[2] is None:  # list the directory once, yielding as it goes
-                    subdirs: List[Tuple[str, Tuple[int, int]]] = []
+                    subdirs: "deque[Tuple[str, Tuple[int, int]]]" = deque()
                     stats.directories += 1
                     try:
                         with os.scandir(current_fd) as entries:
@@ -430,10 +431,10 @@ class HostFS:
                         return
                     if len(frames) + 1 > limits.max_depth and subdirs:
                         stats.limit("depth", current[0], limits.max_depth)
-                        subdirs = []
+                        subdirs = deque()
                     current[2] = subdirs
                 if current[2]:
-                    name, identity = current[2].pop(0)
+                    name, identity = current[2].popleft()
                     path = current[0].rstrip("/") + "/" + name
                     if identity in limits.exclude:
                         stats.skipped.append((path, "bookgen-kit's own output"))
