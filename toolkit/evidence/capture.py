@@ -413,6 +413,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                     "profile": options.profile, "root": options.root, "command_line": options.command_line,
                     "identity": _capabilities(), "preflight": flight,
                     "degraded": degraded,
+                    "mode": run_mode(options.root),
                     "limits": {"max_file_size": options.max_file_size, "compression": options.compression,
                                "deadline_seconds": deadline_seconds},
                     "collectors": collector_stats,
@@ -461,6 +462,22 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
                          payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
                          collector_stats, round(time.time() - started, 2), options.encrypt, findings)
+
+
+CONTAINER_MODE_ENV = "BOOKGEN_KIT_CONTAINER_MODE"
+
+
+def run_mode(root: str) -> Dict[str, Any]:
+    """How this capture ran: on the host itself, or (a host with no usable Python) inside a container of an
+    image already on the host, sharing its PID, network and UTS namespaces, with its / read-only as --root.
+    The documented `docker run` line sets BOOKGEN_KIT_CONTAINER_MODE to the image it used."""
+    image = os.environ.get(CONTAINER_MODE_ENV)
+    if not image:
+        return {"kind": "host"}
+    return {"kind": "container", "image": image, "root": root,
+            "changes_on_host": "one container created from %s and removed when the capture ended (docker run "
+                               "--rm); the host's / was mounted read-only" % image,
+            "namespaces_shared_with_host": ["pid", "network", "uts", "ipc"]}
 
 
 def detached_manifest(inner: Dict[str, Any], inner_sha256: str) -> Dict[str, Any]:
