@@ -11,7 +11,7 @@ import os
 import tarfile
 from typing import BinaryIO, Dict, Optional, Sequence
 
-from toolkit.host.streams import HashingWriter
+from toolkit.host.streams import BackgroundWriter, HashingWriter
 
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -94,7 +94,9 @@ class PayloadWriter:
 
         self.hashing = HashingWriter(sink)
         self._encryptor = age.Encryptor(self.hashing, recipients, armored) if recipients else None
-        self._compressor = compressor(compression, self._encryptor or self.hashing, threads=threads)
+        # encryption on its own thread: it runs while the compressor's caller waits for its workers
+        self._encrypting = BackgroundWriter(self._encryptor, name="encrypting-writer") if self._encryptor else None
+        self._compressor = compressor(compression, self._encrypting or self.hashing, threads=threads)
         self._remaining = 0
         self._member_size = 0
         self._written = 0  # uncompressed tar bytes
@@ -154,12 +156,15 @@ class PayloadWriter:
             self._emit(bytes(RECORD - tail))
         self._compressor.close()
         if self._encryptor is not None:
+            self._encrypting.close()
             self._encryptor.close()
         self.hashing.close()
         return {"size": self.hashing.size, "sha256": self.hashing.hexdigest(), "tar_bytes": self._written}
 
     def abort(self) -> None:
-        try:
-            self.hashing.close()
-        except Exception:
-            pass
+        for stage in (self._encrypting, self.hashing):
+            try:
+                if stage is not None:
+                    stage.close()
+            except Exception:
+                pass

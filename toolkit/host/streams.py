@@ -1,30 +1,28 @@
-"""Stream plumbing: a writer that hashes and writes on a second thread, in bounded memory."""
+"""Stream plumbing: writers that hand their work to a second thread, in bounded memory."""
 from __future__ import annotations
 
 import hashlib
 import queue
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 _DONE = object()
 
 
-class HashingWriter:
-    """Counts, sha256-hashes and writes to a sink on a background thread.
-
-    hashlib and file writes release the GIL, so they overlap with the caller's
-    work (compression, encryption). At most max_pending buffers wait in the
-    queue, so memory stays bounded. An error in the thread is raised by the
-    next write() or by close().
+class BackgroundWriter:
+    """Writes to a sink on a background thread, so that the sink's work (encryption, hashing, file writes)
+    overlaps with the caller's (reading, compression). At most max_pending buffers wait in the queue, so memory
+    stays bounded; order is kept. An error in the thread is raised by the next write() or by close().
     """
 
-    def __init__(self, sink, max_pending: int = 16) -> None:
+    def __init__(self, sink, max_pending: int = 16, name: str = "background-writer",
+                 on_chunk: Optional[Callable[[bytes], None]] = None) -> None:
         self.sink = sink
-        self.digest = hashlib.sha256()
         self.size = 0
+        self._on_chunk = on_chunk
         self._queue: "queue.Queue" = queue.Queue(max_pending)
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="hashing-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._closed = False
 
@@ -36,7 +34,8 @@ class HashingWriter:
             if self._error is not None:
                 continue  # drain after a failure
             try:
-                self.digest.update(item)
+                if self._on_chunk is not None:
+                    self._on_chunk(item)
                 self.sink.write(item)
             except BaseException as error:  # handed to the writer's thread
                 self._error = error
@@ -50,13 +49,22 @@ class HashingWriter:
         return len(chunk)
 
     def close(self) -> None:
-        """Wait for every queued buffer to be written; raise what the thread hit."""
+        """Wait for every queued buffer to be written; raise what the thread hit. The sink stays open."""
         if not self._closed:
             self._closed = True
             self._queue.put(_DONE)
             self._thread.join()
         if self._error is not None:
             raise self._error
+
+
+class HashingWriter(BackgroundWriter):
+    """Counts, sha256-hashes and writes to a sink on a background thread (hashlib and file writes release the
+    GIL, so they overlap with the caller's compression and encryption)."""
+
+    def __init__(self, sink, max_pending: int = 16) -> None:
+        self.digest = hashlib.sha256()
+        super().__init__(sink, max_pending, "hashing-writer", self.digest.update)
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
