@@ -189,7 +189,8 @@ class _Recorder:
         self.bytes = 0
 
     def note(self, message: str) -> None:
-        self.log.append("%s %s" % (_utc(), message))
+        """A line of collection.log: what the host named (paths) is escaped, so no name can forge a line."""
+        self.log.append("%s %s" % (_utc(), one_line(message)))
 
     def run(self, collector, context: CollectionContext, budget: float) -> Dict[str, Any]:
         """Consume the collector's events until it is done or its budget (which includes the time the writer
@@ -425,7 +426,8 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                 {"encrypted": False, "WARNING": "THIS BUNDLE IS NOT ENCRYPTED: it holds secrets in plaintext"},
                 "findings_count": len(findings),
             }
-            inner = json.dumps(manifest, indent=2, sort_keys=True).encode()
+            # compact: the C encoder (indent= uses the pure-Python one, slow with 200,000 artifacts)
+            inner = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
             writer.add_bytes(_member_info("manifest.json", b""), inner)
             payload = writer.close()
         except BaseException:
@@ -478,6 +480,23 @@ def run_mode(root: str) -> Dict[str, Any]:
             "changes_on_host": "one container created from %s and removed when the capture ended (docker run "
                                "--rm); the host's / was mounted read-only" % image,
             "namespaces_shared_with_host": ["pid", "network", "uts", "ipc"]}
+
+
+def one_line(text: str) -> str:
+    """Text on one printable line: control characters and undecodable bytes as \\xNN escapes, backslash doubled."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if char == "\\":
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            code = ord(char)
+            out.append("\\x%02x" % (code - 0xDC00) if 0xDC80 <= code <= 0xDCFF else
+                       "\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+    return "".join(out)
 
 
 def detached_manifest(inner: Dict[str, Any], inner_sha256: str) -> Dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import queue
 import stat
 import tarfile
@@ -172,6 +173,7 @@ class Emitter:
         text = reason(error)
         if isinstance(error, Refused) and error.link is not None:
             self.skip(source, text, "refused")
+            self.file(error.link, 0)  # the link itself, as the symlink it is (once: members are claimed)
         elif isinstance(error, FileNotFoundError):
             self.skip(source, "vanished before it could be read", "error" if requested else "skip")
         else:
@@ -210,6 +212,18 @@ class Emitter:
         if failure is not None:
             raise failure
         return total
+
+    def read(self, logical: str, limit: int, follow: bool = False) -> Optional[bytes]:
+        """A host file's first `limit` bytes, read for what it says (not stored as a member): None when it is
+        absent or not read. A FIFO, device, link or anything else refused is recorded in the manifest's
+        errors, as it is for a member: a read that fails quietly would hide what the attacker planted."""
+        try:
+            return self.fs.read_bytes(logical, limit, follow)
+        except FileNotFoundError:
+            return None
+        except (OSError, Refused) as error:
+            self.refusal(logical, error)
+            return None
 
     def fact(self, kind: str, data: Any, evidence: str) -> None:
         self._put(Fact(kind, data, evidence))
@@ -268,16 +282,34 @@ class Emitter:
             self.refusal(logical, error)
             return False
         try:
-            return self._entry(dir_fd, name, resolved, info, max_size, requested=True,
-                               via=logical if resolved != os.path.normpath("/" + logical) else None)
+            asked = posixpath.normpath("/" + logical.lstrip("/"))
+            stored = self._entry(dir_fd, name, resolved, info, max_size, requested=True,
+                                 via=logical if resolved != asked else None)
         finally:
             os.close(dir_fd)
+        if resolved != asked:
+            self._keep_links_met(asked)
+        return stored
+
+    def _keep_links_met(self, asked: str) -> None:
+        """Under --root a symlink in a component is resolved inside the root (a chroot's view), and the path
+        is stored by the name it resolved to. The link itself is evidence (a planted ~/.ssh -> /root/.ssh):
+        each one in the components of the path asked for is stored too, as the symlink it is."""
+        if not self.fs.in_root:
+            return
+        parts = [part for part in asked.split("/") if part]
+        for end in range(1, len(parts)):
+            prefix = "/" + "/".join(parts[:end])
+            try:
+                is_link = stat.S_ISLNK(self.fs.lstat(prefix).st_mode)
+            except (OSError, Refused):
+                return
+            if is_link:
+                self.file(prefix, 0)
 
     def _refused_component(self, logical: str, error: Refused) -> None:
         """A path not read because of a symlink in a component: the refusal, and the link itself."""
         self.refusal(logical, error)
-        if error.link is not None:
-            self.file(error.link, 0)
 
     def tree(self, logical: str, max_size: int, limits: Optional[WalkLimits] = None) -> WalkStats:
         """A path and, for a directory, everything below it: iterative, no symlink followed, bounded."""
@@ -291,10 +323,14 @@ class Emitter:
             return stats
         except OSError:
             pass  # absent, or said by the walk below
+        asked = posixpath.normpath("/" + logical.lstrip("/"))
         try:
             for entry in self.fs.walk(logical, limits, stats):
+                via = asked if entry.depth == 0 and entry.logical != asked else None
                 self._entry(entry.dir_fd, entry.name, entry.logical, entry.info, max_size,
-                            requested=entry.depth == 0)
+                            requested=entry.depth == 0, via=via)
+                if via:
+                    self._keep_links_met(asked)
         finally:
             self.walk_report(logical, stats)
         return stats

@@ -10,7 +10,7 @@ import threading
 from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
-from toolkit.host.hostfs import Refused, reason
+from toolkit.host.hostfs import Refused, WalkStats, reason
 
 TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
 LOG_CAP = 16 * 1024 * 1024
@@ -159,7 +159,7 @@ class ContainerCollector(Collector):
 
     def _fallback(self, context: CollectionContext, emit: Emitter, reason_text: str) -> None:
         fs = context.fs
-        root = posixpath.normpath("/" + context.docker_root)
+        root = posixpath.normpath("/" + context.docker_root.lstrip("/"))  # not "//...": paths are cut by length
         directory = root + "/containers"
         try:
             ids = fs.listdir(directory)
@@ -188,15 +188,19 @@ class ContainerCollector(Collector):
             for file_name in ("config.v2.json", "hostconfig.json", container_id + "-json.log"):
                 emit.file(folder + "/" + file_name, min(context.max_file_size, LOG_CAP) if file_name.endswith(".log")
                           else context.max_file_size)
-            upper = self._upper_dir(fs, root, container_id)
+            upper = self._upper_dir(emit, root, container_id)
             listing = []
             if upper and fs.is_dir(upper):
-                for entry in fs.walk(upper, context.walk_limits()):
-                    if entry.depth == 0:
-                        continue
-                    info = entry.info
-                    listing.append({"path": entry.logical[len(upper):], "mode": "%o" % info.st_mode,
-                                    "size": info.st_size, "mtime": info.st_mtime})
+                stats = WalkStats()
+                try:
+                    for entry in fs.walk(upper, context.walk_limits(), stats):
+                        if entry.depth == 0:
+                            continue
+                        info = entry.info
+                        listing.append({"path": entry.logical[len(upper):], "mode": "%o" % info.st_mode,
+                                        "size": info.st_size, "mtime": info.st_mtime})
+                finally:
+                    emit.walk_report(upper, stats)
             emit.json(base + "upperdir.json", {"upper_dir": upper, "entries": listing},
                       "fallback: walk of the overlay2 upper directory (daemon not answering)")
             new_executables = [e["path"] for e in listing if int(e["mode"], 8) & 0o111 and
@@ -210,9 +214,9 @@ class ContainerCollector(Collector):
                   "fallback: files under the Docker data root, read directly")
 
     @staticmethod
-    def _upper_dir(fs, root: str, container_id: str) -> Optional[str]:
+    def _upper_dir(emit: Emitter, root: str, container_id: str) -> Optional[str]:
         mount_id_file = root + "/image/overlay2/layerdb/mounts/%s/mount-id" % container_id
-        text = (fs.read_text(mount_id_file, 4096) or "").strip()
+        text = (emit.read(mount_id_file, 4096) or b"").decode("utf-8", "replace").strip()
         if not _ID.match(text):
             return None
         return root + "/overlay2/" + text + "/diff"

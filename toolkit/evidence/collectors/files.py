@@ -22,7 +22,7 @@ class AppConfigCollector(Collector):
     description = "BookGen's configuration in the app directory (.env, compose files, other config)"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
-        app = posixpath.normpath("/" + context.deployment.app_dir)
+        app = posixpath.normpath("/" + context.deployment.app_dir.lstrip("/"))
         try:
             names = context.fs.listdir(app)
         except FileNotFoundError:

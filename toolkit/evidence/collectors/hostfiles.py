@@ -54,9 +54,16 @@ class LogCollector(Collector):
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         for logical in list(context.deployment.log_dirs) + list(SYSTEM_LOGS):
-            logical = posixpath.normpath("/" + logical)
+            logical = posixpath.normpath("/" + logical.lstrip("/"))
             parent, base = posixpath.split(logical)
-            for name in _listdir(context, parent):
+            try:
+                names = context.fs.listdir(parent)
+            except FileNotFoundError:
+                continue
+            except (OSError, Refused):  # e.g. /var/log a link on a live host: the path says why, the link is kept
+                emit.tree(logical, context.max_file_size)
+                continue
+            for name in names:
                 if name == base or name.startswith(base + "."):
                     emit.tree(posixpath.join(parent, name), context.max_file_size)
 

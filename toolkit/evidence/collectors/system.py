@@ -8,7 +8,7 @@ import time
 from typing import Any, Dict, Optional
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
-from toolkit.host.hostfs import Refused
+from toolkit.host.hostfs import Refused, reason
 
 TIME_SYNC_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd", "timesyncd")
 
@@ -98,6 +98,8 @@ class SystemCollector(Collector):
         facts = system_facts(context)
         emit.generated("volatile/system.json", json.dumps(facts, indent=2, sort_keys=True).encode(),
                        "/proc, uname, /etc/machine-id")
+        if facts["machine_id"] is None:  # system_facts reads it quietly: a FIFO, device or link there is said here
+            emit.read("/etc/machine-id", 4096, follow=True)
         logins = {}
         utmp = ("/run/utmp",) if context.fs.lexists("/run/utmp") else ("/var/run/utmp",)
         for name in utmp + ("/var/log/wtmp", "/var/log/btmp"):
@@ -120,5 +122,8 @@ class SystemCollector(Collector):
         emit.generated("volatile/mountinfo.txt", (_read("/proc/self/mountinfo") or "").encode(), "/proc/self/mountinfo")
         if context.fs.lexists("/etc/ld.so.preload"):
             emit.file("/etc/ld.so.preload", context.max_file_size)
-            emit.fact("ld_so_preload", (context.fs.read_text("/etc/ld.so.preload", 1 << 20) or "").strip(),
-                      "files/etc/ld.so.preload")
+            try:  # under --root a link is read inside the image, as its loader would
+                preload = context.fs.read_bytes("/etc/ld.so.preload", 1 << 20, follow=True).decode("utf-8", "replace")
+            except (OSError, Refused) as error:  # the loader follows a link we do not: present and unread is a finding
+                preload = "(present, not read: %s)" % reason(error)
+            emit.fact("ld_so_preload", preload.strip(), "files/etc/ld.so.preload")

@@ -84,8 +84,13 @@ class BirthTimes:
 
 
 def escape_name(name: str) -> str:
-    """Bodyfile-safe: mactime splits on '|' and decodes %XX in every field."""
-    return "".join("%%%02X" % ord(c) if c in "%|\n\r" else c for c in name)
+    """Bodyfile-safe and unambiguous. mactime splits a line on '|' and decodes %XX once in every field, then
+    silently drops (or garbles) an entry whose decoded name holds a newline: a name the attacker chooses
+    would hide a file from the timeline. So '|' is written %7C (mactime shows '|'), and '%' and the control
+    characters are written %25XX: mactime shows them percent-encoded (%25, %0A, %1B), on one line, and no
+    two names look alike. Bytes that are not UTF-8 (surrogate escapes) are written as they are."""
+    return "".join("%7C" if c == "|" else "%%25%02X" % ord(c) if c == "%" or ord(c) < 0x20 or ord(c) == 0x7F
+                   else c for c in name)
 
 
 def mode_string(mode: int) -> str:
@@ -148,7 +153,7 @@ class TimelineCollector(Collector):
                 int(info.st_atime), int(info.st_mtime), int(info.st_ctime), birth)
 
         for logical_root in roots:
-            logical_root = posixpath.normpath("/" + logical_root)
+            logical_root = posixpath.normpath("/" + logical_root.lstrip("/"))
             if any(logical_root == done or logical_root.startswith(done.rstrip("/") + "/") for done in walked):
                 continue
             try:
