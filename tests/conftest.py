@@ -35,7 +35,7 @@ def build_pyz(output: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="session")
 def pyz(tmp_path_factory) -> Path:
-    """The full 10-target zipapp, built once per test session (BOOKGEN_KIT_TEST_PYZ reuses one)."""
+    """The full zipapp (16 targets), built once per test session (BOOKGEN_KIT_TEST_PYZ reuses one)."""
     given = os.environ.get("BOOKGEN_KIT_TEST_PYZ")
     if given:
         return Path(given).resolve()

@@ -42,12 +42,21 @@ def _render(output, report) -> None:
     facts.add_row("interpreter", "%s %s  %s" % (interp["implementation"], interp["version"], interp["exe"] or interp["executable"]))
     facts.add_row("interpreter sha256", interp["sha256"] or "unreadable")
     facts.add_row("flags", "isolated=%s no_site=%s re-executed=%s" % (interp["isolated"], interp["no_site"], interp["reexecuted"]))
+    choice = interp.get("choice") or {}
+    if choice:
+        facts.add_row("chosen by", "%s: %s" % (choice.get("chosen_by"), choice.get("why")))
+    zone = interp.get("timezone") or {}
+    if zone:
+        facts.add_row("timezone", "TZ=%s%s" % (zone.get("TZ"), " (set by bookgen-kit: the host has no TZ)"
+                                               if zone.get("set_by_bookgen_kit") else " (the host's)"))
     facts.add_row("platform", "%s %s %s, %s" % (plat["system"], plat["kernel"], plat["machine"], plat["libc"] or "no glibc"))
     facts.add_row("target", plat["target"]["name"] if plat["target"] else "- (not a pyz)")
     facts.add_row("native code", "%s%s" % (loading["mode"], " (forced by BOOKGEN_EXTRACT=disk)" if loading.get("forced_disk") else ""))
     if loading.get("private_dirs"):
         facts.add_row("private dirs", ", ".join(loading["private_dirs"]) + (
             "  LEFT BEHIND: " + ", ".join(loading["private_dirs_left"]) if loading.get("private_dirs_left") else "  (removed)"))
+    for item in report.degraded:
+        facts.add_row("unavailable", "%s: %s" % (item["component"], item["effect"]))
     console.print(facts)
 
     imports = Table(title="native imports", title_justify="left")
@@ -55,7 +64,8 @@ def _render(output, report) -> None:
     imports.add_column("result")
     imports.add_column("detail", overflow="fold")
     for item in report.native_imports:
-        imports.add_row(item.module, "[green]ok[/green]" if item.ok else "[red]FAILED[/red]", item.detail or item.error)
+        result = "[green]ok[/green]" if item.ok else "[yellow]unavailable[/yellow]" if item.degraded else "[red]FAILED[/red]"
+        imports.add_row(item.module, result, item.detail or item.error)
     console.print(imports)
 
     if output.verbose:

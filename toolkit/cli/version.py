@@ -17,7 +17,7 @@ def version_document() -> dict:
             pyroot = build["pyroots"][target["pyroot"]]
             targets.append({"name": name, "python": target["python"], "machine": target["machine"],
                             "glibc": target["glibc"], "bytecode": pyroot["bytecode"],
-                            "dists": target["dists"]})
+                            "dists": target["dists"], "unavailable": [u["component"] for u in target.get("unavailable", [])]})
     return {
         "name": "bookgen-kit",
         "version": runtime.version(),
@@ -26,6 +26,11 @@ def version_document() -> dict:
         "current_target": state["target"] if state else None,
         "recipients": runtime.baked_recipients(),
         "targets": targets,
+        "pythons": runtime.python_range(),
+        "interpreter": runtime.interpreter_choice(),
+        "timezone": runtime.timezone(),
+        "forward": runtime.forward(),
+        "degraded": runtime.degraded(),
     }
 
 
@@ -42,6 +47,12 @@ def version_command() -> None:
     console = output.console
     console.print("bookgen-kit [bold]%s[/bold]  build %s  (%s)" % (
         document["version"], document["build_id"] or "-", document["running_from"]))
+    choice = document["interpreter"]
+    console.print("interpreter: %s %s (%s; %s)" % (choice["implementation"], choice["version"], choice["executable"],
+                                                  choice["isolation"] or "not a pyz run"))
+    if document["forward"]:
+        console.print("[yellow]newer than this build[/yellow] (%s): unavailable: %s" % (
+            document["forward"]["range"], ", ".join(d["component"] for d in document["degraded"]) or "nothing"))
     if document["recipients"]:
         console.print("baked-in recipients: " + ", ".join(document["recipients"]))
     else:

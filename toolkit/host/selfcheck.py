@@ -27,6 +27,7 @@ class NativeImport:
     ok: bool
     detail: str = ""
     error: str = ""
+    degraded: bool = False  # known to be unavailable for this interpreter (see SelfCheckReport.degraded)
 
 
 @dataclass
@@ -38,10 +39,12 @@ class SelfCheckReport:
     host_libraries: List[Dict[str, Any]]
     native_imports: List[NativeImport]
     warnings: List[EnvWarning] = field(default_factory=list)
+    degraded: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(item.ok for item in self.native_imports)
+        """Every bundled native module imports, except those the build knows this interpreter goes without."""
+        return all(item.ok or item.degraded for item in self.native_imports)
 
     def to_dict(self) -> Dict[str, Any]:
         document = asdict(self)
@@ -95,6 +98,10 @@ def interpreter_facts() -> Dict[str, Any]:
         "no_site": bool(sys.flags.no_site),
         "reexecuted": bool((runtime.boot_state() or {}).get("reexec")),
         "prefix": sys.prefix,
+        "choice": runtime.interpreter_choice(),
+        "timezone": runtime.timezone(),
+        "build_pythons": runtime.python_range(),
+        "forward": runtime.forward(),
     }
 
 
@@ -102,10 +109,11 @@ def _platform_facts() -> Dict[str, Any]:
     uname = os.uname()
     state = runtime.boot_state()
     target = None
-    if state:
-        target = dict(state["build"]["targets"][state["target"]])
-        target = {"name": state["target"], "python": target["python"], "machine": target["machine"],
-                  "glibc": target["glibc"], "pyroot": target["pyroot"]}
+    info = runtime.target_info()
+    if state and info:
+        target = {"name": state["target"], "python": info["python"], "machine": state["build"]["targets"].get(
+                  state["target"], {}).get("machine", uname.machine), "glibc": info["glibc"], "pyroot": info["pyroot"],
+                  "forward": runtime.forward() is not None}
     glibc = _glibc()
     tag = None
     if glibc and glibc.startswith("glibc "):
@@ -179,6 +187,10 @@ def _check_zstandard() -> str:
     return "zstandard %s, C backend, libzstd %s" % (zstandard.__version__, zstandard.ZSTD_VERSION)
 
 
+# The component of runtime.degraded() each primary check depends on.
+PRIMARY_COMPONENTS = {"psutil": "psutil", "cryptography": "cryptography", "psycopg": "psycopg-binary",
+                      "zstandard": "zstandard"}
+
 PRIMARY_CHECKS: Dict[str, Callable[[], str]] = {
     "psutil": _check_psutil,
     "cryptography": _check_cryptography,
@@ -195,13 +207,19 @@ def _run_import(name: str, check: Callable[[], str]) -> NativeImport:
 
 
 def _native_imports() -> List[NativeImport]:
-    results = [_run_import(name, check) for name, check in PRIMARY_CHECKS.items()]
-    state = runtime.boot_state()
-    if state:
-        modules = sorted(state["build"]["targets"][state["target"]]["native"])
-        for module in modules:
-            results.append(_run_import(module, lambda m=module: "loaded from %s" % (
-                getattr(importlib.import_module(m), "__file__", "?"))))
+    missing = {item["component"] for item in runtime.degraded()}
+    results = []
+    for name, check in PRIMARY_CHECKS.items():
+        result = _run_import(name, check)
+        result.degraded = PRIMARY_COMPONENTS[name] in missing
+        results.append(result)
+    info = runtime.target_info()
+    if info:
+        for module in sorted(info["native"]):
+            result = _run_import(module, lambda m=module: "loaded from %s" % (
+                getattr(importlib.import_module(m), "__file__", "?")))
+            result.degraded = info["native"][module].get("dist") in missing
+            results.append(result)
     return results
 
 
@@ -252,6 +270,14 @@ def environment_warnings(tool: Dict[str, Any]) -> List[EnvWarning]:
                 warnings.append(EnvWarning("writable-sys-path", "%s on sys.path is %s" % (candidate, why)))
     if not (sys.flags.isolated and sys.flags.no_site):
         warnings.append(EnvWarning("not-isolated", "the interpreter runs without -I -S: site-packages and .pth files took part"))
+    newer = runtime.forward()
+    if newer:
+        warnings.append(EnvWarning("newer-python", "CPython %s is newer than this build (%s): the %s code runs from "
+                                   "source with its abi3 native modules only" % (
+                                       newer["python"], newer["range"], newer["from_python"])))
+    for item in runtime.degraded():
+        warnings.append(EnvWarning("degraded-" + item["component"], "%s unavailable (%s): %s" % (
+            item["component"], item.get("reason", ""), item["effect"])))
     return warnings
 
 
@@ -266,4 +292,5 @@ def run_self_check() -> SelfCheckReport:
         host_libraries=_host_libraries(),
         native_imports=native_imports,
         warnings=environment_warnings(tool),
+        degraded=runtime.degraded(),
     )
