@@ -119,7 +119,12 @@ def test_capture_on_the_hosts_python_is_accepted_by_verify(debian_roots, pyz, tm
     assert [e for e in detached["errors"] if e["kind"] == "error"] == errors
     assert detached["tool"]["interpreter"]["version"].startswith(version + ".")  # made by the root's Python
     assert detached["tool"]["platform"]["machine"] == spec.machine
-    assert detached["collection"]["limits"]["compression"] == "zstd" and detached["collection"]["degraded"] == []
+    if version == "3.15":  # PyPI has no cp315 zstandard wheel: capture degrades to gzip and says so
+        assert detached["collection"]["limits"]["compression"] == "gzip"
+        assert any("zstandard" in item or "zstd" in item for item in detached["collection"]["degraded"])
+        assert result["payload"].endswith(".tar.gz.age")
+    else:
+        assert detached["collection"]["limits"]["compression"] == "zstd" and detached["collection"]["degraded"] == []
     assert {c["name"] for c in detached["collection"]["collectors"]} == {"system", "processes"}
     assert detached["artifacts_count"] == result["artifacts"] > 0
 

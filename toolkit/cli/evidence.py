@@ -37,13 +37,13 @@ def parse_budgets(items) -> dict:
 
 
 def _recipients(recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt):
-    from toolkit.crypto import age
-    from toolkit.crypto.files import load_recipients
-
-    if no_encrypt:
+    if no_encrypt:  # before importing the crypto: an interpreter newer than the build may lack it
         if recipients or recipient_files or use_passphrase:
             raise UsageError("--no-encrypt cannot be combined with recipients or a passphrase")
         return [], []
+    from toolkit.crypto import age
+    from toolkit.crypto.files import load_recipients
+
     if use_passphrase or passphrase_file:
         if recipients or recipient_files:
             raise UsageError("a passphrase cannot be combined with recipients (age forbids mixing scrypt)")

@@ -336,7 +336,10 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     if options.encrypt and not options.recipients:
         raise UsageError("no recipients: capture refuses to write plaintext evidence",
                          hint="give -r/-R/-p, bake recipients into the pyz, or --no-encrypt explicitly")
-    degraded = []
+    from toolkit import runtime
+
+    degraded = ["%s: %s (%s)" % (item.get("component"), item.get("effect"), item.get("reason"))
+                for item in runtime.degraded()]
     if options.compression == "auto":
         options.compression = "zstd" if archive.zstd_available() else "gzip"
         if options.compression == "gzip":
