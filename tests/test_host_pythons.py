@@ -81,10 +81,14 @@ def test_self_check_passes_on_the_hosts_python(debian_roots, pyz, tmp_path, spec
     assert done.returncode == 0, explain(done)
     report = json.loads(done.stdout)
     assert report["ok"], [i for i in report["native_imports"] if not i["ok"]]
-    assert report["native_imports"] and all(item["ok"] for item in report["native_imports"])
     modules = {item["module"]: item for item in report["native_imports"]}
+    missing = {name for name, item in modules.items() if not item["ok"]}
+    if version == "3.15":  # PyPI has no cp315 zstandard wheel: said as a degradation, not a failure
+        assert missing == {"zstandard"} and modules["zstandard"]["degraded"], modules.get("zstandard")
+    else:
+        assert not missing, missing
+        assert "C backend" in modules["zstandard"]["detail"]
     assert "cryptography.hazmat.bindings._rust" in modules and "psycopg_binary._psycopg" in modules
-    assert "C backend" in modules["zstandard"]["detail"]
     assert report["interpreter"]["version"].startswith(version + ".")
     assert report["interpreter"]["isolated"] and report["interpreter"]["no_site"]
     assert report["platform"]["machine"] == spec.machine

@@ -45,10 +45,20 @@ LINK_KINDS = ("zero_link", "self_link")
 ELF = b"\x7fELF\x02\x01\x01" + bytes(9)
 
 
+# In a private mount namespace the checkout (and its .venv) is also reached at SOURCE_SEEN: the setups there
+# mount over /tmp, /var or /root, where a checkout (a CI clone under /tmp) may live.
+SOURCE_SEEN = "/mnt/bk-hostile-source"
+
+
 def kit(*args, env=None, timeout=TIMEOUT, argv_prefix=()):
-    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    source, python = str(ROOT), sys.executable
+    if argv_prefix:
+        source = SOURCE_SEEN
+        if os.path.abspath(python).startswith(str(ROOT) + "/"):
+            python = SOURCE_SEEN + os.path.abspath(python)[len(str(ROOT)):]
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": source, "HOME": "/nonexistent"}
     environment.update(env or {})
-    return subprocess.run([*argv_prefix, sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+    return subprocess.run([*argv_prefix, python, "-m", "toolkit", *args], capture_output=True, text=True,
                           env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -541,7 +551,9 @@ def _private_root_setup(work: Path, canary: str) -> str:
 
 def in_private_mounts(setup: str):
     """argv prefix: run the command in its own mount namespace after `setup` (gone when it exits)."""
-    return ("unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", setup + '\nexec "$@"', "sh")
+    expose = "mount -t tmpfs bk-hostile-source /mnt\nmkdir %s\nmount --rbind %s %s\n" % (
+        shlex.quote(SOURCE_SEEN), shlex.quote(str(ROOT)), shlex.quote(SOURCE_SEEN))
+    return ("unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", expose + setup + '\nexec "$@"', "sh")
 
 
 def test_parent_symlinks_on_the_live_host(live_dir, out_dir, team_key):
