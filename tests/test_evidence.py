@@ -214,8 +214,10 @@ def test_signed_manifest_and_custody(bookgen_host, out_dir, team_key, tmp_path):
     assert unsigned.returncode == 5 and "bob" in unsigned.stderr
     assert kit("custody", "verify", result["payload"], "--head", shown["head"]).returncode == 0
     # ... and a signed one by bob, whose key the team allows, holds
-    result = json.loads(kit("--json", *capture_args(bookgen_host, out_dir, recipient, "--sign-key", str(key),
-                                                    "--evidence-id", "second")).stdout)
+    second = kit("--json", *[a if a != "INC-2026-042" else "INC-2026-043" for a in  # another bundle name
+                             capture_args(bookgen_host, out_dir, recipient, "--sign-key", str(key))])
+    assert second.returncode == 0, second.stderr
+    result = json.loads(second.stdout)
     bob = tmp_path / "bob_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(bob)], check=True)
     allowed.write_text(allowed.read_text() + "bob %s\n" % bob.with_suffix(".pub").read_text().strip())

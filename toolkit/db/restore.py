@@ -24,7 +24,7 @@ from toolkit.db.backup import (
     verify_backup,
 )
 from toolkit.db.server import Server, quote_ident, quote_literal
-from toolkit.errors import EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
 
 
 @dataclass
@@ -64,6 +64,9 @@ def sessions(server: Server, database: str) -> List[Dict[str, Any]]:
                         "WHERE datname = %s AND pid <> pg_backend_pid()" % quote_literal(database),
                         server.admin_database)
     return [{"pid": int(r[0]), "user": r[1], "application": r[2], "client": r[3], "state": r[4]} for r in rows]
+
+
+SWAP_TRIES = 20  # new sessions keep arriving: end them and rename again
 
 
 def terminate_sessions(server: Server, database: str) -> int:
@@ -152,15 +155,20 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
     # 5. swap, in one transaction; the old database is kept
     if target_exists:
         old = "%s_pre_restore_%s" % (database, stamp)
-        server.query("ALTER DATABASE %s ALLOW_CONNECTIONS false" % quote_ident(database), server.admin_database)
-        try:
-            killed = terminate_sessions(server, database)
-            server.transaction(["ALTER DATABASE %s RENAME TO %s" % (quote_ident(database), quote_ident(old)),
-                                "ALTER DATABASE %s RENAME TO %s" % (quote_ident(scratch), quote_ident(database))])
-        except BaseException:
-            server.query("ALTER DATABASE %s ALLOW_CONNECTIONS true" % quote_ident(database), server.admin_database)
-            raise
-        server.query("ALTER DATABASE %s ALLOW_CONNECTIONS true" % quote_ident(old), server.admin_database)
+        # No ALLOW_CONNECTIONS false before the swap: killed in that window, the live database would be left
+        # refusing every connection. Sessions are ended and the renames retried instead; the two renames are one
+        # transaction, so at every moment the name `database` is a database that accepts connections.
+        killed = 0
+        for attempt in range(SWAP_TRIES):
+            killed += terminate_sessions(server, database)
+            try:
+                server.transaction(["ALTER DATABASE %s RENAME TO %s" % (quote_ident(database), quote_ident(old)),
+                                    "ALTER DATABASE %s RENAME TO %s" % (quote_ident(scratch), quote_ident(database))])
+                break
+            except BadInputError as error:
+                if "being accessed by other users" not in error.message or attempt == SWAP_TRIES - 1:
+                    raise
+                time.sleep(0.2)
         report.old_database = old
         report.step("swap", "%s is now %s (kept until `db drop-old`); %s is now %s; %d sessions ended" % (
             database, old, scratch, database, killed))
