@@ -840,6 +840,39 @@ def test_the_capture_deadline_holds_against_a_slow_writer(host, mounts, out_dir,
     assert result.manifest["collection"]["limits"]["deadline_seconds"] == 2
 
 
+@pytest.mark.parametrize("compression,decompress", [("gzip", ["gzip", "-d", "-c"]), ("zstd", ["zstd", "-d", "-c"]),
+                                                     ("none", ["cat"])])
+def test_an_abandoned_member_is_padded_as_the_standard_tools_read_it(tmp_path, compression, decompress):
+    """The zeros that fill an abandoned member (its header announced a size the source never delivered) go in as
+    whole blocks (gzip) or frames (zstd) of zeros compressed once, not through the compressor: padding costs a
+    CRC, not a compression (bench/abandon_padding). gzip, zstd and tar must still read the stream as one."""
+    from toolkit.evidence.archive import ZERO_RUN, PayloadWriter
+
+    size, kept = 2 * ZERO_RUN + 12345, 3 * 1048576 + 7
+    head = os.urandom(kept)
+    path = tmp_path / "payload"
+    with open(str(path), "wb") as sink:
+        writer = PayloadWriter(sink, [], compression)
+        info = tarfile.TarInfo("files/data/big.bin")
+        info.size = size
+        writer.add_header(info)
+        writer.write_data(head)
+        assert writer.pad_remaining() == size - kept
+        writer.end_member()
+        writer.add_bytes(tarfile.TarInfo("after"), b"the next member")
+        writer.close()
+    if compression != "none":
+        assert path.stat().st_size < kept + 2 * 1048576  # the zeros took (almost) no room
+    plain = subprocess.run(decompress + [str(path)], capture_output=True, check=True, timeout=TIMEOUT).stdout
+    listed = subprocess.run(["tar", "-tvf", "-"], input=plain, capture_output=True, check=True).stdout.decode()
+    assert "files/data/big.bin" in listed and "after" in listed
+    data = subprocess.run(["tar", "-xOf", "-", "files/data/big.bin"], input=plain, capture_output=True,
+                          check=True).stdout
+    assert len(data) == size and data[:kept] == head and data[kept:] == bytes(size - kept)
+    assert subprocess.run(["tar", "-xOf", "-", "after"], input=plain, capture_output=True,
+                          check=True).stdout == b"the next member"
+
+
 # -- 9. a file collected by two collectors is one member --------------------------------------------------------------
 def test_a_file_collected_twice_is_one_member(host, out_dir, team_key, tmp_path):
     put(host.root, "/tmp/dropper.sh", b"#!/bin/sh\necho dropped\n", 0o755)
