@@ -147,8 +147,8 @@ def test_triage_capture_finds_every_plant(plants, running_stack, out_dir, team_k
     network = json.loads(tar.extractfile("volatile/network.json").read())
     assert any(s.get("local_port") == plants["port"] and s["processes"] for ns in network["namespaces"]
                for s in ns["sockets"])
-    for name in ("files/etc/shadow", "files/etc/cron.d/backdoor", "files/root/.ssh/authorized_keys",
-                 "files/opt/bookgen/.env", "files/var/log/bookgen/api.log", "timeline/bodyfile.txt",
+    for name in ("fs/$rootfs$/etc/shadow", "fs/$rootfs$/etc/cron.d/backdoor", "fs/$rootfs$/root/.ssh/authorized_keys",
+                 "fs/$rootfs$/opt/bookgen/.env", "fs/$rootfs$/var/log/bookgen/api.log", "timeline/bodyfile.txt",
                  "containers/bookgen-db/inspect.json", "containers/bookgen-api/logs.txt"):
         assert name in names, name
 

@@ -94,7 +94,7 @@ def test_round_trip_from_the_pyz_judged_by_standard_tools(pyz, bookgen_host, out
     manifest = json.loads(Path(str(bundle) + ".manifest.json").read_text())
     names = [m.name for m in tarfile.open(fileobj=io.BytesIO(tar_bytes))]
     assert names[-1] == "manifest.json"
-    assert "files/opt/bookgen/.env" in names and "files/var/log/bookgen/api.log" in names
+    assert "fs/$rootfs$/opt/bookgen/.env" in names and "fs/$rootfs$/var/log/bookgen/api.log" in names
     inner = json.loads((extracted / "manifest.json").read_text())
     assert "artifacts" not in manifest and manifest["artifacts_count"] == len(inner["artifacts"])
     detached_text = Path(str(bundle) + ".manifest.json").read_text()
@@ -112,7 +112,7 @@ def test_round_trip_from_the_pyz_judged_by_standard_tools(pyz, bookgen_host, out
     assert manifest["tool"]["pyz_sha256"] == hashlib.sha256(pyz.read_bytes()).hexdigest()
     assert manifest["host"]["boot_id"] and manifest["collection"]["collectors"]
     assert manifest["case"]["examiner"] == "alice"
-    env_entry = next(a for a in inner["artifacts"] if a["path"] == "files/opt/bookgen/.env")
+    env_entry = next(a for a in inner["artifacts"] if a["path"] == "fs/$rootfs$/opt/bookgen/.env")
     assert env_entry["mode"] == "0600" and env_entry["method"].startswith("read(O_NOATIME")
 
     # our verify, both ways, and extract
@@ -123,7 +123,7 @@ def test_round_trip_from_the_pyz_judged_by_standard_tools(pyz, bookgen_host, out
     target = tmp_path / "by-kit"
     done = kit("extract", "-i", str(identity), str(bundle), "--to", str(target))
     assert done.returncode == 0, done.stderr
-    extracted_env = target / "files" / "opt" / "bookgen" / ".env"
+    extracted_env = target / "fs" / "$rootfs$" / "opt" / "bookgen" / ".env"
     assert extracted_env.read_bytes() == bookgen_host.env_file.read_bytes()
     assert extracted_env.stat().st_mode & 0o222 == 0  # read-only
     custody = [json.loads(line) for line in Path(str(bundle) + ".custody.jsonl").read_text().splitlines()]
@@ -166,9 +166,9 @@ def test_symlinks_fifos_and_big_sparse_files(bookgen_host, out_dir, team_key, tm
     assert done.returncode == 0, done.stderr
     manifest = json.loads(Path(json.loads(done.stdout)["manifest"]).read_text())
     artifacts = {a["path"]: a for a in inner_manifest(Path(json.loads(done.stdout)["payload"]), identity)["artifacts"]}
-    link = artifacts["files/var/log/bookgen/shadow-link"]
+    link = artifacts["fs/$rootfs$/var/log/bookgen/shadow-link"]
     assert link["type"] == "symlink" and link["target"] == "/etc/shadow"
-    sparse = artifacts["files/var/log/bookgen/sparse.img"]
+    sparse = artifacts["fs/$rootfs$/var/log/bookgen/sparse.img"]
     assert sparse["truncated"] is True and sparse["size"] == 1024 * 1024 and sparse["source_size"] == 10 * 1024 ** 4
     assert any(e["source"] == "/var/log/bookgen/pipe" and "fifo" in e["reason"].lower() for e in manifest["errors"])
     assert kit("verify", "-i", str(identity), json.loads(done.stdout)["payload"]).returncode == 0
@@ -463,7 +463,7 @@ def test_extract_never_overwrites_and_stops_on_a_tampered_member(bookgen_host, o
             tarfile.open(fileobj=rebuilt, mode="w", format=tarfile.PAX_FORMAT) as forged:
         for member in source:
             data = source.extractfile(member).read() if member.isreg() else None
-            if member.name == "files/opt/bookgen/.env":
+            if member.name == "fs/$rootfs$/opt/bookgen/.env":
                 data = b"DATABASE_PASSWORD=attacker\n"
                 member.size = len(data)
             forged.addfile(member, io.BytesIO(data) if data is not None else None)
@@ -479,8 +479,8 @@ def test_extract_never_overwrites_and_stops_on_a_tampered_member(bookgen_host, o
     update_sums(str(out_dir), {payload.name: manifest["payload"]["sha256"],
                                manifest_path.name: hashlib.sha256(manifest_path.read_bytes()).hexdigest()})
     done = kit("extract", "-i", str(identity), result["payload"], "--to", str(tmp_path / "t2"))
-    assert done.returncode == 5 and "files/opt/bookgen/.env" in done.stderr
-    assert not (tmp_path / "t2" / "files" / "opt" / "bookgen" / ".env").exists()
+    assert done.returncode == 5 and "fs/$rootfs$/opt/bookgen/.env" in done.stderr
+    assert not (tmp_path / "t2" / "fs" / "$rootfs$" / "opt" / "bookgen" / ".env").exists()
     assert not [p for p in (tmp_path / "t2").rglob("*") if p.is_file() and p.name != "manifest.json"]
 
 
@@ -496,7 +496,7 @@ def test_other_compressions_open_with_standard_tools(bookgen_host, out_dir, team
     plain = subprocess.run([AGE, "-d", "-i", str(identity), str(payload)], capture_output=True, check=True).stdout
     tar_bytes = subprocess.run(decompress, input=plain, capture_output=True, check=True).stdout
     names = subprocess.run(["tar", "-t"], input=tar_bytes, capture_output=True, check=True).stdout.decode().split()
-    assert names[-1] == "manifest.json" and "files/opt/bookgen/.env" in names
+    assert names[-1] == "manifest.json" and "fs/$rootfs$/opt/bookgen/.env" in names
     assert kit("verify", "-i", str(identity), str(payload)).returncode == 0
 
 

@@ -464,7 +464,7 @@ def test_a_bundle_from_the_real_capture_extracts_with_exit_0(tmp_path):
     done, report = extract(payload, target)
     assert done.returncode == 0, done.stdout + done.stderr
     assert report["refused"] == []
-    files = target / "files" / "x"
+    files = target / "fs" / "$rootfs$" / "x"
     assert (files / "a.txt").read_text() == "hello\n"
     assert (files / "sub" / "b.bin").read_bytes() == (root / "x" / "sub" / "b.bin").read_bytes()
     assert os.readlink(files / "link") == "a.txt" and os.readlink(files / "sub" / "again") == "../sub"

@@ -168,7 +168,7 @@ def full(world):
 # --------------------------------------------------------------------------- the honest bundle
 def test_the_honest_bundle_passes_everything(world, bundle):
     doc = bundle.doc()
-    assert doc["schema"] == "bookgen-kit/evidence-manifest/2" and "artifacts" not in doc
+    assert doc["schema"] == "bookgen-kit/evidence-manifest/3" and "artifacts" not in doc
     assert isinstance(doc["artifacts_count"], int) and doc["inner_manifest_sha256"]
     head = json.loads(kit("--json", "custody", "show", str(bundle.payload)).stdout)["head"]
     assert head == hashlib.sha256(bundle.lines()[-1]).hexdigest()

@@ -331,7 +331,7 @@ def _image_dev_zero(root: Path) -> None:
 def _assert_refused(result: Capture, root: Path, logical: str, kind: str) -> None:
     """The hostile object at `logical` was neither read nor hung on: refused (named in the errors), or, for a
     link, kept as the link it is."""
-    archive = "files" + logical
+    archive = "fs/$rootfs$" + logical
     stored = result.artifacts.get(archive)
     assert stored is None or stored["type"] == "symlink", (logical, stored)
     if kind in LINK_KINDS and stored is not None:
@@ -356,9 +356,9 @@ def test_hostile_objects_where_capture_reads_unconditionally(kind, host, out_dir
             continue  # not an executable: tmp-executables passes it by (the timeline lists it, below)
         _assert_refused(result, host.root, logical, kind)
     # nothing was read from a device or through a link: no member holds a byte of /dev/zero's
-    assert "files/dev/zero" not in result.artifacts
+    assert "fs/$rootfs$/dev/zero" not in result.artifacts
     for artifact in result.artifacts.values():
-        if artifact.get("type") == "file" and artifact["path"].startswith("files/"):
+        if artifact.get("type") == "file" and artifact["path"].startswith("fs/$rootfs$/"):
             assert artifact["source"] not in UNCONDITIONAL, artifact
             assert not artifact.get("via") or artifact["via"] not in UNCONDITIONAL, artifact
     assert result.manifest["payload"]["tar_bytes"] < 64 * 1024 * 1024
@@ -366,9 +366,9 @@ def test_hostile_objects_where_capture_reads_unconditionally(kind, host, out_dir
     findings = json.loads(result.data("findings.json"))["findings"]  # a preload file we cannot read is a finding
     assert any(f["id"] == "ld-so-preload" and "not read" in f["title"] for f in findings), findings
     # what is reachable is still collected: the ordinary files next to the hostile ones
-    for name in ("files/var/log/bookgen/worker.log", "files/var/log/bookgen/deploy.log", "files/etc/passwd",
-                 "files/home/u/.bashrc", "files/home/u/.profile", "files/opt/bookgen/docker-compose.yml",
-                 "files/tmp/real-dropper", "files" + DOCKER + "hostconfig.json"):
+    for name in ("fs/$rootfs$/var/log/bookgen/worker.log", "fs/$rootfs$/var/log/bookgen/deploy.log", "fs/$rootfs$/etc/passwd",
+                 "fs/$rootfs$/home/u/.bashrc", "fs/$rootfs$/home/u/.profile", "fs/$rootfs$/opt/bookgen/docker-compose.yml",
+                 "fs/$rootfs$/tmp/real-dropper", "fs/$rootfs$" + DOCKER + "hostconfig.json"):
         assert result.artifacts[name]["type"] == "file" and result.artifacts[name]["sha256"], name
     assert all(c["status"] == "ok" for c in result.collectors.values()), result.collectors
     lines = {decode_field(line.split(b"|")[1]) for line in result.bodyfile().splitlines()}
@@ -385,7 +385,7 @@ def test_a_hostile_passwd_file(kind, host, out_dir, team_key):
     plant(host.root / "etc/passwd", kind)
     result = capture(host.root, out_dir, team_key, "--only", "system", "--only", "persistence", codes=(0, 6))
     _assert_refused(result, host.root, "/etc/passwd", kind)
-    assert result.data("files/etc/crontab") == b"* * * * * root /tmp/x\n"  # the rest still collected
+    assert result.data("fs/$rootfs$/etc/crontab") == b"* * * * * root /tmp/x\n"  # the rest still collected
     assert all(c["status"] == "ok" for c in result.collectors.values())
 
 
@@ -425,10 +425,10 @@ def test_deep_trees_under_root(host, mounts, out_dir, team_key, tmp_path):
     assert set(index["containers"][0]["new_executables"]) == {"/tmp/implant", upper_leaves[1100]}
     # reachable (within the depth limit): collected by tmp-executables and logs, listed by the timeline
     for leaves, collector in ((tmp_leaves, "tmp-executables"), (log_leaves, "logs")):
-        shallow = result.artifacts["files" + leaves[1100]]
+        shallow = result.artifacts["fs/$rootfs$" + leaves[1100]]
         assert shallow["collector"] == collector and shallow["type"] == "file", shallow
-        assert result.data("files" + leaves[1100]).startswith(b"#!/bin/sh")
-        assert "files" + leaves[5000] not in result.artifacts
+        assert result.data("fs/$rootfs$" + leaves[1100]).startswith(b"#!/bin/sh")
+        assert "fs/$rootfs$" + leaves[5000] not in result.artifacts
     lines = result.bodyfile().splitlines()
     names = {line.split(b"|")[1] for line in lines}
     assert tmp_leaves[1100].encode() in names and log_leaves[1100].encode() in names
@@ -514,11 +514,11 @@ def test_wide_directories_of_200k_entries(host, mounts, out_dir, team_key):
     put(log_wide, "/zz-real.log", b"the one log with content\n")
     result = capture(host.root, out_dir, team_key, "--only", "tmp-executables", "--only", "logs", "--only",
                      "timeline", codes=(0,), deadline=600, timeout=900)
-    assert result.data("files/tmp/wide/zz-implant") == ELF + b"payload"
-    assert result.artifacts["files/tmp/beside"]["collector"] == "tmp-executables"
-    assert not [n for n in result.artifacts if n.startswith("files/tmp/wide/f")]  # decoys are not executables
-    logs = [n for n in result.artifacts if n.startswith("files/var/log/bookgen/wide/")]
-    assert len(logs) == WIDE + 1 and result.data("files/var/log/bookgen/wide/zz-real.log").startswith(b"the one")
+    assert result.data("fs/$rootfs$/tmp/wide/zz-implant") == ELF + b"payload"
+    assert result.artifacts["fs/$rootfs$/tmp/beside"]["collector"] == "tmp-executables"
+    assert not [n for n in result.artifacts if n.startswith("fs/$rootfs$/tmp/wide/f")]  # decoys are not executables
+    logs = [n for n in result.artifacts if n.startswith("fs/$rootfs$/var/log/bookgen/wide/")]
+    assert len(logs) == WIDE + 1 and result.data("fs/$rootfs$/var/log/bookgen/wide/zz-real.log").startswith(b"the one")
     body = result.bodyfile()
     assert body.count(b"\n0|/tmp/wide/") == WIDE + 1 and body.count(b"\n0|/var/log/bookgen/wide/") == WIDE + 1
     assert all(c["status"] == "ok" for c in result.collectors.values()), result.collectors
@@ -586,13 +586,13 @@ def test_parent_symlinks_on_the_live_host(live_dir, out_dir, team_key):
     assert b"LOG BEHIND A LINK" not in result.tar_bytes
     for link, target in ((u_home / ".ssh", "/root/.ssh"), (u_home / ".config", "/root/.config"), (v_home, "/root"),
                          ("/var/log", "/var/elsewhere"), (live_dir / "srv", "/root")):
-        member = result.members["files" + str(link)]
+        member = result.members["fs/$rootfs$" + str(link)]
         assert member.issym() and member.linkname == target
-        assert result.artifacts["files" + str(link)]["type"] == "symlink"
-    under = [n for n in result.names if n.startswith(("files%s/" % (u_home / ".ssh"), "files%s/" % (u_home / ".config"),
-                                                      "files%s/" % v_home))]
+        assert result.artifacts["fs/$rootfs$" + str(link)]["type"] == "symlink"
+    under = [n for n in result.names if n.startswith(("fs/$rootfs$%s/" % (u_home / ".ssh"), "fs/$rootfs$%s/" % (u_home / ".config"),
+                                                      "fs/$rootfs$%s/" % v_home))]
     assert under == [], under
-    assert result.data("files%s/.bash_history" % u_home) == b"u's own history\n"
+    assert result.data("fs/$rootfs$%s/.bash_history" % u_home) == b"u's own history\n"
     refused = [e for e in result.errors if e["kind"] == "refused"]
     for source, link in ((included, u_home / ".ssh"), (str(u_home / ".ssh" / "authorized_keys"), u_home / ".ssh"),
                          (str(v_home / ".bash_history"), v_home), ("/var/log/bookgen", "/var/log"),
@@ -609,6 +609,7 @@ def test_parent_symlinks_under_root_resolve_inside_the_image(host, live_dir, out
     image = host.root
     put(image, "/root/.ssh/authorized_keys", b"ssh-ed25519 AAAA-image-root\n", 0o600)
     put(image, "/etc/os-release", b"NAME=image-os\n")
+    put(image, "/etc/issue", b"image-os \\n \\l\n")
     put(image, "/etc/machine-id", b"0123456789abcdef0123456789abcdef\n")
     os.symlink("/root/.ssh", str(image / "home/u/.ssh"))  # absolute: the image's /root
     (image / "home/w").mkdir(parents=True)
@@ -619,19 +620,22 @@ def test_parent_symlinks_under_root_resolve_inside_the_image(host, live_dir, out
     os.symlink("/etc", str(image / "var/log/bookgen"))  # the log dir is a link to /etc
     os.symlink("/etc/machine-id", str(image / "var/lib-machine-id"))
     result = capture(image, out_dir, team_key, "--only", "system", "--only", "logs", "--only", "persistence",
-                     "--only", "include", "--include", "/var/log/bookgen/os-release", "--include",
+                     "--only", "include", "--include", "/var/log/bookgen/issue", "--include",
                      "/home/w/.ssh/authorized_keys", "--include", "/var/lib-machine-id",
                      argv_prefix=in_private_mounts(_private_root_setup(live_dir, canary)))
     assert canary.encode() not in result.tar_bytes and b"ANALYST CONFIG" not in result.tar_bytes
     real_os_release = Path("/etc/os-release").read_bytes()
     assert real_os_release not in result.tar_bytes
-    assert result.data("files/root/.ssh/authorized_keys") == b"ssh-ed25519 AAAA-image-root\n"
-    assert result.data("files/etc/os-release") == b"NAME=image-os\n"
-    entry = result.artifacts["files/etc/os-release"]
-    assert entry["collector"] == "include" and entry["via"] == "/var/log/bookgen/os-release", entry
-    for link in ("files/home/u/.ssh", "files/home/w/.ssh", "files/var/log/bookgen", "files/var/lib-machine-id"):
+    assert result.data("fs/$rootfs$/root/.ssh/authorized_keys") == b"ssh-ed25519 AAAA-image-root\n"
+    assert result.data("fs/$rootfs$/etc/os-release") == b"NAME=image-os\n"  # the image's identity, by system
+    assert result.artifacts["fs/$rootfs$/etc/os-release"]["collector"] == "system"
+    assert result.data("fs/$rootfs$/etc/issue") == b"image-os \\n \\l\n"
+    entry = result.artifacts["fs/$rootfs$/etc/issue"]
+    assert entry["collector"] == "include" and entry["via"] == "/var/log/bookgen/issue", entry
+    for link in ("fs/$rootfs$/home/u/.ssh", "fs/$rootfs$/home/w/.ssh", "fs/$rootfs$/var/log/bookgen",
+                 "fs/$rootfs$/var/lib-machine-id"):
         assert result.members[link].issym(), link  # each link met is kept, as the link it is
-    assert not [n for n in result.names if n.startswith(("files/home/u/.ssh/", "files/home/w/.ssh/"))]
+    assert not [n for n in result.names if n.startswith(("fs/$rootfs$/home/u/.ssh/", "fs/$rootfs$/home/w/.ssh/"))]
     assert result.manifest["host"]["machine_id"] == "0123456789abcdef0123456789abcdef"
     assert not [e for e in result.errors if e["kind"] == "refused"]  # nothing refused: all of it is in the image
 
@@ -661,11 +665,12 @@ def test_hostile_names_survive_members_bodyfile_and_mactime(host, out_dir, team_
                      "timeline", codes=(0,))
     members = {os.fsencode(n): n for n in result.names}
     for logical, content in expected.items():
-        name = members.get(b"files" + logical)
+        name = members.get(b"fs/$rootfs$" + logical)
         assert name is not None, logical
         assert result.data(name) == content
         assert result.artifacts[name]["source"] == os.fsdecode(logical)
     # bodyfile: one line per entry, 11 '|'-separated fields, the name escaped so mactime reads it back
+    result.bodyfile().decode("utf-8")  # valid UTF-8 whatever the names: plaso stops at the first line that is not
     lines = result.bodyfile().split(b"\n")
     assert lines[-1] == b""
     fields = [line.split(b"|") for line in lines[:-1]]
@@ -682,7 +687,7 @@ def test_hostile_names_survive_members_bodyfile_and_mactime(host, out_dir, team_
     done = kit("--json", "extract", "-i", str(team_key[0]), str(result.payload), "--to", str(target))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for logical, content in expected.items():
-        assert Path(os.fsdecode(os.fsencode(str(target)) + b"/files" + logical)).read_bytes() == content
+        assert Path(os.fsdecode(os.fsencode(str(target)) + b"/fs/$rootfs$" + logical)).read_bytes() == content
 
 
 def test_a_name_cannot_forge_a_line_of_collection_log(host, out_dir, team_key):
@@ -710,10 +715,10 @@ def test_huge_sparse_files_are_truncated_and_recorded(host, out_dir, team_key):
     result = capture(host.root, out_dir, team_key, *ONLY_FILES, "--include", "/data/huge.img", "--max-file-size",
                      "8M", codes=(0,), env=NO_DOCKER)
     for logical in SPARSE:
-        entry = result.artifacts["files" + logical]
+        entry = result.artifacts["fs/$rootfs$" + logical]
         assert entry["truncated"] is True and entry["size"] == 8 * 1024 * 1024, entry
         assert entry["source_size"] == 10 * TIB and entry["truncated_at"] == 8 * 1024 * 1024
-        assert result.data("files" + logical).startswith(heads[logical])
+        assert result.data("fs/$rootfs$" + logical).startswith(heads[logical])
     assert result.manifest["payload"]["tar_bytes"] < 512 * 1024 * 1024
     assert all(c["status"] == "ok" for c in result.collectors.values())
 
@@ -746,13 +751,13 @@ def test_a_file_that_grows_while_read(host, mounts, out_dir, team_key):
     finally:
         writer.stop.set()
         writer.join(30)
-    entry = result.artifacts["files/var/log/bookgen/busy/growing.log"]
+    entry = result.artifacts["fs/$rootfs$/var/log/bookgen/busy/growing.log"]
     assert writer.appended > 0
     assert "grew from" in entry["changed_during_read"] and entry["size"] >= 96 << 20, entry
     assert entry["also_collected_by"] == ["include"]
     assert any(e["kind"] == "changed" and e["source"] == "/var/log/bookgen/busy/growing.log" for e in result.errors)
     with open(str(growing), "rb") as handle:
-        assert result.data("files/var/log/bookgen/busy/growing.log")[: 1 << 20] == handle.read(1 << 20)
+        assert result.data("fs/$rootfs$/var/log/bookgen/busy/growing.log")[: 1 << 20] == handle.read(1 << 20)
 
 
 # -- 7. (and 2. on the live host) the live /tmp: implants named like us, deep trees, our own output ----------------
@@ -782,13 +787,13 @@ def test_the_live_tmp_implants_named_like_us_deep_trees_and_our_own_output(live_
     finally:
         unmount(deep)
     for path, data in implants.items():
-        assert result.data("files" + path) == data, path
-        assert result.artifacts["files" + path]["collector"] == "tmp-executables"
-    assert not [n for n in result.names if n.startswith("files%s/" % out)]
+        assert result.data("fs/$rootfs$" + path) == data, path
+        assert result.artifacts["fs/$rootfs$" + path]["collector"] == "tmp-executables"
+    assert not [n for n in result.names if n.startswith("fs/$rootfs$%s/" % out)]
     assert "%s not entered: bookgen-kit's own output" % out in result.log()
     assert result.manifest["collection"]["preflight"]["same_filesystem_as"] == ["/"]
-    assert result.data("files" + leaves[1100]).startswith(b"#!/bin/sh")
-    assert "files" + leaves[5000] not in result.artifacts
+    assert result.data("fs/$rootfs$" + leaves[1100]).startswith(b"#!/bin/sh")
+    assert "fs/$rootfs$" + leaves[5000] not in result.artifacts
     limits = [e for e in result.errors if e["kind"] == "limit"]
     assert len(limits) == 1 and "depth (4096)" in limits[0]["reason"]
     assert limits[0]["source"].startswith("/tmp/deep/deep5000/d/d/")
@@ -816,7 +821,7 @@ def _assert_abandoned_early(result: Capture, name: str, size: int, why: str) -> 
     rate = max(stats["bytes"], 1) / allowed
     assert stats["seconds"] < (size / rate) / 2, stats
     assert any(e["collector"] == name and "abandoned" in e["reason"] and why in e["reason"] for e in result.errors)
-    entry = result.artifacts.get("files/data/big.bin")  # absent only if abandoned before its first byte
+    entry = result.artifacts.get("fs/$rootfs$/data/big.bin")  # absent only if abandoned before its first byte
     assert entry is None or ("abandoned" in entry["error"] and entry["padded_with_zeros"] > 0), entry
 
 
@@ -853,7 +858,7 @@ def test_an_abandoned_member_is_padded_as_the_standard_tools_read_it(tmp_path, c
     path = tmp_path / "payload"
     with open(str(path), "wb") as sink:
         writer = PayloadWriter(sink, [], compression)
-        info = tarfile.TarInfo("files/data/big.bin")
+        info = tarfile.TarInfo("fs/$rootfs$/data/big.bin")
         info.size = size
         writer.add_header(info)
         writer.write_data(head)
@@ -865,8 +870,8 @@ def test_an_abandoned_member_is_padded_as_the_standard_tools_read_it(tmp_path, c
         assert path.stat().st_size < kept + 2 * 1048576  # the zeros took (almost) no room
     plain = subprocess.run(decompress + [str(path)], capture_output=True, check=True, timeout=TIMEOUT).stdout
     listed = subprocess.run(["tar", "-tvf", "-"], input=plain, capture_output=True, check=True).stdout.decode()
-    assert "files/data/big.bin" in listed and "after" in listed
-    data = subprocess.run(["tar", "-xOf", "-", "files/data/big.bin"], input=plain, capture_output=True,
+    assert "fs/$rootfs$/data/big.bin" in listed and "after" in listed
+    data = subprocess.run(["tar", "-xOf", "-", "fs/$rootfs$/data/big.bin"], input=plain, capture_output=True,
                           check=True).stdout
     assert len(data) == size and data[:kept] == head and data[kept:] == bytes(size - kept)
     assert subprocess.run(["tar", "-xOf", "-", "after"], input=plain, capture_output=True,
@@ -881,16 +886,16 @@ def test_a_file_collected_twice_is_one_member(host, out_dir, team_key, tmp_path)
                      "--only", "persistence", "--only", "include", "--include", "/var/log/bookgen", "--include",
                      "/var/log/bookgen/api.log", "--include", "/var/log/linked/worker.log", "--include",
                      "/opt/bookgen/.env", "--include", "/tmp/dropper.sh", "--include", "/etc/passwd", codes=(0,))
-    for name, first in (("files/var/log/bookgen/api.log", "logs"), ("files/var/log/bookgen/worker.log", "logs"),
-                        ("files/opt/bookgen/.env", "app"), ("files/tmp/dropper.sh", "tmp-executables"),
-                        ("files/etc/passwd", "persistence")):
+    for name, first in (("fs/$rootfs$/var/log/bookgen/api.log", "logs"), ("fs/$rootfs$/var/log/bookgen/worker.log", "logs"),
+                        ("fs/$rootfs$/opt/bookgen/.env", "app"), ("fs/$rootfs$/tmp/dropper.sh", "tmp-executables"),
+                        ("fs/$rootfs$/etc/passwd", "persistence")):
         assert result.names.count(name) == 1, name
         entry = result.artifacts[name]
         assert entry["collector"] == first and entry["also_collected_by"] == ["include"], entry
         assert len([a for a in result.inner["artifacts"] if a["path"] == name]) == 1
-    assert result.data("files/opt/bookgen/.env") == host.env_file.read_bytes()
+    assert result.data("fs/$rootfs$/opt/bookgen/.env") == host.env_file.read_bytes()
     target = tmp_path / "extracted"
     done = kit("--json", "extract", "-i", str(team_key[0]), str(result.payload), "--to", str(target))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (target / "files/var/log/bookgen/api.log").read_bytes() == (host.log_dir / "api.log").read_bytes()
-    assert (target / "files/tmp/dropper.sh").read_bytes() == b"#!/bin/sh\necho dropped\n"
+    assert (target / "fs/$rootfs$/var/log/bookgen/api.log").read_bytes() == (host.log_dir / "api.log").read_bytes()
+    assert (target / "fs/$rootfs$/tmp/dropper.sh").read_bytes() == b"#!/bin/sh\necho dropped\n"

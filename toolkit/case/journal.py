@@ -1,15 +1,15 @@
 """The case directory and its journal.jsonl: one JSON line per entry, each naming the sha256 of the line before."""
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
 import socket
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
+from toolkit import utc
+from toolkit.host.accounts import user_name
 from toolkit.errors import BadInputError, UsageError, VerificationFailed
 from toolkit.host.atomic import append_state, check_state_path, read_state, state_dir, write_state
 
@@ -55,11 +55,9 @@ def current_case(option: Optional[str] = None) -> Optional[str]:
 
 
 def login() -> Dict[str, Any]:
-    try:
-        name = getpass.getuser()
-    except Exception:  # no passwd entry
-        name = None
-    return {"uid": os.getuid(), "login": name}
+    """Who acts: our uid and its passwd name, read ourselves (no name-service lookup: that would change the
+    atime of the host's /etc/passwd, which the capture records)."""
+    return {"uid": os.getuid(), "login": user_name(os.getuid())}
 
 
 def open_case(case_id: str, directory: str, title: Optional[str], examiner: Optional[str],
@@ -87,7 +85,7 @@ def open_case(case_id: str, directory: str, title: Optional[str], examiner: Opti
     for name in SUBDIRS:
         state_dir(os.path.join(directory, name), create=True)
     case = {"id": case_id, "title": title or case_id, "examiner": examiner or login()["login"],
-            "opened": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
+            "opened": utc.iso(), "host": socket.gethostname(),
             "directory": directory, "closed": None}
     save_case(directory, case)
     pointer_written = None
@@ -128,7 +126,7 @@ def append(directory: str, entry: Dict[str, Any], signer=None) -> Dict[str, Any]
     if case.get("closed") and entry.get("kind") != "case-close":
         raise UsageError("case %s is closed" % case["id"])
     full = {"seq": len(lines) + 1, "prev_sha256": hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname()}
+            "time": utc.iso(), "host": socket.gethostname()}
     full.update(login())
     full.update(entry)
     if signer is not None:

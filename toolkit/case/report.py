@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import html
 import os
-import time
 from typing import Any, Dict
 
+from toolkit import utc
 from toolkit.case import checklists, journal
 
 UNDO = {
@@ -73,7 +73,7 @@ def gather(directory: str) -> Dict[str, Any]:
             for phase, items in checklists.POST_INCIDENT.items()}
     return {"case": case, "entries": entries, "commands": commands, "evidence": evidence, "changes": changes,
             "findings": findings, "incidents": incidents, "checklists": checklists.status(entries),
-            "post_incident": post, "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "post_incident": post, "generated": utc.iso()}
 
 
 def _entry_text(entry: Dict[str, Any]) -> str:
@@ -193,7 +193,7 @@ def write_report(directory: str, fmt: str) -> Dict[str, Any]:
 
     data = gather(directory)
     text = markdown(data) if fmt == "md" else html_report(data)
-    path = os.path.join(directory, "reports", "report-%s.%s" % (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+    path = os.path.join(directory, "reports", "report-%s.%s" % (utc.stamp(),
                                                                fmt))
     with AtomicFile(path, 0o644, overwrite=True) as out:
         out.write(text.encode("utf-8"))

@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import click
 
+from toolkit import utc
 from toolkit import __version__
 from toolkit.cli.output import Output, current_output, report_bug, report_error
 from toolkit.errors import EXIT_BUG, EXIT_USAGE, KitError
@@ -144,12 +145,10 @@ def _journal(args: List[str], code: int, started: float) -> None:
         directory = journal.current_case(output.case_dir)
         if directory is None or (name.startswith("case ") and journal.load_case(directory).get("closed")):
             return
-        import time
-
         journal.append(directory, {
             "kind": "command", "command_name": name, "argv": journal.redact(["bookgen-kit"] + args),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "exit_code": code,
+            "started": utc.iso(started),
+            "ended": utc.iso(), "exit_code": code,
             "outputs": journal.outputs_of(output.document), "changes": journal.changes_of(output.document)})
     except Exception as error:  # the journal must never change what the command did
         sys.stderr.write("bookgen-kit: warning: not recorded in the case journal: %s\n" % error)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from toolkit import utc
 from toolkit.cli.output import current_output, json_option
 from toolkit.errors import UsageError
 
@@ -111,9 +112,6 @@ def checklist_command(name) -> None:
 def close_command(sign_key, sign_passphrase_file) -> None:
     """Seal the journal with a final entry (signed with --sign-key)."""
     import hashlib
-    import json
-    import os
-    import time
 
     from toolkit.case import journal
 
@@ -129,7 +127,7 @@ def close_command(sign_key, sign_passphrase_file) -> None:
         from toolkit.crypto.files import load_signing_key
 
         key = load_signing_key(sign_key, passphrase_source(sign_passphrase_file))
-    case["closed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    case["closed"] = utc.iso()
     journal.save_case(directory, case)
     written = journal.append(directory, entry, signer=key)
     out = current_output()

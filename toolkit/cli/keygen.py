@@ -1,10 +1,10 @@
 """`bookgen-kit keygen`: a new age identity, or the recipients of an identity file."""
 from __future__ import annotations
 
-import time
 
 import click
 
+from toolkit import utc
 from toolkit.cli.output import current_output, json_option
 from toolkit.errors import UsageError
 
@@ -33,7 +33,7 @@ def keygen_command(output, identity_file) -> None:
         return
     if not output:
         raise UsageError("keygen writes the secret key only to a file", hint="give -o FILE")
-    identity = write_new_identity(output, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    identity = write_new_identity(output, utc.iso())
     recipient = str(identity.recipient())
     out.remember({"identity_file": output, "recipient": recipient})
     if out.json:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 import traceback
 from typing import Any, Callable, Optional
 
 import click
+
+from toolkit import utc
 
 
 class Output:
@@ -106,7 +107,7 @@ def report_bug(output: Output, error: BaseException) -> None:
     directory = _crash_log_dir()
     if directory:
         path = os.path.join(directory, "bookgen-kit-crash-%s-%d.log" % (
-            time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), os.getpid()))
+            utc.stamp(), os.getpid()))
         try:
             from toolkit.errors import KitError
             from toolkit.host.atomic import state_dir

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+from toolkit import utc
 from toolkit.db.server import Server, check_tool, quote_ident, quote_literal
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile
@@ -42,8 +43,6 @@ SELECT 'constraint', n.nspname || '.' || r.relname, con.conname || ' ' || pg_get
 """
 
 
-def utc_stamp(moment: Optional[float] = None) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(moment))
 
 
 def _querier(server, dbname):
@@ -166,7 +165,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
 
         counter = threading.Thread(target=count_in_snapshot, daemon=True)
         counter.start()
-    base = "%s-%s" % (prefix or dbname, utc_stamp(started))
+    base = "%s-%s" % (prefix or dbname, utc.stamp(started))
     suffix = ".dump" + (".age" if recipients else "")
     name, serial = base + suffix, 1
     while os.path.lexists(os.path.join(out_dir, name)) or os.path.lexists(os.path.join(out_dir, name + ".partial")):
@@ -206,7 +205,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
         out.commit()
     counts, schema = facts["counts"], facts["schema"]
     sidecar = {
-        "format": FORMAT, "database": dbname, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "format": FORMAT, "database": dbname, "created": utc.iso(started),
         "seconds": round(time.time() - started, 2), "server_version": version,
         "source": {"mode": server.mode, "server": server.description},
         "pg_dump": tool,
@@ -324,7 +323,7 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
                       server.description, portable=scratch_cluster)
     if record and sidecar is not None:
         sidecar.setdefault("verified", []).append({
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ok": result.ok,
+            "when": utc.iso(), "ok": result.ok,
             "how": [c["name"] for c in result.checks], "restore_test": restore_test,
             "scratch_cluster": scratch_cluster})
         backup.save_sidecar(sidecar)

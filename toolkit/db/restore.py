@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from toolkit import utc
 from toolkit.db.backup import (
     BackupSet,
     compare_with_sidecar,
@@ -20,7 +21,6 @@ from toolkit.db.backup import (
     restore_into,
     schema_sha256,
     table_counts,
-    utc_stamp,
     verify_backup,
 )
 from toolkit.db.server import Server, quote_ident, quote_literal
@@ -49,7 +49,7 @@ class RestoreReport:
 
     def step(self, name: str, detail: str, ok: bool = True) -> None:
         self.steps.append({"step": name, "ok": ok, "detail": detail,
-                           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "at": utc.iso(),
                            "elapsed": round(time.monotonic() - self.started, 3)})
 
 
@@ -146,7 +146,7 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         stopped = _docker_services(plan.stop_services, "stop")
         report.step("stop services", "stopped %s" % (", ".join(stopped) or "nothing (not running)"))
     # 4. restore into a new database, then prove it
-    stamp = utc_stamp()
+    stamp = utc.stamp()
     scratch = "%s_restore_%s" % (database, stamp)
     say("restoring into %s" % scratch)
     restore_into(server, plan.backup, scratch, identities, owner=owner)

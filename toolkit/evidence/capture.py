@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from toolkit import utc
 from toolkit.errors import EnvironmentProblem, UsageError
 from toolkit.evidence import archive, custody
 from toolkit.evidence.collectors import select
@@ -38,7 +39,7 @@ from toolkit.host.accounts import login_name
 from toolkit.host.atomic import AtomicFile
 from toolkit.host.hashing import sha256_path as sha256_file
 
-SCHEMA = "bookgen-kit/evidence-manifest/2"
+SCHEMA = custody.SCHEMA_3
 RESERVE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_FILE_SIZE = 2 * 1024 ** 3
 SUMS_NAME = "SHA256SUMS"
@@ -94,9 +95,6 @@ class CaptureResult:
     findings: List[Dict[str, Any]]
 
 
-def _utc(timestamp: Optional[float] = None) -> str:
-    timestamp = time.time() if timestamp is None else timestamp
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _safe_name(text: str) -> str:
@@ -190,7 +188,7 @@ class _Recorder:
 
     def note(self, message: str) -> None:
         """A line of collection.log: what the host named (paths) is escaped, so no name can forge a line."""
-        self.log.append("%s %s" % (_utc(), one_line(message)))
+        self.log.append("%s %s" % (utc.iso(), one_line(message)))
 
     def run(self, collector, context: CollectionContext, budget: float) -> Dict[str, Any]:
         """Consume the collector's events until it is done or its budget (which includes the time the writer
@@ -295,7 +293,7 @@ class _Recorder:
 
 
 def bundle_base_name(options: CaptureOptions, started: float) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    stamp = utc.stamp(started)
     name = "%s-%s-%s%s" % (_safe_name(options.case_id), _safe_name(socket.gethostname()), stamp,
                            archive.SUFFIXES[options.compression])
     return name + (".age" if options.encrypt else "")
@@ -376,6 +374,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         writer = archive.PayloadWriter(out, list(options.recipients) if options.encrypt else [],
                                        options.compression)
         recorder = _Recorder(writer, progress)
+        context.facts = recorder.facts  # what earlier collectors saw, for the timeline's events
         recorder.note("capture started: profile %s, root %s, output %s" % (options.profile, options.root,
                                                                           payload_path))
         collector_stats = []
@@ -402,7 +401,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                 recorder.artifacts.append({"path": member_name, "type": "generated", "source": None,
                                            "collector": "capture", "method": "generated", "size": len(data),
                                            "sha256": hashlib.sha256(data).hexdigest(), "error": None,
-                                           "collected_at": _utc()})
+                                           "collected_at": utc.iso()})
             ended = time.time()
             manifest = {
                 "schema": SCHEMA,
@@ -413,7 +412,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                          "examiner": options.examiner, "purpose": options.purpose, "authority": options.authority},
                 "host": _host_facts(context),
                 "collection": {
-                    "started_utc": _utc(started), "ended_utc": _utc(ended), "seconds": round(ended - started, 3),
+                    "started_utc": utc.iso(started), "ended_utc": utc.iso(ended), "seconds": round(ended - started, 3),
                     "profile": options.profile, "root": options.root, "command_line": options.command_line,
                     "identity": _capabilities(), "preflight": flight,
                     "degraded": degraded,

@@ -24,10 +24,10 @@ import io
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from toolkit import utc
 from toolkit.errors import BadInputError, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile
 
@@ -35,6 +35,7 @@ ACTIONS = ("collected", "transferred", "received", "verified", "extracted")
 SIGNATURE_NAMESPACE = "bookgen-kit"
 SCHEMA_1 = "bookgen-kit/evidence-manifest/1"
 SCHEMA_2 = "bookgen-kit/evidence-manifest/2"
+SCHEMA_3 = "bookgen-kit/evidence-manifest/3"  # as 2; host files under fs/$rootfs$/ (dissect.target's acquire layout)
 LEGACY_GENESIS = "0" * 64  # schema 1 only: a chain bound to nothing
 GENESIS = LEGACY_GENESIS  # the old name, kept for readers of schema-1 logs
 GENESIS_DOMAIN = b"bookgen-kit custody genesis v2\n"
@@ -116,7 +117,7 @@ def make_entry(previous: Optional[str], seq: int, action: str, actor: str, locat
     if action not in ACTIONS:
         raise BadInputError("custody action must be one of %s" % ", ".join(ACTIONS))
     entry = {"seq": seq, "prev_sha256": previous or genesis(payload_sha256, manifest_sha256),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action, "actor": actor,
+             "time": utc.iso(), "action": action, "actor": actor,
              "location": location, "purpose": purpose, "payload_sha256": payload_sha256,
              "manifest_sha256": manifest_sha256}
     if signer is not None:

@@ -39,7 +39,8 @@ from toolkit.host.hashing import sha256_path as sha256_file
 
 SCHEMA_1 = custody.SCHEMA_1
 SCHEMA_2 = custody.SCHEMA_2
-SCHEMAS = (SCHEMA_1, SCHEMA_2)
+SCHEMA_3 = custody.SCHEMA_3
+SCHEMAS = (SCHEMA_1, SCHEMA_2, SCHEMA_3)
 CONTAINER = "POSIX pax tar"
 AGE_MAGIC = b"age-encryption.org/v1\n"
 # what only the detached manifest has (schema 2), and what only the inner one has

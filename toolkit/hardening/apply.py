@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from toolkit import utc
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError
 from toolkit.hardening.base import Change, HardenContext
 from toolkit.host.atomic import make_state_dir, read_state, state_dir, write_state
@@ -58,7 +59,7 @@ class Bundle:
 
     @classmethod
     def create(cls, ctx: HardenContext) -> "Bundle":
-        base = ctx.path(os.path.join(BUNDLES, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())))
+        base = ctx.path(os.path.join(BUNDLES, utc.stamp()))
         state_dir(os.path.dirname(base), create=True)
         directory, serial = base, 1
         while True:
@@ -69,7 +70,7 @@ class Bundle:
                 serial += 1
                 directory = "%s-%d" % (base, serial)
         bundle = cls(ctx, directory)
-        bundle._save({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "root": ctx.root, "files": {},
+        bundle._save({"created": utc.iso(), "root": ctx.root, "files": {},
                       "applied": [], "confirmed": False, "watchdog_pid": None})
         return bundle
 
@@ -327,7 +328,7 @@ def watchdog(root: str, directory: str, seconds: int) -> None:
         return
     bundle.restore_file("/etc/ssh/sshd_config")
     _reload_sshd(ctx)
-    bundle.update(reverted_sshd=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    bundle.update(reverted_sshd=utc.iso())
 
 
 def confirm(ctx: HardenContext, path: Optional[str]) -> Dict[str, Any]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import time
 from typing import Any, Dict, List, Optional
 
+from toolkit import utc
 from toolkit.errors import EnvironmentProblem, UsageError
 from toolkit.host.atomic import read_state, write_state
 from toolkit.host.programs import run_program
@@ -93,7 +93,7 @@ def contain(allow_ssh_from: List[str], pause_containers: bool, compose_project: 
     if loaded.returncode != 0:
         raise EnvironmentProblem("nft could not load the rules: %s" % loaded.stderr.decode("utf-8", "replace"))
     paused: List[str] = []
-    state = {"since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "table": TABLE,
+    state = {"since": utc.iso(), "table": TABLE,
              "allow_ssh_from": allow_ssh_from, "paused": paused, "nft": loaded.record()}
     _save_state(state)
     if pause_containers:

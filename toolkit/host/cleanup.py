@@ -39,6 +39,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+from toolkit import utc
 from toolkit.config import Deployment
 from toolkit.errors import BadInputError, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile, environment_error
@@ -674,7 +675,7 @@ def _write_archive(fs: HostFS, plan: CleanupPlan, archive_dir: str,
     import zstandard
 
     os.makedirs(archive_dir, exist_ok=True)
-    name = "bookgen-cleanup-%s.tar.zst" % time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    name = "bookgen-cleanup-%s.tar.zst" % utc.stamp()
     with AtomicFile(os.path.join(archive_dir, name), 0o600) as out:
         writer = zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False)
         tar = _TarStream(writer, archive_dir)

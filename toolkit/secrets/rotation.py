@@ -14,11 +14,11 @@ import json
 import os
 import signal
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from toolkit import utc
 from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
 from toolkit.host.atomic import check_state_path, chmod_state, read_state, state_dir, write_state
 from toolkit.host.hashing import fingerprint
@@ -45,8 +45,6 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _utc() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Journal:
@@ -158,15 +156,15 @@ def run(options: RotationOptions) -> Dict[str, Any]:
         changes.update(rotator.changes(new_values[rotator.name]))
     pending_text = dotenv.with_values(env, changes)
     write_state(_pending_path(options), pending_text.encode("utf-8"), 0o600, owner=_env_owner(options))
-    document = {"id": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
-                "created": _utc(), "host": socket.gethostname(), "env_file": options.env_file, "state": "created",
+    document = {"id": utc.stamp() + "-" + uuid.uuid4().hex[:6],
+                "created": utc.iso(), "host": socket.gethostname(), "env_file": options.env_file, "state": "created",
                 "db_container": options.db_container, "secrets": {}, "events": []}
     for rotator in rotators:
         document["secrets"][rotator.name] = {
             "state": "created", "keys": sorted(rotator.changes("x")), "service": rotator.service,
             "old_fingerprint": fingerprint(rotator.current() or ""), "new_fingerprint": fingerprint(
                 new_values[rotator.name]), "method": None, "warning": rotator.warning}
-    document["events"].append({"time": _utc(), "event": "created"})
+    document["events"].append({"time": utc.iso(), "event": "created"})
     journal.save(document)
     _fault("create")
     return _continue(document, options, journal)
@@ -194,7 +192,7 @@ def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journ
         else:
             entry["method"] = rotator.set(rotator.current(), new)
         entry["state"] = "set"
-        document["events"].append({"time": _utc(), "event": "set %s" % name})
+        document["events"].append({"time": utc.iso(), "event": "set %s" % name})
         journal.save(document)
         _fault("set:" + name)
     # 3. test with fresh connections: the new works (and, where a service checks it, the old does not)
@@ -210,11 +208,11 @@ def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journ
         if name != "SECRET_KEY" and old and old != new and rotator.works(old):
             raise VerificationFailed("%s: the old value still works on %s" % (name, rotator.service))
         entry["state"] = "tested"
-        document["events"].append({"time": _utc(), "event": "tested %s" % name})
+        document["events"].append({"time": utc.iso(), "event": "tested %s" % name})
         journal.save(document)
         _fault("test:" + name)
     # 4. finish: the .env becomes the pending one, atomically; the previous is kept
-    previous = "%s.previous-%s" % (options.env_file, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    previous = "%s.previous-%s" % (options.env_file, utc.stamp())
     old_bytes = read_host_file(options.env_file, dotenv.ENV_READ_LIMIT)  # never a FIFO or device
     write_state(previous, old_bytes, 0o600, owner=_env_owner(options))
     new_text = _read_pending(options).text  # strict: the .env's directory is checked again before it changes
@@ -225,7 +223,7 @@ def _continue(document: Dict[str, Any], options: RotationOptions, journal: Journ
         entry["state"] = "finished"
     document["state"] = "finished"
     document["previous_env"] = previous
-    document["events"].append({"time": _utc(), "event": "finished"})
+    document["events"].append({"time": utc.iso(), "event": "finished"})
     journal.save(document)
     return document
 
@@ -241,10 +239,10 @@ def resume(options: RotationOptions) -> Dict[str, Any]:
         document["state"] = "finished"
         for entry in document["secrets"].values():
             entry["state"] = "finished"
-        document["events"].append({"time": _utc(), "event": "resumed: found finished"})
+        document["events"].append({"time": utc.iso(), "event": "resumed: found finished"})
         journal.save(document)
         return document
-    document["events"].append({"time": _utc(), "event": "resumed"})
+    document["events"].append({"time": utc.iso(), "event": "resumed"})
     return _continue(document, options, journal)
 
 
@@ -271,7 +269,7 @@ def rollback(options: RotationOptions) -> Dict[str, Any]:
     if os.path.exists(_pending_path(options)):
         os.unlink(_pending_path(options))
     document["state"] = "rolled_back"
-    document["events"].append({"time": _utc(), "event": "rolled back"})
+    document["events"].append({"time": utc.iso(), "event": "rolled back"})
     journal.save(document)
     return document
 

@@ -6,9 +6,9 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
+from toolkit import utc
 from toolkit.config import Deployment
 from toolkit.triage import probes
 
@@ -88,7 +88,7 @@ def run_triage(deployment: Deployment, target_factory: Callable, health_url_expl
         "disk_usage": lambda: probes.probe_disk_usage(deployment, budget=3.0),
     }
     outcomes = _run_with_deadline(named, TOTAL_BUDGET - 0.5)
-    report = TriageReport(generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    report = TriageReport(generated_at=utc.iso(),
                           host=socket.gethostname(), seconds=round(time.monotonic() - begin, 2), probes=outcomes)
     report.incidents = diagnose(outcomes, deployment)
     return report

@@ -18,11 +18,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from toolkit import utc
 from toolkit.host.hostfs import VANISHED, HostFS, Refused, WalkEntry, WalkLimits, WalkStats, kind_of, reason
 
 READ_SIZE = 4 << 20  # per read and per event: fewer hand-offs between the threads
 QUEUE_DEPTH = 8
 PART_SIZE = 16 * 1024 * 1024  # a stream of unknown length goes in parts of this size (a tar needs sizes first)
+# Host files are stored under this prefix by their absolute path: the layout of fox-it's acquire, which
+# dissect.target's loaders open as a target (the decrypted tar, or the directory `extract` made).
+ROOTFS = "fs/$rootfs$/"
+
+
+def host_member(logical: str) -> str:
+    """The member name of a host path."""
+    return ROOTFS + logical.lstrip("/")
 
 
 @dataclass
@@ -36,6 +45,9 @@ class CollectionContext:
     docker_root: str = "/var/lib/docker"
     own_outputs: frozenset = frozenset()  # (st_dev, st_ino) of our output directory: never collected
     deadline: Optional[float] = None  # time.monotonic() by which the whole capture must end
+    # facts the collectors that ran before have emitted, by kind (filled by the capture thread between
+    # collectors: a collector reads those of the collectors before it, never its own)
+    facts: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
     fs: HostFS = field(init=False)
     _claimed: Dict[str, str] = field(init=False, default_factory=dict)
     _lock: Any = field(init=False, default_factory=threading.Lock)
@@ -110,12 +122,10 @@ class Fact:
 _DONE = object()
 
 
-def _utc(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + ".%06dZ" % int((timestamp % 1) * 1e6)
 
 
 def stat_times(info: os.stat_result) -> Dict[str, str]:
-    return {"mtime": _utc(info.st_mtime), "atime": _utc(info.st_atime), "ctime": _utc(info.st_ctime)}
+    return {"mtime": utc.iso_micro(info.st_mtime), "atime": utc.iso_micro(info.st_atime), "ctime": utc.iso_micro(info.st_ctime)}
 
 
 class Abandoned(BaseException):
@@ -183,35 +193,52 @@ class Emitter:
         """A stream of unknown length (docker logs, cp, export): one member, or PATH.part0000, .part0001...
         when it is longer than PART_SIZE (`cat PATH.part* > PATH` rebuilds it). Returns the bytes taken.
         If the source fails midway, what it produced so far is stored before the error goes on."""
-        buffer = bytearray()
-        part, total = 0, 0
-        iterator = iter(chunks)
-        finished = False
+        return self.streams(((archive_path, chunk) for chunk in chunks), {archive_path: method})[archive_path]
+
+    def streams(self, pieces: Iterable[Tuple[str, bytes]], methods: Dict[str, str]) -> Dict[str, int]:
+        """Several streams made together (one walk writing a bodyfile and a JSON timeline): `pieces` yields
+        (member name, bytes). Each name is one member, or NAME.part0000, .part0001... in order when it grows
+        past PART_SIZE: the parts of different names interleave in the tar, so memory stays at PART_SIZE a
+        name. If the source fails midway, what every name had so far is stored before the error goes on."""
+        buffers: Dict[str, bytearray] = {name: bytearray() for name in methods}
+        parts: Dict[str, int] = {name: 0 for name in methods}
+        totals: Dict[str, int] = {name: 0 for name in methods}
         failure: Optional[BaseException] = None
-        while not finished:
-            while len(buffer) < PART_SIZE:
-                try:
-                    buffer += next(iterator)
-                except StopIteration:
-                    finished = True
-                    break
-                except Abandoned:
-                    raise
-                except Exception as error:  # keep what was produced, then report
-                    failure, finished = error, True
-                    break
-            piece = bytes(buffer[:PART_SIZE])
-            del buffer[:PART_SIZE]
-            if finished and not buffer and part == 0:
-                self.generated(archive_path, piece, method + (" (cut short by an error)" if failure else ""))
-            else:
-                self.generated("%s.part%04d" % (archive_path, part), piece, method + " (part %d)" % part)
-            finished = finished and not buffer
-            total += len(piece)
-            part += 1
+
+        def flush(name: str, last: bool) -> None:
+            buffer = buffers[name]
+            while len(buffer) >= PART_SIZE or (last and (buffer or parts[name] == 0)):
+                piece = bytes(buffer[:PART_SIZE])
+                del buffer[:PART_SIZE]
+                if last and not buffer and parts[name] == 0:
+                    self.generated(name, piece, methods[name] + (" (cut short by an error)" if failure else ""))
+                else:
+                    self.generated("%s.part%04d" % (name, parts[name]), piece,
+                                   methods[name] + " (part %d)" % parts[name])
+                totals[name] += len(piece)
+                parts[name] += 1
+                if last and not buffer:
+                    return
+
+        iterator = iter(pieces)
+        while True:
+            try:
+                name, data = next(iterator)
+            except StopIteration:
+                break
+            except Abandoned:
+                raise
+            except Exception as error:  # keep what was produced, then report
+                failure = error
+                break
+            buffers[name] += data
+            if len(buffers[name]) >= PART_SIZE:
+                flush(name, False)
+        for name in methods:
+            flush(name, True)
         if failure is not None:
             raise failure
-        return total
+        return totals
 
     def read(self, logical: str, limit: int, follow: bool = False) -> Optional[bytes]:
         """A host file's first `limit` bytes, read for what it says (not stored as a member): None when it is
@@ -255,7 +282,7 @@ class Emitter:
         info = tarfile.TarInfo(archive_path)
         info.size, info.mode, info.mtime = len(data), 0o444, time.time()
         entry = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
-                 "method": method, "collected_at": _utc(time.time())}
+                 "method": method, "collected_at": utc.iso_micro(time.time())}
         self._put(MemberStart(info, entry))
         digest = hashlib.sha256()
         for start in range(0, len(data), READ_SIZE):
@@ -290,6 +317,21 @@ class Emitter:
         if resolved != asked:
             self._keep_links_met(asked)
         return stored
+
+    def file_and_targets(self, logical: str, max_size: int, hops: int = 8) -> None:
+        """A path as it is and, when it is a symlink, what it points to in turn (resolved inside the root, at
+        most `hops` links), so that the link resolves inside the bundle as it did on the host: /etc/localtime ->
+        /usr/share/zoneinfo/..., /etc/os-release -> ../usr/lib/os-release."""
+        current = posixpath.normpath("/" + logical.lstrip("/"))
+        for _ in range(hops):
+            self.file(current, max_size)
+            try:
+                if not stat.S_ISLNK(self.fs.lstat(current).st_mode):
+                    return
+                target = self.fs.readlink(current)
+            except (OSError, Refused):
+                return  # absent, or refused (said by file() above)
+            current = posixpath.normpath(posixpath.join(posixpath.dirname(current), target))
 
     def _keep_links_met(self, asked: str) -> None:
         """Under --root a symlink in a component is resolved inside the root (a chroot's view), and the path
@@ -354,7 +396,7 @@ class Emitter:
 
     def _entry(self, dir_fd: int, name: str, logical: str, info: os.stat_result, max_size: int,
                requested: bool, via: Optional[str] = None) -> bool:
-        archive_path = "files/" + logical.lstrip("/")
+        archive_path = host_member(logical)
         if not logical.strip("/"):
             return False  # the root itself is not a member
         if not self._claim(archive_path):
@@ -362,7 +404,7 @@ class Emitter:
         base = {"path": archive_path, "source": logical, "collector": self.collector,
                 "mode": "%04o" % stat.S_IMODE(info.st_mode), "uid": info.st_uid, "gid": info.st_gid,
                 "inode": info.st_ino, "device": info.st_dev, "source_size": info.st_size,
-                "collected_at": _utc(time.time())}
+                "collected_at": utc.iso_micro(time.time())}
         if via:
             base["via"] = via
         base.update(stat_times(info))
@@ -404,7 +446,7 @@ class Emitter:
             return
         member = tarfile.TarInfo(archive_path)
         member.mode, member.mtime = 0o444, time.time()
-        base = {"path": archive_path, "source": source, "collector": self.collector, "collected_at": _utc(time.time()),
+        base = {"path": archive_path, "source": source, "collector": self.collector, "collected_at": utc.iso_micro(time.time()),
                 "method": "read through the magic link"}
         try:
             fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))

@@ -84,7 +84,9 @@ class ContainerCollector(Collector):
             emit.fact("container", {"name": container.name, "id": container.id,
                                     "service": container.labels.get("com.docker.compose.service"),
                                     "new_executables": new_executables,
-                                    "pid": attrs.get("State", {}).get("Pid")}, base + "diff.json")
+                                    "pid": attrs.get("State", {}).get("Pid"), "created": attrs.get("Created"),
+                                    "started": attrs.get("State", {}).get("StartedAt"),
+                                    "image": attrs.get("Config", {}).get("Image")}, base + "diff.json")
         emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
                   "docker API")
 
@@ -208,7 +210,10 @@ class ContainerCollector(Collector):
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
             emit.fact("container", {"name": config.get("Name", "").strip("/"), "id": container_id, "service": None,
-                                    "new_executables": new_executables, "pid": None}, base + "upperdir.json")
+                                    "new_executables": new_executables, "pid": None,
+                                    "created": config.get("Created"),
+                                    "started": (config.get("State") or {}).get("StartedAt"),
+                                    "image": (config.get("Config") or {}).get("Image")}, base + "upperdir.json")
         emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")

@@ -7,7 +7,7 @@ import stat
 import time
 from typing import Iterator, List, Tuple
 
-from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
 from toolkit.host.accounts import accounts as host_accounts
 from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
 
@@ -124,7 +124,7 @@ class PersistenceCollector(Collector):
         for entry in context.fs.walk(logical, context.walk_limits()):
             if stat.S_ISREG(entry.info.st_mode):
                 emit.fact(kind, {"path": entry.logical, "mtime": entry.info.st_mtime, "ctime": entry.info.st_ctime},
-                          "files" + entry.logical)
+                          host_member(entry.logical))
 
 
 def looks_executable(context: CollectionContext, entry: WalkEntry) -> bool:
@@ -159,6 +159,6 @@ class TmpExecutablesCollector(Collector):
                     emit.fact("tmp_executable", {"path": entry.logical, "mode": "%o" % info.st_mode,
                                                  "suid": bool(info.st_mode & (stat.S_ISUID | stat.S_ISGID)),
                                                  "size": info.st_size, "mtime": info.st_mtime},
-                              "files" + entry.logical)
+                              host_member(entry.logical))
             finally:
                 emit.walk_report(logical_dir, stats)

@@ -7,7 +7,8 @@ import socket
 import time
 from typing import Any, Dict, Optional
 
-from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit import utc
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
 from toolkit.host.hostfs import Refused, reason
 
 TIME_SYNC_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd", "timesyncd")
@@ -46,7 +47,7 @@ def system_facts(context: CollectionContext) -> Dict[str, Any]:
         "kernel": {"sysname": uname.sysname, "release": uname.release, "version": uname.version,
                    "machine": uname.machine},
         "uptime_seconds": float(uptime.split()[0]) if uptime else None,
-        "clock_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%06dZ" % int((now % 1) * 1e6),
+        "clock_utc": utc.iso_micro(now),
         "clock_monotonic": time.monotonic(),
         "timezone": time.tzname,
         "clock_source": clock_source(),
@@ -64,6 +65,12 @@ SECURITY_SYSCTLS = ("kernel/kptr_restrict", "kernel/dmesg_restrict", "kernel/ran
                     "net/ipv4/conf/all/send_redirects", "net/ipv4/tcp_syncookies", "fs/protected_symlinks",
                     "fs/protected_hardlinks", "fs/suid_dumpable", "user/max_user_namespaces", "vm/mmap_min_addr")
 TAINT_FLAGS = "PFSRMBUDAWCIOELKXT"
+# What names the system to an analyst's tools (dissect.target's os, version, hostname, timezone, users and ips
+# plugins; plaso's preprocessors): in every profile, symlinks with what they point to.
+IDENTITY_FILES = ("/etc/hostname", "/etc/os-release", "/usr/lib/os-release", "/etc/lsb-release",
+                  "/etc/debian_version", "/etc/redhat-release", "/etc/system-release", "/etc/alpine-release",
+                  "/etc/timezone", "/etc/localtime", "/etc/machine-id", "/etc/hosts", "/etc/passwd", "/etc/group",
+                  "/etc/fstab", "/etc/resolv.conf", "/etc/network/interfaces", "/etc/nsswitch.conf")
 
 
 def parse_utmp(data: bytes) -> list:
@@ -100,6 +107,8 @@ class SystemCollector(Collector):
                        "/proc, uname, /etc/machine-id")
         if facts["machine_id"] is None:  # system_facts reads it quietly: a FIFO, device or link there is said here
             emit.read("/etc/machine-id", 4096, follow=True)
+        for name in IDENTITY_FILES:
+            emit.file_and_targets(name, context.max_file_size)
         logins = {}
         utmp = ("/run/utmp",) if context.fs.lexists("/run/utmp") else ("/var/run/utmp",)
         for name in utmp + ("/var/log/wtmp", "/var/log/btmp"):
@@ -110,6 +119,9 @@ class SystemCollector(Collector):
             except (OSError, Refused) as error:
                 emit.refusal(name, error)
         emit.json("volatile/logins.json", logins, "utmp/wtmp/btmp records parsed (glibc struct utmp)")
+        for name in ("/var/log/wtmp", "/var/log/btmp"):
+            for record in logins.get(name, []):
+                emit.fact("login", dict(record, source=name), "volatile/logins.json")
         for name in ("/var/log/wtmp", "/var/log/btmp", "/var/log/lastlog"):
             emit.file(name, context.max_file_size)
         tainted = _read("/proc/sys/kernel/tainted")
@@ -126,4 +138,4 @@ class SystemCollector(Collector):
                 preload = context.fs.read_bytes("/etc/ld.so.preload", 1 << 20, follow=True).decode("utf-8", "replace")
             except (OSError, Refused) as error:  # the loader follows a link we do not: present and unread is a finding
                 preload = "(present, not read: %s)" % reason(error)
-            emit.fact("ld_so_preload", preload.strip(), "files/etc/ld.so.preload")
+            emit.fact("ld_so_preload", preload.strip(), host_member("/etc/ld.so.preload"))

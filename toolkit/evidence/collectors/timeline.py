@@ -3,13 +3,14 @@ the same walk notes SUID/SGID files, world-writable files and recent changes und
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import json
 import os
 import posixpath
 import stat
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
+from toolkit import utc
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
 from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
 
@@ -53,7 +54,7 @@ class BirthTimes:
         self._statx = None
         self._fstatfs = None
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc = ctypes.CDLL(None, use_errno=True)  # the libc already loaded: no ldconfig run, no file read
             self._statx = libc.statx
             self._statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
                                     ctypes.POINTER(_Statx)]
@@ -61,18 +62,21 @@ class BirthTimes:
         except (OSError, AttributeError):
             self._statx = None
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc = ctypes.CDLL(None, use_errno=True)  # the libc already loaded: no ldconfig run, no file read
             self._fstatfs = libc.fstatfs
             self._fstatfs.argtypes = [ctypes.c_int, ctypes.POINTER(_Statfs)]
         except (OSError, AttributeError):
             self._fstatfs = None
 
     def birth_at(self, dir_fd: int, name: str) -> int:
+        """Nanoseconds since the epoch; 0 when not known."""
         if self._statx is None:
             return 0
         if self._statx(dir_fd, os.fsencode(name), AT_SYMLINK_NOFOLLOW, STATX_BTIME, ctypes.byref(self._buffer)) != 0:
             return 0
-        return int(self._buffer.stx_btime.tv_sec) if self._buffer.stx_mask & STATX_BTIME else 0
+        if not self._buffer.stx_mask & STATX_BTIME:
+            return 0
+        return int(self._buffer.stx_btime.tv_sec) * 1000000000 + int(self._buffer.stx_btime.tv_nsec)
 
     def fs_type(self, fd: int) -> Optional[int]:
         if self._fstatfs is None:
@@ -84,13 +88,27 @@ class BirthTimes:
 
 
 def escape_name(name: str) -> str:
-    """Bodyfile-safe and unambiguous. mactime splits a line on '|' and decodes %XX once in every field, then
-    silently drops (or garbles) an entry whose decoded name holds a newline: a name the attacker chooses
-    would hide a file from the timeline. So '|' is written %7C (mactime shows '|'), and '%' and the control
-    characters are written %25XX: mactime shows them percent-encoded (%25, %0A, %1B), on one line, and no
-    two names look alike. Bytes that are not UTF-8 (surrogate escapes) are written as they are."""
-    return "".join("%7C" if c == "|" else "%%25%02X" % ord(c) if c == "%" or ord(c) < 0x20 or ord(c) == 0x7F
-                   else c for c in name)
+    """A path as a bodyfile field: valid UTF-8 (plaso stops reading a bodyfile at its first line that is not),
+    one line, 11 fields, and unambiguous once mactime has decoded its %XX (once, in every field):
+    - a byte that is not UTF-8 is %XX: mactime gives the byte back, as the name has it;
+    - '|' is %7C: mactime shows '|', and no name adds a field;
+    - '%' and every character that is not printable (control characters, DEL, C1, line and paragraph
+      separators) are %25XX, a byte of their UTF-8 at a time: mactime shows them percent-encoded (%25, %0A,
+      %1B) on one line. Decoded to a raw newline, mactime would drop the entry from its timeline."""
+    if name.isprintable() and "|" not in name and "%" not in name:
+        return name  # the common case (a byte that is not UTF-8 is never printable)
+    out = []
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for a byte that is not UTF-8
+            out.append("%%%02X" % (code - 0xDC00))
+        elif char == "|":
+            out.append("%7C")
+        elif char == "%" or not char.isprintable():
+            out.extend("%%25%02X" % byte for byte in char.encode("utf-8"))
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def mode_string(mode: int) -> str:
@@ -98,6 +116,96 @@ def mode_string(mode: int) -> str:
              stat.S_IFIFO: "p", stat.S_IFSOCK: "s"}
     kind = kinds.get(stat.S_IFMT(mode), "-")
     return "%s/%s%s" % (kind, kind, stat.filemode(mode)[1:])
+
+
+# (letter in mactime's "macb", Timesketch/plaso timestamp_desc)
+TIME_KINDS = (("m", "Content Modification Time"), ("a", "Last Access Time"), ("c", "Metadata Modification Time"),
+              ("b", "Creation Time"))
+BODYFILE = "timeline/bodyfile.txt"
+JSONL = "timeline/timeline.jsonl"
+KIND_NAMES = {"d": "directory", "r": "file", "l": "symlink", "c": "character device", "b": "block device",
+              "p": "FIFO", "s": "socket", "-": "other"}
+
+
+def file_events(path: str, info: os.stat_result, birth_ns: int) -> List[Dict[str, Any]]:
+    """Timesketch events of one walked name: one per distinct timestamp, naming every kind that has it."""
+    times = (info.st_mtime_ns, info.st_atime_ns, info.st_ctime_ns, birth_ns)
+    mode = mode_string(info.st_mode)
+    events = []
+    for value in sorted(set(t for t in times if t > 0)):
+        macb = "".join(letter if times[i] == value else "." for i, (letter, _) in enumerate(TIME_KINDS))
+        descs = [desc for i, (_, desc) in enumerate(TIME_KINDS) if times[i] == value]
+        events.append({
+            "message": "%s %s [%s] %s bytes, %s, uid %d gid %d" % (
+                KIND_NAMES.get(mode[0], "other"), path, macb, info.st_size, mode[2:], info.st_uid, info.st_gid),
+            "datetime": utc.iso_ns(value), "timestamp": value // 1000, "timestamp_desc": "; ".join(descs),
+            "macb": macb, "path": path, "inode": info.st_ino, "size": info.st_size, "mode": mode,
+            "uid": info.st_uid, "gid": info.st_gid, "data_type": "bookgen-kit:fs:stat",
+        })
+    return events
+
+
+def _event(moment: float, desc: str, message: str, data_type: str, evidence: str, **fields: Any) -> Dict[str, Any]:
+    ns = int(round(moment * 1e6)) * 1000
+    return dict(fields, message=message, datetime=utc.iso_ns(ns), timestamp=ns // 1000, timestamp_desc=desc,
+                data_type=data_type, evidence=evidence)
+
+
+def _docker_time(text: Any) -> Optional[float]:
+    """Docker's RFC 3339 times (nanoseconds, Z or an offset) as epoch seconds; None for its zero time."""
+    import calendar
+    import re
+
+    match = re.match(r"^(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$",
+                     str(text or ""))
+    if not match or match.group(1) == "0001":
+        return None
+    parts = [int(match.group(i)) for i in range(1, 7)]
+    moment = calendar.timegm(tuple(parts) + (0, 0, 0)) + float("0." + (match.group(7) or "0"))
+    zone = match.group(8)
+    if zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        moment -= sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return moment
+
+
+LOGIN_KINDS = {"USER_PROCESS": ("Login Time", "login"), "DEAD_PROCESS": ("Logout Time", "logout"),
+               "BOOT_TIME": ("Boot Time", "boot"), "RUN_LVL": ("Runlevel Change Time", "runlevel change")}
+
+
+def stated_events(facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    """The events other collectors saw before the timeline ran: logins (wtmp, btmp), process starts, containers."""
+    for fact in facts.get("login", []):
+        record = fact["data"]
+        failed = record.get("source", "").endswith("btmp")
+        desc, verb = ("Failed Login Time", "failed login") if failed else \
+            LOGIN_KINDS.get(record.get("type"), ("Event Time", str(record.get("type")).lower()))
+        if not record.get("time"):
+            continue
+        message = "%s %s on %s from %s (%s)" % (verb, record.get("user") or "-", record.get("line") or "-",
+                                               record.get("host") or "local", record.get("source"))
+        yield _event(record["time"], desc, message, "bookgen-kit:login", fact["evidence"],
+                     user=record.get("user"), line=record.get("line"), host=record.get("host"),
+                     pid=record.get("pid"), source_file=record.get("source"))
+    for fact in facts.get("process", []):
+        record = fact["data"]
+        if not record.get("start_time"):
+            continue
+        command = " ".join(record.get("cmdline") or []) or record.get("name") or "?"
+        yield _event(record["start_time"], "Process Start Time",
+                     "process %s started: %s (exe %s)" % (record.get("pid"), command[:500], record.get("exe")),
+                     "bookgen-kit:process", fact["evidence"], pid=record.get("pid"), exe=record.get("exe"),
+                     container_id=record.get("container_id"))
+    for fact in facts.get("container", []):
+        record = fact["data"]
+        for key, desc, verb in (("created", "Container Creation Time", "created"),
+                                ("started", "Container Start Time", "started")):
+            moment = _docker_time(record.get(key))
+            if moment is not None:
+                yield _event(moment, desc, "container %s (%s, image %s) %s" % (
+                    record.get("name"), str(record.get("id"))[:12], record.get("image"), verb),
+                    "bookgen-kit:container", fact["evidence"], container=record.get("name"),
+                    container_id=record.get("id"))
 
 
 class TimelineCollector(Collector):
@@ -112,16 +220,19 @@ class TimelineCollector(Collector):
         roots = ["/"] if context.profile == "full" else list(TRIAGE_ROOTS)
         if context.deployment.app_dir not in roots and context.profile != "full":
             roots.insert(0, context.deployment.app_dir)
-        state = {"entries": 0, "crtime": False, "skipped_mounts": [], "walks": [],
+        state = {"entries": 0, "events": 0, "stated_events": 0, "crtime": False, "skipped_mounts": [], "walks": [],
                  "notable": {"suid_sgid": [], "world_writable": [], "recent_changes": []}}
         try:
-            emit.stream("timeline/bodyfile.txt", self._walk(context, roots, state, emit),
-                        "iterative walk (fstatat + statx crtime) through the host filesystem object, "
-                        "local filesystems only")
+            emit.streams(self._walk(context, roots, state, emit), {
+                BODYFILE: "iterative walk (fstatat + statx crtime) through the host filesystem object, local "
+                          "filesystems only: TSK 3.x bodyfile, names %XX-escaped",
+                JSONL: "the same walk as Timesketch JSONL (one event per distinct time of each name), then the "
+                       "logins, process starts and containers the earlier collectors saw"})
         finally:  # even when the walk failed midway, what it saw is kept and said
             emit.json("timeline/notable.json", dict(state["notable"], roots=roots,
                                                     skipped_mounts=state["skipped_mounts"],
                                                     crtime_available=state["crtime"], entries=state["entries"],
+                                                    events=state["events"], stated_events=state["stated_events"],
                                                     walks=state["walks"]),
                       "the timeline walk")
             for entry in state["notable"]["suid_sgid"]:
@@ -134,12 +245,22 @@ class TimelineCollector(Collector):
         watch = ("/etc/", context.deployment.app_dir.rstrip("/") + "/")
         notable = state["notable"]
         walked: List[str] = []
+        events: List[str] = []
+
+        def flush(batch: List[str]):
+            yield BODYFILE, "".join(batch).encode("utf-8")
+            yield JSONL, ("\n".join(events) + "\n").encode("utf-8") if events else b""
+            del events[:]
 
         def line(entry: WalkEntry) -> str:
             info, logical = entry.info, entry.logical
             birth = births.birth_at(entry.dir_fd, entry.name) if entry.dir_fd >= 0 else 0
             if birth:
                 state["crtime"] = True
+            path = escape_name(logical)
+            for event in file_events(path, info, birth):
+                events.append(json.dumps(event, ensure_ascii=False, sort_keys=True))
+                state["events"] += 1
             mode = info.st_mode
             if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
                 notable["suid_sgid"].append({"path": logical, "mode": "%o" % mode, "uid": info.st_uid})
@@ -149,8 +270,8 @@ class TimelineCollector(Collector):
                 notable["recent_changes"].append({"path": logical, "mtime": info.st_mtime, "ctime": info.st_ctime})
             state["entries"] += 1
             return "0|%s|%d|%s|%d|%d|%d|%d|%d|%d|%d\n" % (
-                escape_name(logical), info.st_ino, mode_string(mode), info.st_uid, info.st_gid, info.st_size,
-                int(info.st_atime), int(info.st_mtime), int(info.st_ctime), birth)
+                path, info.st_ino, mode_string(mode), info.st_uid, info.st_gid, info.st_size,
+                int(info.st_atime), int(info.st_mtime), int(info.st_ctime), birth // 1000000000)
 
         for logical_root in roots:
             logical_root = posixpath.normpath("/" + logical_root.lstrip("/"))
@@ -182,15 +303,19 @@ class TimelineCollector(Collector):
                 for entry in context.fs.walk(logical_root, context.walk_limits(), stats, descend):
                     batch.append(line(entry))
                     if len(batch) >= 2000:
-                        yield "".join(batch).encode("utf-8", "surrogateescape")
+                        yield from flush(batch)
                         batch = []
             except Exception as error:  # keep the lines already made, then let the failure be recorded
                 failure = error
             if batch:
-                yield "".join(batch).encode("utf-8", "surrogateescape")
+                yield from flush(batch)
             state["walks"].append({"root": logical_root, "entries": stats.entries,
                                    "directories": stats.directories, "limits_hit": stats.limits_hit,
                                    "errors": len(stats.errors)})
             emit.walk_report(logical_root, stats)
             if failure is not None:
                 raise failure
+        for event in stated_events(context.facts):
+            state["stated_events"] += 1
+            # ASCII: a command line or user name the attacker chose may hold bytes that are not UTF-8
+            yield JSONL, (json.dumps(event, sort_keys=True) + "\n").encode("ascii")
