@@ -446,6 +446,40 @@ def test_a_schema_1_bundle_whose_detached_artifacts_disagree_is_refused(tmp_path
     assert not (tmp_path / "target").exists()
 
 
+def test_absolute_links_of_the_host_tree_are_made_relative_to_it(tmp_path):
+    """Under fs/$rootfs$/ (schema 3) an absolute link means the host's root: it is created relative to the tree,
+    as a chroot sees it, and `..` cannot climb out of it. Anywhere else an absolute link is still refused."""
+    root = "fs/$rootfs$/"
+    members = [regular(root + "usr/share/zoneinfo/Europe/Amsterdam", b"TZif2"),
+               symlink(root + "etc/localtime", "/usr/share/zoneinfo/Europe/Amsterdam"),
+               regular(root + "usr/lib/os-release", b"ID=debian\n"),
+               symlink(root + "etc/os-release", "../usr/lib/os-release"),
+               symlink(root + "etc/systemd/system/multi-user.target.wants/evil.service", "/../../../etc/evil.service"),
+               regular(root + "etc/evil.service", b"[Service]\n"),
+               symlink(root + "root-link", "/"),
+               symlink("volatile/escape", "/etc/passwd")]
+    payload = make_bundle(tmp_path / "bundle", members)
+    target = tmp_path / "target"
+    done, report = extract(payload, target)
+    assert done.returncode == 6, done.stdout + done.stderr  # for volatile/escape alone
+    assert [r["member"] for r in report["refused"]] == ["volatile/escape"]
+    tree = target / "fs" / "$rootfs$"
+    assert os.readlink(tree / "etc/localtime") == "../usr/share/zoneinfo/Europe/Amsterdam"
+    assert (tree / "etc/localtime").read_bytes() == b"TZif2"
+    assert os.readlink(tree / "etc/os-release") == "../usr/lib/os-release"  # relative links as they were
+    wants = tree / "etc/systemd/system/multi-user.target.wants/evil.service"
+    assert os.readlink(wants) == "../../../../etc/evil.service" and wants.read_bytes() == b"[Service]\n"
+    assert os.readlink(tree / "root-link") == "."
+    assert {r["member"]: r["target"] for r in report["rebased"]} == {
+        root + "etc/localtime": "/usr/share/zoneinfo/Europe/Amsterdam",
+        root + "etc/systemd/system/multi-user.target.wants/evil.service": "/../../../etc/evil.service",
+        root + "root-link": "/"}
+    inner = json.loads((target / "manifest.json").read_text())  # the manifest keeps the host's targets
+    assert {a["path"]: a.get("target") for a in inner["artifacts"]}[root + "etc/localtime"] == \
+        "/usr/share/zoneinfo/Europe/Amsterdam"
+    assert_everything_inside(target)
+
+
 # -- a real capture ---------------------------------------------------------------------------------------
 def test_a_bundle_from_the_real_capture_extracts_with_exit_0(tmp_path):
     root = tmp_path / "root"

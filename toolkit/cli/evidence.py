@@ -292,6 +292,9 @@ def extract_command(bundle, identity_files, passphrase_file, target, max_bytes, 
 
         out.console.print("extracted %d of %d members into %s" % (len(report.extracted), report.members,
                                                                   escape(report.target)))
+        if report.rebased:
+            out.console.print("%d absolute links of the host's tree made relative to it (fs/$rootfs$), as a "
+                              "chroot sees them: `rebased` in --json" % len(report.rebased))
         for item in report.refused:  # member names come from the bundle: never markup
             out.console.print("[yellow]refused[/yellow] %s: %s" % (escape(item["member"]), escape(item["reason"])))
     if report.refused:

@@ -12,6 +12,10 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 from toolkit.errors import BadInputError, VerificationFailed
 from toolkit.host.atomic import PARTIAL_SUFFIX
 
+# Host files are stored under this prefix by their absolute path (schema 3): the layout of fox-it's acquire,
+# which dissect.target's loaders open as a target (the decrypted tar, or the directory `extract` made).
+ROOTFS = "fs/$rootfs$/"
+
 MANIFEST_SUFFIX = ".manifest.json"
 
 

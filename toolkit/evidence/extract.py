@@ -10,8 +10,11 @@ match do the temporary files take their names (link(2) then unlink: never an
 overwrite) and the inner manifest is kept as manifest.json. Otherwise everything
 this run created is removed and VerificationFailed names the first problems.
 
-Refused (recorded in the report, the rest goes on): absolute names, `..`, names
-below a symlink or a file, symlinks whose target is absolute or resolves outside
+An absolute symlink of the host's tree (under fs/$rootfs$/) is created relative
+to that tree, as a chroot would see it (the report lists each under `rebased`;
+the manifest keeps the host's target). Refused (recorded in the report, the rest
+goes on): absolute names, `..`, names below a symlink or a file, other symlinks
+whose target is absolute, symlinks that resolve outside
 --to (component by component through the links extract made, and again once
 every member is in place), hard links, device nodes, FIFOs, members larger than
 the per-member limit (sparse or not). setuid, setgid and sticky bits are never
@@ -25,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import secrets
 import stat
 import tarfile
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from toolkit.errors import EnvironmentProblem, KitError, UsageError, VerificationFailed
-from toolkit.evidence.bundle import iterate_members, load_manifest, locate, member_kind, open_tar_stream
+from toolkit.evidence.bundle import ROOTFS, iterate_members, load_manifest, locate, member_kind, open_tar_stream
 from toolkit.host.atomic import PARTIAL_SUFFIX, environment_error
 
 GiB = 1024 ** 3
@@ -57,6 +61,8 @@ class ExtractReport:
     target: str
     extracted: List[str] = field(default_factory=list)
     refused: List[dict] = field(default_factory=list)
+    # absolute links of the host's tree (fs/$rootfs$/...) created relative to that tree: {member, target, created}
+    rebased: List[dict] = field(default_factory=list)
     members: int = 0
     bytes_written: int = 0
     limits: Dict[str, int] = field(default_factory=dict)
@@ -74,6 +80,18 @@ class _Seen:
 
 class _Refused(Exception):
     """This member is not created (the reason goes into the report); extraction goes on."""
+
+
+def rebase_in_rootfs(relative: str, target: str) -> Optional[str]:
+    """A host's absolute link (fs/$rootfs$/etc/localtime -> /usr/share/zoneinfo/UTC) as the same link relative to
+    the host's tree under --to (../usr/share/zoneinfo/UTC), as a chroot sees it; None for any other link.
+    `..` cannot climb above the tree's root, as in a chroot. The manifest keeps the target as the host had it."""
+    parts = relative.split("/")
+    if not target.startswith("/") or parts[:2] != ROOTFS.rstrip("/").split("/") or len(parts) < 3:
+        return None
+    inside = posixpath.normpath(target).lstrip("/")
+    climb = "../" * (len(parts) - 3)
+    return (climb + inside) if inside else (climb.rstrip("/") or ".")
 
 
 def _safe_relative(name: str) -> str:
@@ -297,17 +315,23 @@ class _Extraction:
         blocking = self.tree.blocking_parent(relative)
         if blocking:
             raise _Refused("a parent (%s) is not a directory inside the target" % blocking)
-        resolved, why = self.tree.resolve(relative.split("/")[:-1], member.linkname)
+        target = member.linkname
+        rebased = rebase_in_rootfs(relative, target)
+        if rebased is not None:
+            target = rebased
+        resolved, why = self.tree.resolve(relative.split("/")[:-1], target)
         if resolved is None:
             raise _Refused("symlink to %s: %s" % (member.linkname, why))
         fd = self._open_parent(relative, create=True)
         try:
-            os.symlink(member.linkname, relative.split("/")[-1], dir_fd=fd)
+            os.symlink(target, relative.split("/")[-1], dir_fd=fd)
         except OSError as error:
             raise _fs_failure(error, "cannot create the symlink %s under %s" % (relative, self.root)) from None
         finally:
             os.close(fd)
-        self.tree.nodes[relative] = ("link", member.linkname)
+        self.tree.nodes[relative] = ("link", target)
+        if rebased is not None:
+            self.report.rebased.append({"member": member.name, "target": member.linkname, "created": rebased})
         self.created.append(("link", relative))
         self.links.append((relative, member.name))
 

@@ -21,6 +21,7 @@ import errno
 import os
 import posixpath
 import stat
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,6 +35,25 @@ MAX_SYMLINK_HOPS = 40
 DEFAULT_READ_LIMIT = 1 << 20
 DEFAULT_MAX_DEPTH = 4096
 VANISHED = "vanished while it was read"
+
+
+# (st_dev, st_ino) -> st_atime_ns before this process first read it without O_NOATIME. The kernel refuses
+# O_NOATIME to a process that neither owns the file nor has CAP_FOWNER (a normal user reading /etc/passwd):
+# the read may then move the atime, so what the timeline and the manifest record is the atime from before.
+_ATIMES_BEFORE_US: Dict[Tuple[int, int], int] = {}
+_ATIMES_LOCK = threading.Lock()
+
+
+def _plain_read_of(fd: int) -> None:
+    """Called after opening without O_NOATIME and before any read (an open moves no atime; a read may)."""
+    info = os.fstat(fd)
+    with _ATIMES_LOCK:
+        _ATIMES_BEFORE_US.setdefault((info.st_dev, info.st_ino), info.st_atime_ns)
+
+
+def atime_before_us(info: os.stat_result) -> int:
+    """The atime (ns) of what `info` describes as it was before this process read it."""
+    return _ATIMES_BEFORE_US.get((info.st_dev, info.st_ino), info.st_atime_ns)
 
 
 class Refused(OSError):
@@ -287,6 +307,7 @@ class HostFS:
             except PermissionError:  # O_NOATIME needs ownership or CAP_FOWNER
                 noatime = False
                 fd = os.open(where[0], flags, dir_fd=where[1]) if where[1] is not None else os.open(where[0], flags)
+                _plain_read_of(fd)
             reopened = os.fstat(fd)
             if (reopened.st_dev, reopened.st_ino) != (info.st_dev, info.st_ino) or not stat.S_ISREG(reopened.st_mode):
                 _close(fd)
@@ -319,8 +340,12 @@ class HostFS:
         """A readable descriptor of the directory (the caller closes it)."""
         parts = _split(logical)
         if not parts:
-            fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            return fd
+            try:
+                return os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC | O_NOATIME)
+            except PermissionError:
+                fd = os.open(self.root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+                _plain_read_of(fd)
+                return fd
         dir_fd, name, _resolved, info = self.final(logical)
         try:
             if not stat.S_ISDIR(info.st_mode):
@@ -336,6 +361,7 @@ class HostFS:
             fd = os.open(name, flags | O_NOATIME, dir_fd=dir_fd)
         except PermissionError:
             fd = os.open(name, flags, dir_fd=dir_fd)
+            _plain_read_of(fd)
         if expected is not None:
             info = os.fstat(fd)
             if (info.st_dev, info.st_ino) != (expected.st_dev, expected.st_ino):

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from toolkit import utc
-from toolkit.host.hostfs import VANISHED, HostFS, Refused, WalkEntry, WalkLimits, WalkStats, kind_of, reason
+from toolkit.evidence.bundle import ROOTFS
+from toolkit.host.hostfs import VANISHED, HostFS, atime_before_us, Refused, WalkEntry, WalkLimits, WalkStats, kind_of, reason
 
 READ_SIZE = 4 << 20  # per read and per event: fewer hand-offs between the threads
 QUEUE_DEPTH = 8
 PART_SIZE = 16 * 1024 * 1024  # a stream of unknown length goes in parts of this size (a tar needs sizes first)
-# Host files are stored under this prefix by their absolute path: the layout of fox-it's acquire, which
-# dissect.target's loaders open as a target (the decrypted tar, or the directory `extract` made).
-ROOTFS = "fs/$rootfs$/"
 
 
 def host_member(logical: str) -> str:
@@ -125,7 +123,9 @@ _DONE = object()
 
 
 def stat_times(info: os.stat_result) -> Dict[str, str]:
-    return {"mtime": utc.iso_micro(info.st_mtime), "atime": utc.iso_micro(info.st_atime), "ctime": utc.iso_micro(info.st_ctime)}
+    """The source's times; the atime as it was before this capture read it (see hostfs.atime_before_us)."""
+    return {"mtime": utc.iso_ns(info.st_mtime_ns), "atime": utc.iso_ns(atime_before_us(info)),
+            "ctime": utc.iso_ns(info.st_ctime_ns)}
 
 
 class Abandoned(BaseException):
@@ -411,7 +411,7 @@ class Emitter:
         member = tarfile.TarInfo(archive_path)
         member.mode, member.uid, member.gid, member.mtime = stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid, \
             info.st_mtime
-        member.pax_headers = {"atime": "%.9f" % info.st_atime, "ctime": "%.9f" % info.st_ctime}
+        member.pax_headers = {"atime": "%.9f" % (atime_before_us(info) / 1e9), "ctime": "%.9f" % info.st_ctime}
         if stat.S_ISLNK(info.st_mode):
             try:
                 member.type, member.linkname = tarfile.SYMTYPE, os.readlink(name, dir_fd=dir_fd)

@@ -55,7 +55,7 @@ def system_facts(context: CollectionContext) -> Dict[str, Any]:
     }
 
 
-UTMP_FORMAT = "<hhi32s4s32s256shhii4i20s"
+UTMP_FORMAT = "<hhi32s4s32s256shhiii4i20s"  # glibc struct utmp: 384 bytes
 UTMP_TYPES = {1: "RUN_LVL", 2: "BOOT_TIME", 5: "INIT_PROCESS", 6: "LOGIN_PROCESS", 7: "USER_PROCESS",
               8: "DEAD_PROCESS"}
 SECURITY_SYSCTLS = ("kernel/kptr_restrict", "kernel/dmesg_restrict", "kernel/randomize_va_space",

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit import utc
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
-from toolkit.host.hostfs import Refused, WalkEntry, WalkStats
+from toolkit.host.hostfs import Refused, WalkEntry, WalkStats, atime_before_us
 
 TRIAGE_ROOTS = ("/opt/bookgen", "/etc", "/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/var/log")
 # statfs f_type of filesystems the walk does not enter: pseudo, network and FUSE
@@ -129,7 +129,7 @@ KIND_NAMES = {"d": "directory", "r": "file", "l": "symlink", "c": "character dev
 
 def file_events(path: str, info: os.stat_result, birth_ns: int) -> List[Dict[str, Any]]:
     """Timesketch events of one walked name: one per distinct timestamp, naming every kind that has it."""
-    times = (info.st_mtime_ns, info.st_atime_ns, info.st_ctime_ns, birth_ns)
+    times = (info.st_mtime_ns, atime_before_us(info), info.st_ctime_ns, birth_ns)
     mode = mode_string(info.st_mode)
     events = []
     for value in sorted(set(t for t in times if t > 0)):
@@ -271,7 +271,7 @@ class TimelineCollector(Collector):
             state["entries"] += 1
             return "0|%s|%d|%s|%d|%d|%d|%d|%d|%d|%d\n" % (
                 path, info.st_ino, mode_string(mode), info.st_uid, info.st_gid, info.st_size,
-                int(info.st_atime), int(info.st_mtime), int(info.st_ctime), birth // 1000000000)
+                atime_before_us(info) // 1000000000, int(info.st_mtime), int(info.st_ctime), birth // 1000000000)
 
         for logical_root in roots:
             logical_root = posixpath.normpath("/" + logical_root.lstrip("/"))
