@@ -152,6 +152,17 @@ def test_triage_capture_finds_every_plant(plants, running_stack, out_dir, team_k
                  "containers/bookgen-db/inspect.json", "containers/bookgen-api/logs.txt"):
         assert name in names, name
 
+    # timeline.jsonl states what the other collectors saw: each BookGen container's creation and start, the
+    # planted processes' start times (as /proc gives them), alongside the walk's file events
+    events = [json.loads(line) for line in tar.extractfile("timeline/timeline.jsonl").read().splitlines()]
+    created = {e["container"] for e in events if e["timestamp_desc"] == "Container Creation Time"}
+    assert {"bookgen-api", "bookgen-worker", "bookgen-db", "bookgen-redis"} <= created, created
+    assert {e["container"] for e in events if e["timestamp_desc"] == "Container Start Time"} >= created
+    starts = {e["pid"]: e for e in events if e["timestamp_desc"] == "Process Start Time"}
+    sleeper_start = next(p for p in processes["processes"] if p["pid"] == plants["sleeper_pid"])["start_time"]
+    assert starts[plants["sleeper_pid"]]["timestamp"] == int(round(sleeper_start * 1e6))
+    assert any(e.get("path") == "/etc/cron.d/backdoor" for e in events)
+
     # the bodyfile goes through mactime, and a name with '|' comes back whole
     bodyfile = tmp_path / "bodyfile.txt"
     bodyfile.write_bytes(tar.extractfile("timeline/bodyfile.txt").read())

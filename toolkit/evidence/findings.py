@@ -12,9 +12,13 @@ RECENT_DAYS = 7
 MAX_TITLE_PIDS = 5  # a title names this many pids, then "and N more"
 
 
-def _finding(finding_id: str, severity: str, title: str, evidence: Sequence[str], **details) -> Dict[str, Any]:
+def finding(finding_id: str, severity: str, title: str, evidence: Sequence[str], **details) -> Dict[str, Any]:
+    """One finding: what the collectors' rules (their module's `findings(facts)`) and the rules here yield."""
     return {"id": finding_id, "severity": severity, "title": title, "evidence": sorted(set(evidence)),
             "details": details}
+
+
+_finding = finding
 
 
 def _public(address: str) -> bool:
@@ -194,10 +198,15 @@ def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int
                     container["name"], container["service"], sock["remote_address"], sock["remote_port"]),
                     [fact["evidence"]], container=container["name"], remote=sock["remote_address"]))
 
+    from toolkit.evidence.collectors import packages
+
+    pristine = packages.verified_ok(facts)  # a file that matches its package is not suspicious by its age alone
     for kind, title in (("authorized_keys", "authorized_keys changed"), ("cron", "cron job changed"),
                         ("systemd_unit", "systemd unit changed")):
         for fact in facts.get(kind, []):
             data = fact["data"]
+            if data["path"] in pristine:
+                continue
             if max(data["mtime"], data["ctime"]) >= recent:
                 findings.append(_finding("recent-" + kind.replace("_", "-"), "high" if kind == "authorized_keys"
                                          else "medium", "%s in the last %d days: %s" % (title, RECENT_DAYS,
@@ -209,13 +218,20 @@ def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int
             findings.append(_finding("kernel-tainted", "medium", "the kernel is tainted (%s, flags %s)" % (
                 fact["data"]["value"], fact["data"]["flags"]), [fact["evidence"]], **fact["data"]))
 
+    suid_in_tmp: Dict[str, Set[str]] = {}  # one finding, every path (a whole chroot in /var/tmp is one thing)
     for fact in facts.get("suid", []):
         if fact["data"]["path"].startswith(SUSPICIOUS_DIRS):
-            findings.append(_finding("suid-in-tmp", "critical", "SUID/SGID file in a temporary directory: %s" % (
-                fact["data"]["path"]), [fact["evidence"]], path=fact["data"]["path"]))
+            suid_in_tmp.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
     for fact in facts.get("tmp_executable", []):
         if fact["data"].get("suid"):
-            findings.append(_finding("suid-in-tmp", "critical", "SUID/SGID file in a temporary directory: %s" % (
-                fact["data"]["path"]), [fact["evidence"]], path=fact["data"]["path"]))
+            suid_in_tmp.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
+    if suid_in_tmp:
+        paths = sorted(suid_in_tmp)
+        findings.append(_finding("suid-in-tmp", "critical", "%d SUID/SGID files in temporary directories: %s" % (
+            len(paths), _first(paths, 5)), set().union(*suid_in_tmp.values()), paths=paths))
 
+    from toolkit.evidence.collectors import REGISTRY
+
+    for collector in REGISTRY:  # the rules that live beside the collector whose facts they read
+        findings.extend(collector.findings(facts))
     return _dedup(findings)

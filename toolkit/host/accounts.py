@@ -33,6 +33,15 @@ def accounts(fs: HostFS, path: str = "/etc/passwd") -> Iterator[Account]:
         yield Account(fields[0], int(fields[2]), int(fields[3]), fields[5], fields[6])
 
 
+def group_ids(fs: HostFS, path: str = "/etc/group") -> Iterator[int]:
+    """The gid of every well-formed line of the group file."""
+    text = fs.read_text(path, PASSWD_LIMIT, follow=True) or ""
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2].isdigit():
+            yield int(fields[2])
+
+
 def user_name(uid: int, fs: Optional[HostFS] = None) -> Optional[str]:
     for account in accounts(fs or HostFS("/")):
         if account.uid == uid:

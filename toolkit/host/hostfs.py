@@ -262,6 +262,8 @@ class HostFS:
 
     # -- single paths -----------------------------------------------------------------------------
     def lstat(self, logical: str) -> os.stat_result:
+        if not _split(logical):  # the root itself (a directory by construction)
+            return os.stat(self.root)
         dir_fd, _name, _resolved, info = self.final(logical)
         _close(dir_fd)
         return info

