@@ -37,6 +37,8 @@ SYSTEM_TREES = (
     "/var/log/cron", "/var/log/redis", "/var/log/postgresql",
     # other container runtimes' metadata (not their layers)
     "/etc/containers", "/var/lib/containers/storage/overlay-containers/containers.json",
+    # virtual machines' definitions (libvirt)
+    "/etc/libvirt/qemu", "/var/lib/libvirt/qemu/snapshot", "/etc/libvirt/lxc",
     "/var/lib/containers/storage/overlay-images/images.json", "/etc/containerd", "/run/containerd/containerd.toml",
 )
 CORE_DUMP_DIRS = ("/var/crash", "/var/lib/systemd/coredump", "/var/lib/apport/coredump")
@@ -52,6 +54,7 @@ HOME_TREES = (
     ".rediscli_history", ".mysql_history", ".sqlite_history", ".node_repl_history", ".lesshst", ".viminfo",
     ".wget-hsts", ".ssh/known_hosts", ".ssh/known_hosts2", ".ssh/config", ".ssh/rc", ".config/systemd/user",
     ".config/autostart", ".local/share/containers/storage/overlay-containers/containers.json",
+    ".gitconfig", ".git-credentials", ".config/git/config", ".nano_history", ".local/share/nano/search_history",
 )
 KEY_LIMIT = 1 << 20
 SSH_KEY_DIRS = ("/etc/ssh",)
@@ -131,6 +134,7 @@ class ArtifactsCollector(Collector):
                 emit.tree(posixpath.join(home, name), context.max_file_size)
         self._boot(context, emit)
         self._kernel(context, emit)
+        self._hardware_and_storage(emit)
         self._keys(context, emit, homes)
         emit.program("volatile/audit-rules.txt", "auditctl", ["-l"])
 
@@ -143,6 +147,35 @@ class ArtifactsCollector(Collector):
             rows.append({"path": entry.logical, "mode": "%o" % info.st_mode, "size": info.st_size,
                          "mtime": info.st_mtime, "ctime": info.st_ctime})
         emit.json("volatile/boot.json", rows, "listing of /boot (fstatat)")
+
+    @staticmethod
+    def _hardware_and_storage(emit: Emitter) -> None:
+        """What lscpu, lsblk, dmidecode and df would say, from /proc and /sys of the running kernel."""
+        from toolkit.host.hostfs import read_host_file
+
+        def text(path: str, limit: int = 1 << 20) -> Optional[str]:
+            try:
+                return read_host_file(path, limit).decode("utf-8", "replace").strip()
+            except (OSError, Refused):
+                return None
+
+        live = HostFSLive()
+        dmi = {name: text("/sys/class/dmi/id/" + name) for name in live.listdir("/sys/class/dmi/id")
+               if name in ("sys_vendor", "product_name", "product_version", "board_vendor", "board_name",
+                           "bios_vendor", "bios_version", "bios_date", "chassis_type")}
+        blocks = {}
+        for name in live.listdir("/sys/block"):
+            blocks[name] = {"size_sectors": text("/sys/block/%s/size" % name), "removable":
+                            text("/sys/block/%s/removable" % name), "model": text("/sys/block/%s/device/model" % name),
+                            "partitions": [p for p in live.listdir("/sys/block/" + name) if p.startswith(name)]}
+        emit.json("volatile/hardware.json", {"cpuinfo": text("/proc/cpuinfo", 4 << 20), "meminfo": text("/proc/meminfo"),
+                                             "dmi": dmi, "pci_devices": live.listdir("/sys/bus/pci/devices"),
+                                             "usb_devices": live.listdir("/sys/bus/usb/devices")},
+                  "/proc/cpuinfo, /proc/meminfo, /sys/class/dmi/id, /sys/bus (running kernel)")
+        emit.json("volatile/storage.json", {"partitions": text("/proc/partitions"), "block_devices": blocks,
+                                            "mounts": text("/proc/self/mountinfo", 4 << 20),
+                                            "swaps": text("/proc/swaps"), "mdstat": text("/proc/mdstat")},
+                  "/proc/partitions, /sys/block, /proc/self/mountinfo, /proc/swaps (running kernel)")
 
     @staticmethod
     def _kernel(context: CollectionContext, emit: Emitter) -> None:

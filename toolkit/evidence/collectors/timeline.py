@@ -8,7 +8,7 @@ import os
 import posixpath
 import stat
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from toolkit import utc
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
@@ -29,6 +29,8 @@ STATX_ATTR_APPEND = 0x20
 # executables in these directories belong to a package; one no package owns is worth a look
 SYSTEM_BIN_DIRS = ("/bin/", "/sbin/", "/usr/bin/", "/usr/sbin/", "/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/",
                    "/usr/libexec/")
+HASH_BUDGET = {"triage": 16 << 30, "full": None}  # bytes of executables hashed after the walk (None: all)
+HASH_FILE_LIMIT = 1 << 30  # an executable larger than this is listed, not hashed
 COPY_FLAGGED = 1000  # files the walk flags (unpackaged SUID, capabilities, immutable...) copied, at most
 COPY_FLAGGED_SIZE = 64 << 20
 # container images' files: judged against their image (containers collector), never against the host's packages
@@ -150,22 +152,26 @@ KIND_NAMES = {"d": "directory", "r": "file", "l": "symlink", "c": "character dev
               "p": "FIFO", "s": "socket", "-": "other"}
 
 
-def file_events(path: str, info: os.stat_result, birth_ns: int) -> List[Dict[str, Any]]:
-    """Timesketch events of one walked name: one per distinct timestamp, naming every kind that has it."""
+EVENT_LINE = ('{"data_type": "bookgen-kit:fs:stat", "datetime": "%s", "gid": %d, "inode": %d, "macb": "%s", '
+              '"message": %s, "mode": "%s", "path": %s, "size": %d, "timestamp": %d, "timestamp_desc": "%s", "uid": %d}')
+
+
+def file_event_lines(path: str, info: os.stat_result, birth_ns: int) -> List[str]:
+    """Timesketch events of one walked name, as JSON lines: one per distinct timestamp, naming every kind that
+    has it. Formatted directly (the walk makes millions): only the path needs JSON escaping."""
     times = (info.st_mtime_ns, atime_before_us(info), info.st_ctime_ns, birth_ns)
     mode = mode_string(info.st_mode)
-    events = []
+    quoted = json.dumps(path, ensure_ascii=False)
+    shown_mode = stat.filemode(info.st_mode)
+    lines = []
     for value in sorted(set(t for t in times if t > 0)):
         macb = "".join(letter if times[i] == value else "." for i, (letter, _) in enumerate(TIME_KINDS))
-        descs = [desc for i, (_, desc) in enumerate(TIME_KINDS) if times[i] == value]
-        events.append({
-            "message": "%s %s [%s] %s bytes, %s, uid %d gid %d" % (
-                KIND_NAMES.get(mode[0], "other"), path, macb, info.st_size, mode[2:], info.st_uid, info.st_gid),
-            "datetime": utc.iso_ns(value), "timestamp": value // 1000, "timestamp_desc": "; ".join(descs),
-            "macb": macb, "path": path, "inode": info.st_ino, "size": info.st_size, "mode": mode,
-            "uid": info.st_uid, "gid": info.st_gid, "data_type": "bookgen-kit:fs:stat",
-        })
-    return events
+        descs = "; ".join(desc for i, (_, desc) in enumerate(TIME_KINDS) if times[i] == value)
+        message = "%s %s [%s] %s bytes, %s, uid %d gid %d" % (
+            KIND_NAMES.get(mode[0], "other"), quoted[1:-1], macb, info.st_size, shown_mode, info.st_uid, info.st_gid)
+        lines.append(EVENT_LINE % (utc.iso_ns(value), info.st_gid, info.st_ino, macb, '"%s"' % message, mode, quoted,
+                                   info.st_size, value // 1000, descs, info.st_uid))
+    return lines
 
 
 def _event(moment: float, desc: str, message: str, data_type: str, evidence: str, **fields: Any) -> Dict[str, Any]:
@@ -256,6 +262,7 @@ class TimelineCollector(Collector):
         finally:  # even when the walk failed midway, what it saw is kept and said
             emit.log("walk: %d names in %.1f s (bodyfile, timeline.jsonl, %s)" % (
                 state["entries"], time.monotonic() - state["started"], ", ".join(LISTS)))
+            self._hash_executables(context, emit, state.get("executables", []))
             for name, rows in sorted(state["lists"].items()):
                 emit.generated("timeline/lists/%s.txt" % name, "".join(rows).encode("utf-8"),
                                "from the timeline walk: path<TAB>mode<TAB>uid<TAB>gid<TAB>detail, paths %XX-escaped "
@@ -279,6 +286,45 @@ class TimelineCollector(Collector):
                         emit.file(logical, min(context.max_file_size, COPY_FLAGGED_SIZE))
                     row["evidence"] = host_member(logical)
                     emit.fact("walk_" + kind, row, "timeline/lists/%s.txt" % kind)
+
+    @staticmethod
+    def _hash_executables(context: CollectionContext, emit: Emitter, executables: List[Any]) -> None:
+        """sha256 of every executable the walk met (UAC's hash_executables), in `sha256sum -c` form, each inode
+        once, within the profile's byte budget (what was left unhashed is said)."""
+        import hashlib
+
+        started = time.monotonic()
+        budget = HASH_BUDGET.get(context.profile)
+        done: Dict[Tuple[int, int], str] = {}
+        rows, hashed, skipped = [], 0, 0
+        for logical, device, inode, size in executables:
+            digest = done.get((device, inode))
+            if digest is None:
+                if size > HASH_FILE_LIMIT or (budget is not None and hashed + size > budget):
+                    skipped += 1
+                    continue
+                sha = hashlib.sha256()
+                try:
+                    with context.fs.open_file(logical) as opened:
+                        while True:
+                            piece = opened.read(1 << 20)
+                            if not piece:
+                                break
+                            sha.update(piece)
+                except (OSError, Refused):
+                    skipped += 1
+                    continue
+                digest = done[(device, inode)] = sha.hexdigest()
+                hashed += size
+            rows.append("%s  %s\n" % (digest, escape_name(logical)))
+        emit.generated("timeline/lists/executables.sha256", "".join(rows).encode("utf-8"),
+                       "sha256 of every executable regular file the walk met (read O_NOATIME); paths %XX-escaped")
+        emit.log("hash_executables: %d files, %d bytes in %.1f s; %d not hashed (over %s)" % (
+            len(rows), hashed, time.monotonic() - started, skipped,
+            "the %d-byte budget or 1 GiB a file" % budget if budget else "1 GiB a file"))
+        if skipped:
+            emit.skip("executables", "%d executables not hashed (the profile's hashing budget or 1 GiB a file)" %
+                      skipped, "limit")
 
     @staticmethod
     def _walk(context: CollectionContext, roots: List[str], state: Dict, emit: Emitter):
@@ -312,6 +358,7 @@ class TimelineCollector(Collector):
                                                    "uid": info.st_uid, "detail": detail})
 
         current = [""]
+        executables = state.setdefault("executables", [])
 
         def flush(batch: List[str]):
             yield BODYFILE, "".join(batch).encode("utf-8")
@@ -331,6 +378,7 @@ class TimelineCollector(Collector):
                 listed("suid_sgid", path, info, fact=owner is not None and not logical.startswith(
                     IMAGE_STORES + ("/tmp/", "/var/tmp/", "/dev/shm/")) and not packaged(logical))
             if regular and mode & 0o111 and entry.dir_fd >= 0:
+                executables.append((logical, info.st_dev, info.st_ino, info.st_size))
                 capabilities = _capabilities(entry.dir_fd, entry.name)
                 if capabilities:  # judged when no package owns it (a package's postinst sets its own)
                     listed("capabilities", path, info, capabilities, fact=owner is None or (
@@ -353,9 +401,9 @@ class TimelineCollector(Collector):
                 listed("no_owner", path, info, fact=regular and bool(mode & 0o111))
             if known_gids and info.st_gid not in known_gids:
                 listed("no_group", path, info)
-            for event in file_events(path, info, birth):
-                events.append(json.dumps(event, ensure_ascii=False, sort_keys=True))
-                state["events"] += 1
+            made = file_event_lines(path, info, birth)
+            events.extend(made)
+            state["events"] += len(made)
             mode = info.st_mode
             if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
                 notable["suid_sgid"].append({"path": logical, "mode": "%o" % mode, "uid": info.st_uid})
