@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import stat
+import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
@@ -164,7 +165,11 @@ class PackagesCollector(Collector):
                     if path not in index.owner:  # a conffile's own md5 (from status) wins
                         index.add(path, package, md5)
         aliases = merged_aliases(context)
+        started = time.monotonic()
         report = self._verify(context, index, aliases, emit)
+        emit.log("dpkg verify: %d packages, %d owned paths, %d files compared in %.1f s: %d modified, %d missing" % (
+            len(packages), len(index.owner), report["checked"], time.monotonic() - started, len(report["modified"]),
+            len(report["missing"])))
         emit.json("packages/verify.json", report, "md5 of each packaged file (read O_NOATIME) against its "
                                                   "package's md5sums or conffiles")
         emit.fact("package_index", {"owner": {path: owner[0] for path, owner in index.owner.items()},
