@@ -171,3 +171,59 @@ def test_each_plant_is_collected_and_each_suspicious_one_found_once(debian, out_
                       "transient-units", "at-jobs", "ssh-key-without-passphrase", "core-dumps", "bpf-pinned",
                       "walk-unpackaged-system-executables", "recent-cron"}, judged
     assert len(found["package-file-modified"]) == 1
+
+
+SPEC = """Name: bkdemo
+Version: 1.0
+Release: 1
+Summary: a package for the test
+License: MIT
+BuildArch: noarch
+%description
+a package for the test
+%install
+mkdir -p %{buildroot}/usr/bin %{buildroot}/etc/bkdemo %{buildroot}/usr/lib/bkdemo
+printf '#!/bin/sh\\necho demo\\n' > %{buildroot}/usr/bin/bkdemo
+chmod 755 %{buildroot}/usr/bin/bkdemo
+printf 'x=1\\n' > %{buildroot}/etc/bkdemo/demo.conf
+printf 'library\\n' > %{buildroot}/usr/lib/bkdemo/libdemo.so.1
+%files
+/usr/bin/bkdemo
+/usr/lib/bkdemo/libdemo.so.1
+%config /etc/bkdemo/demo.conf
+"""
+
+
+def test_an_rpm_database_is_judged_as_rpm_va_judges_it(tmp_path, out_dir, team_key):
+    """A real rpm database (rpmbuild, then rpm -i into a tree): read as files, no rpm run by the kit. Pristine,
+    nothing is found; after a binary and a conffile change, the kit names the files `rpm -Va` names."""
+    top, tree = tmp_path / "rpmbuild", tmp_path / "tree"
+    (top / "SPECS").mkdir(parents=True)
+    tree.mkdir()
+    (top / "SPECS" / "bkdemo.spec").write_text(SPEC)
+    subprocess.run(["rpmbuild", "--define", "_topdir %s" % top, "-bb", str(top / "SPECS" / "bkdemo.spec")],
+                   check=True, capture_output=True, timeout=300)
+    package = next((top / "RPMS" / "noarch").glob("bkdemo-*.rpm"))
+    rpm = ["rpm", "--root", str(tree), "--dbpath", "/var/lib/rpm"]
+    subprocess.run(rpm + ["--initdb"], check=True, capture_output=True, timeout=120)
+    subprocess.run(rpm + ["-i", "--nodeps", str(package)], check=True, capture_output=True, timeout=120)
+    (out_dir / "pristine").mkdir()
+    (out_dir / "judged").mkdir()
+    pristine = capture(tree, out_dir / "pristine", team_key, "--only", "packages", codes=(0,))
+    assert not [f for f in pristine.result["findings"] if f["id"].startswith("package-")]
+    installed = json.loads(pristine.data("packages/rpm.json"))["installed"]
+    assert [(p["package"], p["version"], p["release"]) for p in installed] == [("bkdemo", "1.0", "1")]
+    assert json.loads(pristine.data("packages/verify.json"))["checked"] == 3
+    (tree / "usr/bin/bkdemo").write_bytes(b"#!/bin/sh\necho replaced\n")
+    (tree / "etc/bkdemo/demo.conf").write_bytes(b"x=2\n")
+    said = subprocess.run(rpm + ["-Va", "--nodeps"], capture_output=True, text=True, timeout=120).stdout
+    rpm_changed = {line.split()[-1] for line in said.splitlines() if line[2:3] == "5"}
+    assert rpm_changed == {"/usr/bin/bkdemo", "/etc/bkdemo/demo.conf"}, said
+    judged = capture(tree, out_dir / "judged", team_key, "--only", "packages", codes=(0,))
+    modified = json.loads(judged.data("packages/verify.json"))["modified"]
+    assert {m["path"] for m in modified} == rpm_changed
+    assert all(m["algorithm"] == "sha256" for m in modified)
+    found = by_id(judged)
+    assert [f["details"]["path"] for f in found["package-file-modified"]] == ["/usr/bin/bkdemo"]
+    assert found["package-conffiles-changed"][0]["details"]["paths"] == ["/etc/bkdemo/demo.conf"]
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith("bookgen-kit-rpmdb-")]  # the copy is gone

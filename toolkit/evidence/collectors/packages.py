@@ -1,14 +1,18 @@
-"""The package database read as files: dpkg's status and md5sums, `dpkg -V` without running dpkg.
+"""The package databases read as files: dpkg's status and md5sums, rpm's sqlite headers; `dpkg -V` and
+`rpm -Va` (file digests) without running either.
 
 Invariants: nothing here runs a host program or opens a host path by itself (every read goes through
-context.fs, O_NOATIME, bounded); a file is judged only against the md5 its own package recorded; the facts
+context.fs, O_NOATIME, bounded); the one thing written is the rpm database's copy for SQLite, in a private
+0700 directory removed at once; a file is judged only against the digest its own package recorded; the facts
 this collector emits are judged by the rules at the end of this file (findings), not elsewhere.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import stat
+import struct
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -20,6 +24,12 @@ STATUS_LIMIT = 256 << 20
 MD5SUMS_LIMIT = 64 << 20
 VERIFY_FILE_LIMIT = 512 << 20  # a packaged file larger than this is not read (recorded as such)
 READ_CHUNK = 1 << 20
+RPM_DATABASES = ("/var/lib/rpm/rpmdb.sqlite", "/usr/lib/sysimage/rpm/rpmdb.sqlite")
+RPMDB_LIMIT = 1 << 30
+RPMFILE_CONFIG = 1
+RPM_DIGEST_ALGOS = {1: "md5", 2: "sha1", 8: "sha256", 9: "sha384", 10: "sha512", 11: "sha224"}
+RPMTAG = {"name": 1000, "version": 1001, "release": 1002, "arch": 1022, "filedigests": 1035, "fileflags": 1037,
+          "dirindexes": 1116, "basenames": 1117, "dirnames": 1118, "digestalgo": 5011}
 MERGED_TOPS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # in triage, what dpkg -V would say that matters for an intrusion: code, units, PAM and the loader's config
 LIBRARY_DIRS = ("/lib/", "/usr/lib/", "/lib64/", "/usr/lib64/", "/lib32/", "/usr/lib32/", "/usr/libexec/")
@@ -59,6 +69,75 @@ def parse_diversions(text: str) -> Dict[str, Tuple[str, str]]:
     return found
 
 
+def parse_rpm_header(blob: bytes) -> Dict[str, Any]:
+    """One rpm header as the database stores it (index count, data length, 16-byte index entries, data):
+    name, version, release, arch, and files as (path, digest hex, flags, algorithm)."""
+    if len(blob) < 8:
+        raise ValueError("rpm header shorter than 8 bytes")
+    count, length = struct.unpack(">II", blob[:8])
+    store = blob[8 + 16 * count:]
+    if len(store) < length or count > 100000:
+        raise ValueError("rpm header truncated")
+    wanted = {tag: key for key, tag in RPMTAG.items()}
+    values: Dict[str, Any] = {}
+    for i in range(count):
+        tag, kind, offset, items = struct.unpack(">iiii", blob[8 + 16 * i:24 + 16 * i])
+        key = wanted.get(tag)
+        if key is None or not 0 <= offset < len(store):
+            continue
+        if kind == 6:  # string
+            values[key] = store[offset:store.index(b"\0", offset)].decode("utf-8", "replace")
+        elif kind == 8:  # string array
+            strings, at = [], offset
+            for _ in range(items):
+                end = store.index(b"\0", at)
+                strings.append(store[at:end].decode("utf-8", "surrogateescape"))
+                at = end + 1
+            values[key] = strings
+        elif kind == 4:  # int32
+            values[key] = list(struct.unpack(">%di" % items, store[offset:offset + 4 * items]))
+    header = {key: values.get(key) for key in ("name", "version", "release", "arch")}
+    basenames, dirnames = values.get("basenames") or [], values.get("dirnames") or []
+    indexes, digests = values.get("dirindexes") or [], values.get("filedigests") or []
+    flags = values.get("fileflags") or [0] * len(basenames)
+    algo = RPM_DIGEST_ALGOS.get((values.get("digestalgo") or [1])[0], "md5")
+    files = []
+    for i, base in enumerate(basenames):
+        if i < len(indexes) and indexes[i] < len(dirnames):
+            files.append((dirnames[indexes[i]] + base, digests[i] if i < len(digests) else None,
+                          flags[i] if i < len(flags) else 0, algo))
+    header["files"] = files
+    return header
+
+
+def read_rpmdb(context: CollectionContext, database: str) -> List[Dict[str, Any]]:
+    """Every header of an rpm sqlite database. SQLite needs a file (and its -wal): the two are read O_NOATIME
+    into a private directory (0700, /dev/shm when it exists), opened read-only there, and removed."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="bookgen-kit-rpmdb-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        for suffix in ("", "-wal"):
+            try:
+                data = context.fs.read_bytes(database + suffix, RPMDB_LIMIT)
+            except FileNotFoundError:
+                continue
+            with open(os.path.join(directory, "rpmdb.sqlite" + suffix), "wb") as handle:
+                handle.write(data)
+        connection = sqlite3.connect(os.path.join(directory, "rpmdb.sqlite"))
+        try:
+            rows = connection.execute("SELECT blob FROM Packages").fetchall()
+        except sqlite3.Error as error:
+            raise ValueError("not an rpm database: %s" % error) from None
+        finally:
+            connection.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return [parse_rpm_header(bytes(row[0])) for row in rows]
+
+
 def installed(package: Dict[str, Any]) -> bool:
     return package.get("Status", "").split()[-1:] == ["installed"]
 
@@ -67,10 +146,11 @@ class PackageIndex:
     """Which package owns a path, and the md5 it recorded (md5sums and conffiles)."""
 
     def __init__(self) -> None:
-        self.owner: Dict[str, Tuple[str, Optional[str], bool]] = {}  # path -> (package, md5, is_conffile)
+        # path -> (package, digest (hex), is_conffile, digest algorithm)
+        self.owner: Dict[str, Tuple[str, Optional[str], bool, str]] = {}
 
-    def add(self, path: str, package: str, md5: Optional[str], conffile: bool = False) -> None:
-        self.owner[path] = (package, md5, conffile)
+    def add(self, path: str, package: str, digest: Optional[str], conffile: bool = False, algo: str = "md5") -> None:
+        self.owner[path] = (package, digest, conffile, algo)
 
     def lookup(self, path: str, aliases: Dict[str, str]) -> Optional[Tuple[str, Optional[str], bool]]:
         found = self.owner.get(path)
@@ -121,21 +201,40 @@ class PackagesCollector(Collector):
         return findings(facts)
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
+        index = PackageIndex()
+        counts = {"dpkg": self._dpkg(context, emit, index), "rpm": self._rpm(context, emit, index)}
+        if not any(count is not None for count in counts.values()):
+            emit.skip(DPKG + "/status", "no package database on this host (dpkg, rpm)", "skip")
+            return
+        aliases = merged_aliases(context)
+        started = time.monotonic()
+        report = self._verify(context, index, aliases, emit)
+        emit.log("package verify: %s; %d owned paths, %d files compared in %.1f s: %d modified, %d missing" % (
+            ", ".join("%s %d packages" % (k, v) for k, v in counts.items() if v is not None), len(index.owner),
+            report["checked"], time.monotonic() - started, len(report["modified"]), len(report["missing"])))
+        emit.json("packages/verify.json", report, "digest of each packaged file (read O_NOATIME) against what its "
+                                                  "package recorded (dpkg md5sums and conffiles, rpm file digests)")
+        emit.fact("package_index", {"owner": {path: owner[0] for path, owner in index.owner.items()},
+                                    "aliases": aliases, "verified_ok": report.pop("_ok")}, "packages/verify.json")
+        for problem in report["modified"]:
+            emit.fact("package_modified", problem, "packages/verify.json")
+
+    @staticmethod
+    def _dpkg(context: CollectionContext, emit: Emitter, index: "PackageIndex") -> Optional[int]:
+        """dpkg's database into the index; the number of installed packages, None when there is none."""
         fs = context.fs
         try:
             status_text = fs.read_bytes(DPKG + "/status", STATUS_LIMIT).decode("utf-8", "replace")
         except FileNotFoundError:
-            emit.skip(DPKG + "/status", "no dpkg database on this host", "skip")
-            return
+            return None
         except (OSError, Refused) as error:
             emit.refusal(DPKG + "/status", error)
-            return
+            return None
         emit.file(DPKG + "/status", STATUS_LIMIT)
         packages = [p for p in parse_status(status_text) if installed(p)]
         emit.json("packages/dpkg.json", {"database": DPKG, "installed": [
             {"package": p["Package"], "version": p.get("Version"), "architecture": p.get("Architecture")}
             for p in packages]}, "parsed from %s/status" % DPKG)
-        index = PackageIndex()
         names = {p["Package"] for p in packages}
         for package in packages:
             for fields in package.get("conffiles", []):
@@ -164,18 +263,34 @@ class PackagesCollector(Collector):
                         path = diverted[0]
                     if path not in index.owner:  # a conffile's own md5 (from status) wins
                         index.add(path, package, md5)
-        aliases = merged_aliases(context)
-        started = time.monotonic()
-        report = self._verify(context, index, aliases, emit)
-        emit.log("dpkg verify: %d packages, %d owned paths, %d files compared in %.1f s: %d modified, %d missing" % (
-            len(packages), len(index.owner), report["checked"], time.monotonic() - started, len(report["modified"]),
-            len(report["missing"])))
-        emit.json("packages/verify.json", report, "md5 of each packaged file (read O_NOATIME) against its "
-                                                  "package's md5sums or conffiles")
-        emit.fact("package_index", {"owner": {path: owner[0] for path, owner in index.owner.items()},
-                                    "aliases": aliases, "verified_ok": report.pop("_ok")}, "packages/verify.json")
-        for problem in report["modified"]:
-            emit.fact("package_modified", problem, "packages/verify.json")
+        return len(packages)
+
+    @staticmethod
+    def _rpm(context: CollectionContext, emit: Emitter, index: "PackageIndex") -> Optional[int]:
+        """rpm's sqlite database (rpm 4.16+) into the index: each header's files with their digests."""
+        for database in RPM_DATABASES:
+            if context.fs.lexists(database):
+                break
+        else:
+            return None
+        emit.file(database, RPMDB_LIMIT)
+        emit.file(database + "-wal", RPMDB_LIMIT)
+        try:
+            headers = read_rpmdb(context, database)
+        except (OSError, Refused, ValueError) as error:
+            emit.skip(database, "the rpm database could not be read: %s" % error, "error")
+            return None
+        installed_list = []
+        for header in headers:
+            name = header.get("name") or "?"
+            installed_list.append({"package": name, "version": header.get("version"),
+                                   "release": header.get("release"), "architecture": header.get("arch")})
+            for path, digest, flags, algo in header.get("files", []):
+                if digest and path not in index.owner:
+                    index.add(path, name, digest, conffile=bool(flags & RPMFILE_CONFIG), algo=algo)
+        emit.json("packages/rpm.json", {"database": database, "installed": installed_list},
+                  "headers of %s, parsed (read-only copy in a private directory, removed after)" % database)
+        return len(headers)
 
     @staticmethod
     def _verify(context: CollectionContext, index: PackageIndex, aliases: Dict[str, str],
@@ -186,7 +301,7 @@ class PackagesCollector(Collector):
                                   "owned_paths": len(index.owner), "checked": 0, "modified": [], "missing": [],
                                   "not_read": [], "_ok": []}
         for path in sorted(index.owner):
-            package, md5, conffile = index.owner[path]
+            package, md5, conffile, algo = index.owner[path]
             if md5 is None or md5 == "newconffile":
                 continue
             real = path
@@ -207,7 +322,7 @@ class PackagesCollector(Collector):
                 report["not_read"].append({"path": real, "package": package, "reason": "larger than %d bytes" %
                                            VERIFY_FILE_LIMIT})
                 continue
-            actual = _md5(context, real)
+            actual = _digest(context, real, algo)
             if actual is None:
                 report["not_read"].append({"path": real, "package": package, "reason": "unreadable"})
                 continue
@@ -215,15 +330,16 @@ class PackagesCollector(Collector):
             if actual == md5:
                 report["_ok"].append(real)
                 continue
-            report["modified"].append({"path": real, "package": package, "expected_md5": md5, "md5": actual,
+            report["modified"].append({"path": real, "package": package, "expected_digest": md5, "digest": actual,
+                                       "algorithm": algo,
                                        "conffile": conffile, "mode": "%o" % info.st_mode, "mtime": info.st_mtime,
                                        "evidence": host_member(real)})
             emit.file(real, context.max_file_size)  # the modified file itself is evidence
         return report
 
 
-def _md5(context: CollectionContext, logical: str) -> Optional[str]:
-    digest = hashlib.md5()  # what dpkg recorded; never used for anything but this comparison
+def _digest(context: CollectionContext, logical: str, algo: str) -> Optional[str]:
+    digest = hashlib.new(algo)  # what the package recorded (dpkg: md5); used for nothing but this comparison
     try:
         with context.fs.open_file(logical) as opened:
             while True:
@@ -250,10 +366,11 @@ def findings(facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]
         kind = "library" if ".so" in posixpath.basename(data["path"]) else \
             "unit" if data["path"].endswith(UNIT_SUFFIXES) else "executable" if int(data["mode"], 8) & 0o111 \
             else "file"
-        yield finding("package-file-modified", "high", "%s %s differs from package %s (md5 %s, the package says "
-                      "%s)" % (kind, data["path"], data["package"], data["md5"], data["expected_md5"]),
+        yield finding("package-file-modified", "high", "%s %s differs from package %s (%s %s, the package says "
+                      "%s)" % (kind, data["path"], data["package"], data["algorithm"], data["digest"],
+                               data["expected_digest"]),
                       [data["evidence"], "packages/verify.json"], path=data["path"], package=data["package"],
-                      md5=data["md5"], expected_md5=data["expected_md5"])
+                      digest=data["digest"], expected_digest=data["expected_digest"])
     if conffiles:
         yield finding("package-conffiles-changed", "low", "%d configuration files differ from their packages' "
                       "(administrators' edits, or not): %s" % (len(conffiles), ", ".join(
