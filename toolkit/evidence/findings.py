@@ -1,9 +1,14 @@
-"""What looks wrong, computed from what was collected (never a second look at the host)."""
+"""What looks wrong, computed from what was collected (never a second look at the host).
+
+The rules live beside the collectors whose facts they read (each collector's `findings(facts, judging)`);
+this module runs them, merges the same finding reached twice, and holds what rules share: the finding's
+shape, grouping one indicator over many processes, and address and title helpers."""
 from __future__ import annotations
 
 import ipaddress
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 DEFAULT_EXPECTED_PORTS = (8000, 5432, 6379, 22, 80, 443)
@@ -13,15 +18,14 @@ MAX_TITLE_PIDS = 5  # a title names this many pids, then "and N more"
 
 
 def finding(finding_id: str, severity: str, title: str, evidence: Sequence[str], **details) -> Dict[str, Any]:
-    """One finding: what the collectors' rules (their module's `findings(facts)`) and the rules here yield."""
+    """One finding, as every rule yields it."""
     return {"id": finding_id, "severity": severity, "title": title, "evidence": sorted(set(evidence)),
             "details": details}
 
 
-_finding = finding
 
 
-def _public(address: str) -> bool:
+def public_address(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -54,7 +58,7 @@ def _group(entries: List[Tuple[Dict[str, Any], Set[Tuple[str, str]]]]) -> List[L
     return list(groups.values())
 
 
-def _first(values: Sequence[Any], count: int = 3) -> str:
+def first(values: Sequence[Any], count: int = 3) -> str:
     shown = ", ".join(str(v) for v in values[:count])
     return shown + (" and %d more" % (len(values) - count) if len(values) > count else "")
 
@@ -73,33 +77,33 @@ def _process_finding(finding_id: str, group: List[Dict[str, Any]]) -> Dict[str, 
     if one:
         who = "pid %d (%s)" % (pids[0], processes[0].get("name"))
     else:
-        who = "%d processes (pids %s; %s)" % (len(pids), _first(pids, MAX_TITLE_PIDS), _first(names))
+        who = "%d processes (pids %s; %s)" % (len(pids), first(pids, MAX_TITLE_PIDS), first(names))
     evidence = [fact["evidence"] for fact in group]
     details: Dict[str, Any] = {"pids": pids, "pid": pids[0], "names": names}
     exes = sorted({p.get("exe") or "" for p in processes} - {""})
     details_binary = dict(details, exe=exes[0] if exes else "", exes=exes,
                           sha256=sorted({p["exe_sha256"] for p in processes if p.get("exe_sha256")}))
     if finding_id == "process-deleted-binary":
-        title = "%s %s a deleted binary: %s" % (who, "runs" if one else "run", _first(exes))
+        title = "%s %s a deleted binary: %s" % (who, "runs" if one else "run", first(exes))
         copies = sorted({p["binary_member"] for p in processes if p.get("binary_member")})
-        return _finding(finding_id, "high", title, evidence + (copies or ["volatile/binaries/"]), **details_binary)
+        return finding(finding_id, "high", title, evidence + (copies or ["volatile/binaries/"]), **details_binary)
     if finding_id == "process-from-tmp":
-        title = "%s %s from %s" % (who, "runs" if one else "run", _first(exes))
-        return _finding(finding_id, "high", title, evidence, **details_binary)
+        title = "%s %s from %s" % (who, "runs" if one else "run", first(exes))
+        return finding(finding_id, "high", title, evidence, **details_binary)
     if finding_id == "process-memfd-code":
         paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
                         if m.get("memfd") and m.get("executable")})
-        title = "%s %s code from memfd: %s" % (who, "executes" if one else "execute", _first(paths))
-        return _finding(finding_id, "high", title, evidence, paths=paths, **details)
+        title = "%s %s code from memfd: %s" % (who, "executes" if one else "execute", first(paths))
+        return finding(finding_id, "high", title, evidence, paths=paths, **details)
     if finding_id == "process-deleted-library":
         paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
                         if m.get("deleted") and m.get("executable") and m["path"] != (p.get("exe") or "")})
-        title = "%s %s deleted libraries: %s" % (who, "maps" if one else "map", _first(paths))
-        return _finding(finding_id, "medium", title, evidence, paths=paths, **details)
+        title = "%s %s deleted libraries: %s" % (who, "maps" if one else "map", first(paths))
+        return finding(finding_id, "medium", title, evidence, paths=paths, **details)
     if finding_id == "process-ld-preload":
         value = processes[0]["ld_preload"]
         title = "%s %s LD_PRELOAD=%s" % (who, "has" if one else "have", value)
-        return _finding(finding_id, "high", title, evidence, ld_preload=value, **details)
+        return finding(finding_id, "high", title, evidence, ld_preload=value, **details)
     raise ValueError("not a process finding: %s" % finding_id)
 
 
@@ -118,15 +122,33 @@ def _dedup(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return sorted(unique.values(), key=lambda f: (order.get(f["severity"], 9), f["id"], f["title"]))
 
 
+@dataclass
+class Judging:
+    """What the rules need besides the facts."""
+    expected_ports: Sequence[int] = DEFAULT_EXPECTED_PORTS
+    now: float = 0.0
+
+    @property
+    def recent(self) -> float:
+        return self.now - RECENT_DAYS * 86400
+
+
 def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int] = DEFAULT_EXPECTED_PORTS,
             now: Optional[float] = None) -> List[Dict[str, Any]]:
-    """facts: kind -> [{"data": ..., "evidence": archive path}] as the collectors emitted them."""
-    now = time.time() if now is None else now
-    recent = now - RECENT_DAYS * 86400
-    findings: List[Dict[str, Any]] = []
-    processes = {f["data"]["pid"]: f for f in facts.get("process", [])}
+    """facts: kind -> [{"data": ..., "evidence": archive path}] as the collectors emitted them. Every rule lives
+    beside the collector whose facts it reads (its `findings`); here they are run and merged."""
+    from toolkit.evidence.collectors import REGISTRY
 
-    # one indicator -> one finding: every process that shows it is listed in that finding
+    judging = Judging(expected_ports, time.time() if now is None else now)
+    findings: List[Dict[str, Any]] = []
+    for collector in REGISTRY:
+        findings.extend(collector.findings(facts, judging))
+    return _dedup(findings)
+
+
+def process_indicators(facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One finding per indicator (a deleted or /tmp binary, memfd code, a deleted library, an LD_PRELOAD value),
+    listing every process that shows it."""
     indicators: Dict[str, List[Tuple[Dict[str, Any], Set[Tuple[str, str]]]]] = {}
     for fact in facts.get("process", []):
         process = fact["data"]
@@ -150,88 +172,8 @@ def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int
             indicators.setdefault("process-deleted-library", []).append((fact, {("library", p) for p in deleted_libs}))
         if process.get("ld_preload"):
             indicators.setdefault("process-ld-preload", []).append((fact, {("ld_preload", process["ld_preload"])}))
+    found = []
     for finding_id, entries in sorted(indicators.items()):
         for group in _group(entries):
-            findings.append(_process_finding(finding_id, group))
-
-    for fact in facts.get("hidden_pids", []):
-        if fact["data"]:
-            findings.append(_finding("hidden-pids", "critical", "PIDs answer at /proc/PID but are hidden from the "
-                                     "listing: %s" % ", ".join(map(str, fact["data"][:20])), [fact["evidence"]],
-                                     pids=fact["data"]))
-
-    for fact in facts.get("ld_so_preload", []):
-        entries = [line for line in fact["data"].splitlines() if line.strip() and not line.startswith("#")]
-        if entries:
-            findings.append(_finding("ld-so-preload", "critical", "/etc/ld.so.preload is not empty: %s" % ", ".join(
-                entries), [fact["evidence"]], entries=entries))
-
-    for fact in facts.get("listener", []):
-        sock = fact["data"]
-        if sock["local_port"] in expected_ports or not sock.get("host_namespace", True):
-            continue
-        owners = sock.get("processes") or []
-        who = ", ".join("pid %d (%s)" % (o["pid"], o["name"]) for o in owners) or "no visible process"
-        findings.append(_finding("unexpected-listener", "medium", "%s listening on %s:%d not in the expected set, "
-                                 "by %s" % (sock["protocol"], sock["local_address"], sock["local_port"], who),
-                                 [fact["evidence"]], port=sock["local_port"], address=sock["local_address"],
-                                 pids=[o["pid"] for o in owners]))
-
-    container_pids = {}
-    for fact in facts.get("container", []):
-        data = fact["data"]
-        if data.get("new_executables"):
-            findings.append(_finding("container-new-executables", "high", "container %s has new executables: %s" % (
-                data["name"], ", ".join(data["new_executables"][:5])), [fact["evidence"]],
-                container=data["name"], paths=data["new_executables"]))
-        if data.get("service") in ("db", "worker"):
-            container_pids[data["id"]] = data
-    for fact in facts.get("connection", []):
-        sock = fact["data"]
-        if not _public(sock["remote_address"]):
-            continue
-        for owner in sock.get("processes") or []:
-            process = processes.get(owner["pid"], {}).get("data", {})
-            container = container_pids.get(process.get("container_id") or "")
-            if container:
-                findings.append(_finding("container-outbound", "high", "container %s (%s) connects to %s:%d" % (
-                    container["name"], container["service"], sock["remote_address"], sock["remote_port"]),
-                    [fact["evidence"]], container=container["name"], remote=sock["remote_address"]))
-
-    from toolkit.evidence.collectors import packages
-
-    pristine = packages.verified_ok(facts)  # a file that matches its package is not suspicious by its age alone
-    for kind, title in (("authorized_keys", "authorized_keys changed"), ("cron", "cron job changed"),
-                        ("systemd_unit", "systemd unit changed")):
-        for fact in facts.get(kind, []):
-            data = fact["data"]
-            if data["path"] in pristine:
-                continue
-            if max(data["mtime"], data["ctime"]) >= recent:
-                findings.append(_finding("recent-" + kind.replace("_", "-"), "high" if kind == "authorized_keys"
-                                         else "medium", "%s in the last %d days: %s" % (title, RECENT_DAYS,
-                                                                                        data["path"]),
-                                         [fact["evidence"]], path=data["path"], mtime=data["mtime"]))
-
-    for fact in facts.get("taint", []):
-        if fact["data"]["value"]:
-            findings.append(_finding("kernel-tainted", "medium", "the kernel is tainted (%s, flags %s)" % (
-                fact["data"]["value"], fact["data"]["flags"]), [fact["evidence"]], **fact["data"]))
-
-    suid_in_tmp: Dict[str, Set[str]] = {}  # one finding, every path (a whole chroot in /var/tmp is one thing)
-    for fact in facts.get("suid", []):
-        if fact["data"]["path"].startswith(SUSPICIOUS_DIRS):
-            suid_in_tmp.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
-    for fact in facts.get("tmp_executable", []):
-        if fact["data"].get("suid"):
-            suid_in_tmp.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
-    if suid_in_tmp:
-        paths = sorted(suid_in_tmp)
-        findings.append(_finding("suid-in-tmp", "critical", "%d SUID/SGID files in temporary directories: %s" % (
-            len(paths), _first(paths, 5)), set().union(*suid_in_tmp.values()), paths=paths))
-
-    from toolkit.evidence.collectors import REGISTRY
-
-    for collector in REGISTRY:  # the rules that live beside the collector whose facts they read
-        findings.extend(collector.findings(facts))
-    return _dedup(findings)
+            found.append(_process_finding(finding_id, group))
+    return found

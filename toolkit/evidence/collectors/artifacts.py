@@ -109,7 +109,7 @@ class ArtifactsCollector(Collector):
                   "binfmt_misc, module taint, pinned eBPF, audit rules, SSH keys (judged, not copied), journal, " \
                   "web server logs, core dumps, shell and tool histories, podman and containerd metadata"
 
-    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
         return artifact_findings(facts)
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:

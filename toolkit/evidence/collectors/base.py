@@ -507,8 +507,9 @@ class Collector:
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         raise NotImplementedError
 
-    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterable[Dict[str, Any]]:
-        """What this collector's facts mean (rules beside the collector that produces the facts)."""
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterable[Dict[str, Any]]:
+        """What this collector's facts mean: the rules live beside the collector that produces the facts.
+        judging: toolkit.evidence.findings.Judging (expected ports, the time "recent" counts from)."""
         return ()
 
 

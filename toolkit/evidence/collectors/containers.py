@@ -34,6 +34,17 @@ def _chunks(stream, cap: int) -> Iterator[bytes]:
 
 
 class ContainerCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
+        """New executables in a container's writable layer are high."""
+        from toolkit.evidence.findings import finding
+
+        for fact in facts.get("container", []):
+            data = fact["data"]
+            if data.get("new_executables"):
+                yield finding("container-new-executables", "high", "container %s has new executables: %s" % (
+                    data["name"], ", ".join(data["new_executables"][:5])), [fact["evidence"]],
+                    container=data["name"], paths=data["new_executables"])
+
     name = "containers"
     rank = 30
     budget_seconds = 120.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import stat
 import time
-from typing import Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
 from toolkit.host.accounts import accounts as host_accounts
@@ -81,6 +81,23 @@ class AppBulkCollector(Collector):
 
 
 class PersistenceCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
+        """authorized_keys (high), a cron job or a systemd unit (medium) changed in the last days, unless the
+        file matches its package (a routine upgrade touches hundreds of units)."""
+        from toolkit.evidence.collectors import packages
+        from toolkit.evidence.findings import RECENT_DAYS, finding
+
+        pristine = packages.verified_ok(facts)
+        for kind, title in (("authorized_keys", "authorized_keys changed"), ("cron", "cron job changed"),
+                            ("systemd_unit", "systemd unit changed")):
+            for fact in facts.get(kind, []):
+                data = fact["data"]
+                if data["path"] in pristine or max(data["mtime"], data["ctime"]) < judging.recent:
+                    continue
+                yield finding("recent-" + kind.replace("_", "-"), "high" if kind == "authorized_keys" else "medium",
+                              "%s in the last %d days: %s" % (title, RECENT_DAYS, data["path"]), [fact["evidence"]],
+                              path=data["path"], mtime=data["mtime"])
+
     name = "persistence"
     rank = 65
     profiles = ("triage", "full")
@@ -140,6 +157,23 @@ def looks_executable(context: CollectionContext, entry: WalkEntry) -> bool:
 
 
 class TmpExecutablesCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
+        """SUID/SGID files in a temporary directory (from this collector and from the timeline's walk): one
+        critical finding listing every path (a whole chroot left in /var/tmp is one thing)."""
+        from toolkit.evidence.findings import SUSPICIOUS_DIRS, finding, first
+
+        paths: Dict[str, set] = {}
+        for fact in facts.get("suid", []):
+            if fact["data"]["path"].startswith(SUSPICIOUS_DIRS):
+                paths.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
+        for fact in facts.get("tmp_executable", []):
+            if fact["data"].get("suid"):
+                paths.setdefault(fact["data"]["path"], set()).add(fact["evidence"])
+        if paths:
+            names = sorted(paths)
+            yield finding("suid-in-tmp", "critical", "%d SUID/SGID files in temporary directories: %s" % (
+                len(names), first(names, 5)), set().union(*paths.values()), paths=names)
+
     name = "tmp-executables"
     rank = 40
     profiles = ("triage", "full")

@@ -6,7 +6,7 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
 from toolkit.evidence.collectors.processes import read_text
@@ -106,6 +106,35 @@ def _arp(text: Optional[str]) -> List[Dict[str, str]]:
 
 
 class NetworkCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
+        """A listener outside the expected ports (host namespace) is medium; a public connection from the
+        BookGen db or worker container is high (reads the process and container facts too)."""
+        from toolkit.evidence.findings import finding, public_address
+
+        for fact in facts.get("listener", []):
+            sock = fact["data"]
+            if sock["local_port"] in judging.expected_ports or not sock.get("host_namespace", True):
+                continue
+            owners = sock.get("processes") or []
+            who = ", ".join("pid %d (%s)" % (o["pid"], o["name"]) for o in owners) or "no visible process"
+            yield finding("unexpected-listener", "medium", "%s listening on %s:%d not in the expected set, by %s" % (
+                sock["protocol"], sock["local_address"], sock["local_port"], who), [fact["evidence"]],
+                port=sock["local_port"], address=sock["local_address"], pids=[o["pid"] for o in owners])
+        processes = {f["data"]["pid"]: f for f in facts.get("process", [])}
+        watched = {f["data"]["id"]: f["data"] for f in facts.get("container", [])
+                   if f["data"].get("service") in ("db", "worker")}
+        for fact in facts.get("connection", []):
+            sock = fact["data"]
+            if not public_address(sock["remote_address"]):
+                continue
+            for owner in sock.get("processes") or []:
+                process = processes.get(owner["pid"], {}).get("data", {})
+                container = watched.get(process.get("container_id") or "")
+                if container:
+                    yield finding("container-outbound", "high", "container %s (%s) connects to %s:%d" % (
+                        container["name"], container["service"], sock["remote_address"], sock["remote_port"]),
+                        [fact["evidence"]], container=container["name"], remote=sock["remote_address"])
+
     name = "network"
     rank = 20
     budget_seconds = 60.0

@@ -197,7 +197,7 @@ class PackagesCollector(Collector):
     description = "installed packages (dpkg status, read as a file) and `dpkg -V` of executables, libraries, " \
                   "units and conffiles (full: every packaged file), without running dpkg"
 
-    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
         return findings(facts)
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:

@@ -354,6 +354,18 @@ def hidden_pids(listed: List[int], known_tids: set, limit: int) -> List[int]:
 
 
 class ProcessCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> List[Dict[str, Any]]:
+        """One finding per indicator over every process that shows it; hidden PIDs (rechecked when seen)."""
+        from toolkit.evidence.findings import finding, process_indicators
+
+        found = process_indicators(facts)
+        for fact in facts.get("hidden_pids", []):
+            if fact["data"]:
+                found.append(finding("hidden-pids", "critical", "PIDs answer at /proc/PID but are hidden from the "
+                                     "listing: %s" % ", ".join(map(str, fact["data"][:20])), [fact["evidence"]],
+                                     pids=fact["data"]))
+        return found
+
     name = "processes"
     rank = 10
     budget_seconds = 60.0

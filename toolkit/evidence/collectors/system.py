@@ -5,7 +5,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit import utc
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
@@ -96,6 +96,20 @@ def taint(value: Optional[str]) -> Dict[str, Any]:
 
 
 class SystemCollector(Collector):
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
+        """/etc/ld.so.preload with entries is critical; a tainted kernel is medium."""
+        from toolkit.evidence.findings import finding
+
+        for fact in facts.get("ld_so_preload", []):
+            entries = [line for line in fact["data"].splitlines() if line.strip() and not line.startswith("#")]
+            if entries:
+                yield finding("ld-so-preload", "critical", "/etc/ld.so.preload is not empty: %s" % ", ".join(
+                    entries), [fact["evidence"]], entries=entries)
+        for fact in facts.get("taint", []):
+            if fact["data"]["value"]:
+                yield finding("kernel-tainted", "medium", "the kernel is tainted (%s, flags %s)" % (
+                    fact["data"]["value"], fact["data"]["flags"]), [fact["evidence"]], **fact["data"])
+
     name = "system"
     rank = 5
     budget_seconds = 20.0

@@ -245,7 +245,7 @@ class TimelineCollector(Collector):
     description = "bodyfile (TSK 3.x) of the triage roots (full: /), local filesystems only; SUID/SGID, " \
                   "world-writable and recently changed files from the same walk"
 
-    def findings(self, facts: Dict[str, List[Dict[str, Any]]]) -> Iterator[Dict[str, Any]]:
+    def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
         return walk_findings(facts)
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
