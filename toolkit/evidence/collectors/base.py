@@ -46,6 +46,8 @@ class CollectionContext:
     # facts the collectors that ran before have emitted, by kind (filled by the capture thread between
     # collectors: a collector reads those of the collectors before it, never its own)
     facts: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
+    # (st_dev, st_ino) -> sha256 of files already read whole (package verification), for hash_executables
+    digests: Dict[Tuple[int, int], str] = field(default_factory=dict)
     fs: HostFS = field(init=False)
     _claimed: Dict[str, str] = field(init=False, default_factory=dict)
     _lock: Any = field(init=False, default_factory=threading.Lock)

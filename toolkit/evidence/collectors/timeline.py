@@ -295,7 +295,7 @@ class TimelineCollector(Collector):
 
         started = time.monotonic()
         budget = HASH_BUDGET.get(context.profile)
-        done: Dict[Tuple[int, int], str] = {}
+        done: Dict[Tuple[int, int], str] = dict(context.digests)  # read whole already (package verification)
         rows, hashed, skipped = [], 0, 0
         for logical, device, inode, size in executables:
             digest = done.get((device, inode))
