@@ -200,6 +200,7 @@ class TmpExecutablesCollector(Collector):
 
 STAGING_FILE_CAP = {"triage": 16 << 20, "full": None}  # per file (None: --max-file-size)
 STAGING_TOTAL_CAP = {"triage": 256 << 20, "full": None}  # all copies together (None: no cap)
+STAGING_COUNT_CAP = {"triage": 10000, "full": None}  # files copied (each is a member and a manifest entry)
 
 
 class StagingCollector(Collector):
@@ -210,14 +211,15 @@ class StagingCollector(Collector):
     rank = 42
     profiles = ("triage", "full")
     budget_seconds = 300.0
-    description = "every regular file in /tmp, /var/tmp, /dev/shm (triage: 16 MiB a file, 256 MiB in all; " \
-                  "full: --max-file-size), and a listing of every name there"
+    description = "every regular file in /tmp, /var/tmp, /dev/shm, smallest first (triage: 16 MiB a file, " \
+                  "256 MiB and 10,000 files in all; full: --max-file-size), and a listing of every name there"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         per_file = STAGING_FILE_CAP.get(context.profile) or context.max_file_size
         per_file = min(per_file, context.max_file_size)
         total_cap = STAGING_TOTAL_CAP.get(context.profile)
-        copied, listing, over = 0, [], 0
+        count_cap = STAGING_COUNT_CAP.get(context.profile)
+        copied, files, listing, over = 0, 0, [], 0
         for logical_dir in TMP_DIRS:
             stats = WalkStats()
             try:
@@ -232,14 +234,15 @@ class StagingCollector(Collector):
         # large blob, whatever the directory order
         for row in sorted((r for r in listing if r.pop("regular")), key=lambda r: (r["size"], r["path"])):
             take = min(row["size"], per_file)
-            if total_cap is not None and copied + take > total_cap:
+            if (total_cap is not None and copied + take > total_cap) or (count_cap is not None and files >= count_cap):
                 over += 1
                 continue
             if emit.file(row["path"], per_file):
                 copied += take
+                files += 1
                 row["copied"] = True
         if over:
-            emit.skip("/tmp, /var/tmp, /dev/shm", "%d files not copied: the staging copies reached %d bytes (listed "
-                      "in volatile/staging.json)" % (over, total_cap), "limit")
+            emit.skip("/tmp, /var/tmp, /dev/shm", "%d files not copied: the staging copies reached the profile's cap "
+                      "(%s bytes, %s files; listed in volatile/staging.json)" % (over, total_cap, count_cap), "limit")
         emit.json("volatile/staging.json", {"per_file_cap": per_file, "total_cap": total_cap, "copied_bytes": copied,
                                             "entries": listing}, "listing of the staging areas (fstatat)")
