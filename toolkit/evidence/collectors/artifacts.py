@@ -57,6 +57,10 @@ HOME_TREES = (
     ".gitconfig", ".git-credentials", ".config/git/config", ".nano_history", ".local/share/nano/search_history",
 )
 KEY_LIMIT = 1 << 20
+# where virtual machine managers keep their machines (what UAC's live_response/vms asks virsh, VBoxManage...)
+VM_PLACES = ("/etc/libvirt/qemu", "/etc/libvirt/lxc", "/var/lib/libvirt/qemu", "/var/lib/libvirt/images",
+             "/etc/vmware", "/var/lib/vmware", "/etc/xen", "/var/lib/xen", "/var/lib/lxc", "/var/lib/lxd",
+             "/var/snap/lxd/common/lxd", "/var/lib/multipass")
 SSH_KEY_DIRS = ("/etc/ssh",)
 
 
@@ -135,6 +139,7 @@ class ArtifactsCollector(Collector):
         self._boot(context, emit)
         self._kernel(context, emit)
         self._hardware_and_storage(emit)
+        self._virtual_machines(context, emit, homes)
         self._keys(context, emit, homes)
         emit.program("volatile/audit-rules.txt", "auditctl", ["-l"])
 
@@ -147,6 +152,21 @@ class ArtifactsCollector(Collector):
             rows.append({"path": entry.logical, "mode": "%o" % info.st_mode, "size": info.st_size,
                          "mtime": info.st_mtime, "ctime": info.st_ctime})
         emit.json("volatile/boot.json", rows, "listing of /boot (fstatat)")
+
+    @staticmethod
+    def _virtual_machines(context: CollectionContext, emit: Emitter, homes: List[str]) -> None:
+        """Which VM managers keep machines here, and each definition they keep (libvirt XML, .vbox, .vmx),
+        listed; libvirt's definitions are copied by SYSTEM_TREES, the others here (small files only)."""
+        places = list(VM_PLACES) + [posixpath.join(h, name) for h in homes
+                                    for name in ("VirtualBox VMs", "vmware", ".config/libvirt/qemu")]
+        found = []
+        for place in places:
+            for entry in context.fs.walk(place, context.walk_limits()):
+                if stat.S_ISREG(entry.info.st_mode) and entry.name.endswith((".xml", ".vbox", ".vmx", ".conf")):
+                    found.append({"path": entry.logical, "size": entry.info.st_size, "mtime": entry.info.st_mtime})
+                    emit.file(entry.logical, min(context.max_file_size, 1 << 20))
+        emit.json("volatile/vms.json", {"places": places, "definitions": found},
+                  "VM managers' definition files under their usual places (none: no VM manager keeps one here)")
 
     @staticmethod
     def _hardware_and_storage(emit: Emitter) -> None:
