@@ -156,21 +156,27 @@ EVENT_LINE = ('{"data_type": "bookgen-kit:fs:stat", "datetime": "%s", "gid": %d,
               '"message": %s, "mode": "%s", "path": %s, "size": %d, "timestamp": %d, "timestamp_desc": "%s", "uid": %d}')
 
 
-def file_event_lines(path: str, info: os.stat_result, birth_ns: int) -> List[str]:
+# for each set of kinds that share one time (a 4-bit mask, m=1 a=2 c=4 b=8): mactime's "macb" and the description
+_SHARED = {mask: ("".join(letter if mask >> i & 1 else "." for i, (letter, _) in enumerate(TIME_KINDS)),
+                  "; ".join(desc for i, (_, desc) in enumerate(TIME_KINDS) if mask >> i & 1)) for mask in range(1, 16)}
+
+
+def file_event_lines(path: str, info: os.stat_result, birth_ns: int, mode: str = "") -> List[str]:
     """Timesketch events of one walked name, as JSON lines: one per distinct timestamp, naming every kind that
     has it. Formatted directly (the walk makes millions): only the path needs JSON escaping."""
-    times = (info.st_mtime_ns, atime_before_us(info), info.st_ctime_ns, birth_ns)
-    mode = mode_string(info.st_mode)
+    masks: Dict[int, int] = {}
+    for bit, value in ((1, info.st_mtime_ns), (2, atime_before_us(info)), (4, info.st_ctime_ns), (8, birth_ns)):
+        if value > 0:
+            masks[value] = masks.get(value, 0) | bit
+    mode = mode or mode_string(info.st_mode)
     quoted = json.dumps(path, ensure_ascii=False)
-    shown_mode = stat.filemode(info.st_mode)
+    before = '"%s %s [' % (KIND_NAMES.get(mode[0], "other"), quoted[1:-1])  # the path is never a format
+    after = '] %d bytes, %s, uid %d gid %d"' % (info.st_size, stat.filemode(info.st_mode), info.st_uid, info.st_gid)
     lines = []
-    for value in sorted(set(t for t in times if t > 0)):
-        macb = "".join(letter if times[i] == value else "." for i, (letter, _) in enumerate(TIME_KINDS))
-        descs = "; ".join(desc for i, (_, desc) in enumerate(TIME_KINDS) if times[i] == value)
-        message = "%s %s [%s] %s bytes, %s, uid %d gid %d" % (
-            KIND_NAMES.get(mode[0], "other"), quoted[1:-1], macb, info.st_size, shown_mode, info.st_uid, info.st_gid)
-        lines.append(EVENT_LINE % (utc.iso_ns(value), info.st_gid, info.st_ino, macb, '"%s"' % message, mode, quoted,
-                                   info.st_size, value // 1000, descs, info.st_uid))
+    for value in sorted(masks):
+        macb, descs = _SHARED[masks[value]]
+        lines.append(EVENT_LINE % (utc.iso_ns(value), info.st_gid, info.st_ino, macb, before + macb + after, mode,
+                                   quoted, info.st_size, value // 1000, descs, info.st_uid))
     return lines
 
 
@@ -401,7 +407,8 @@ class TimelineCollector(Collector):
                 listed("no_owner", path, info, fact=regular and bool(mode & 0o111))
             if known_gids and info.st_gid not in known_gids:
                 listed("no_group", path, info)
-            made = file_event_lines(path, info, birth)
+            tsk_mode = mode_string(mode)
+            made = file_event_lines(path, info, birth, tsk_mode)
             events.extend(made)
             state["events"] += len(made)
             mode = info.st_mode
@@ -413,7 +420,7 @@ class TimelineCollector(Collector):
                 notable["recent_changes"].append({"path": logical, "mtime": info.st_mtime, "ctime": info.st_ctime})
             state["entries"] += 1
             return "0|%s|%d|%s|%d|%d|%d|%d|%d|%d|%d\n" % (
-                path, info.st_ino, mode_string(mode), info.st_uid, info.st_gid, info.st_size,
+                path, info.st_ino, tsk_mode, info.st_uid, info.st_gid, info.st_size,
                 atime_before_us(info) // 1000000000, int(info.st_mtime), int(info.st_ctime), birth // 1000000000)
 
         for logical_root in roots:
