@@ -16,31 +16,21 @@ import struct
 import subprocess
 import sys
 import tempfile
-import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
-from tests.test_hostile_host import AGE, TIMEOUT, capture, kit, mactime_rows, put, remove_tree
+from tests.test_hostile_host import AGE, TIMEOUT, capture, kit, mactime_rows, put, remove_tree, team_key
 
+assert team_key  # the fixture, used by name below
 BIN = Path(sys.executable).parent
 OLD = 978307200  # 2001-01-01T00:00:00Z: an atime any read would move (relatime moves one older than a day)
 PLANTED_MTIME_NS = 1767323045123456000  # 2026-01-02T03:04:05.123456Z
 UTMP = "<hhi32s4s32s256shhiii4i20s"  # glibc's struct utmp on x86_64 and aarch64 (384 bytes)
 LOGIN_AT = 1795000000  # 2026-11-18T11:06:40Z
 TIMESKETCH_REQUIRED = ("message", "datetime", "timestamp_desc")  # Timesketch's mandatory CSV/JSONL columns
-
-
-@pytest.fixture(scope="module")
-def team_key(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("team")
-    identity = directory / "team.key"
-    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True, timeout=60)
-    recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
-    return identity, recipient
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_hostile_host import capture, in_private_mounts, remove_tree
+from tests.test_hostile_host import capture, in_private_mounts, out_dir, remove_tree, team_key
 from tests.world.roots import TRIXIE, RootUnavailable, debian_roots
 
-assert debian_roots  # the session fixture, used by name below
+assert debian_roots and out_dir and team_key  # fixtures, used by name below
 LIVE_KERNEL = {"kernel-tainted", "modules-tainted"}  # facts of the running kernel, not of the tree
 VOLATILE = ("--skip", "processes", "--skip", "network", "--skip", "containers")  # the live host's, not the tree's
 ATTACKER = "203.0.113.66"
@@ -37,27 +37,6 @@ path = ctypes.create_string_buffer(sys.argv[1].encode())
 attr = ctypes.create_string_buffer(struct.pack("<QII", ctypes.addressof(path), fd, 0) + bytes(112))
 sys.exit(0 if fd >= 0 and libc.syscall(321, 6, attr, 128) == 0 else 1)  # bpf(BPF_OBJ_PIN)
 """
-
-
-@pytest.fixture(scope="module")
-def team_key(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("team")
-    identity = directory / "team.key"
-    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True, timeout=60)
-    recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
-    return identity, recipient
-
-
-@pytest.fixture
-def out_dir(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(path)], check=True, timeout=30)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
 
 
 @pytest.fixture

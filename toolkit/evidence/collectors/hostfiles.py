@@ -211,8 +211,8 @@ class StagingCollector(Collector):
     rank = 42
     profiles = ("triage", "full")
     budget_seconds = 300.0
-    description = "every regular file in /tmp, /var/tmp, /dev/shm, smallest first (triage: 16 MiB a file, " \
-                  "256 MiB and 10,000 files in all; full: --max-file-size), and a listing of every name there"
+    description = "every regular file in /tmp, /var/tmp, /dev/shm, the most recently changed first (triage: " \
+                  "16 MiB a file, 256 MiB and 10,000 files in all; full: --max-file-size), and a listing of every name"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
         per_file = STAGING_FILE_CAP.get(context.profile) or context.max_file_size
@@ -226,13 +226,16 @@ class StagingCollector(Collector):
                 for entry in context.fs.walk(logical_dir, context.walk_limits(), stats):
                     info = entry.info
                     listing.append({"path": entry.logical, "mode": "%o" % info.st_mode, "uid": info.st_uid,
-                                    "size": info.st_size, "mtime": info.st_mtime, "regular": stat.S_ISREG(info.st_mode),
+                                    "size": info.st_size, "mtime": info.st_mtime, "ctime": info.st_ctime,
+                                    "changed": max(info.st_mtime, info.st_ctime),
+                                    "regular": stat.S_ISREG(info.st_mode),
                                     "copied": False})
             finally:
                 emit.walk_report(logical_dir, stats)
-        # smallest first: within the cap, the scripts, keys and small archives an intruder leaves come before a
-        # large blob, whatever the directory order
-        for row in sorted((r for r in listing if r.pop("regular")), key=lambda r: (r["size"], r["path"])):
+        # the most recently changed first (ctime, which `touch -d` cannot set back), then the smallest: within the
+        # cap, what was left during the incident comes before months of leftovers, whatever the directory order
+        regular = [r for r in listing if r["regular"]]
+        for row in sorted(regular, key=lambda r: (-r["changed"], r["size"], r["path"])):
             take = min(row["size"], per_file)
             if (total_cap is not None and copied + take > total_cap) or (count_cap is not None and files >= count_cap):
                 over += 1
@@ -241,6 +244,8 @@ class StagingCollector(Collector):
                 copied += take
                 files += 1
                 row["copied"] = True
+        for row in listing:
+            del row["regular"], row["changed"]
         if over:
             emit.skip("/tmp, /var/tmp, /dev/shm", "%d files not copied: the staging copies reached the profile's cap "
                       "(%s bytes, %s files; listed in volatile/staging.json)" % (over, total_cap, count_cap), "limit")
