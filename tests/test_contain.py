@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -46,8 +45,10 @@ def topology(tmp_path):
             processes.append(subprocess.Popen(
                 ["ip", "netns", "exec", target, sys.executable, "-c",
                  "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-                 "s.bind(('0.0.0.0', %d))\ns.listen(16)\nwhile True:\n    c, _ = s.accept()\n    c.close()\n" % port]))
-        time.sleep(0.5)
+                 "s.bind(('0.0.0.0', %d))\ns.listen(16)\nprint('listening', flush=True)\n"
+                 "while True:\n    c, _ = s.accept()\n    c.close()\n" % port], stdout=subprocess.PIPE, text=True))
+        for process in processes:  # each says so once it listens (no fixed wait: a loaded machine starts slowly)
+            assert process.stdout.readline().strip() == "listening"
         yield {"target": target, "other": other, "state": tmp_path / "state"}
     finally:
         for process in processes:

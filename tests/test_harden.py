@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.world.bookgen import make_host_tree
+from tests.world.services import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("etc/ssh", "etc/ufw", "etc/default/ufw", "etc/fail2ban", "etc/audit", "etc/sysctl.conf", "etc/sysctl.d")
@@ -422,7 +423,6 @@ def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_pa
     """As Docker publishes a port (DNAT to a container, FORWARD through DOCKER-USER), from a public source:
     reachable before, dropped after `harden apply --only firewall`, reachable after rollback."""
     import socket
-    import time
     import uuid
 
     container = "bkc" + uuid.uuid4().hex[:6]
@@ -463,7 +463,6 @@ def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_pa
         listener = subprocess.Popen(["ip", "netns", "exec", container, sys.executable, "-c",
                                      "import socket\ns = socket.socket()\ns.bind(('0.0.0.0', 5432))\ns.listen(16)\n"
                                      "while True:\n    c, _ = s.accept()\n    c.close()\n"])
-        time.sleep(0.5)
 
         def reaches() -> bool:
             try:
@@ -472,7 +471,7 @@ def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_pa
             except OSError:
                 return False
 
-        assert reaches()
+        wait_until(reaches, 60, "the published port before hardening")  # the listener starts under load too
         app = make_host_tree(tmp_path / "app")
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
         applied = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-m", "toolkit", "--json", "harden",
@@ -485,7 +484,7 @@ def test_docker_published_port_is_filtered_in_docker_user_for_real(netns, tmp_pa
                                  "rollback", bundle, "--app-dir", str(app.app_dir)], capture_output=True, text=True,
                                 env=env, timeout=120)
         assert rolled.returncode == 0, rolled.stderr
-        assert reaches()
+        wait_until(reaches, 30, "the published port after rollback")
         shutil.rmtree(bundle, ignore_errors=True)
     finally:
         if listener:
