@@ -65,9 +65,11 @@ class _ZstdWriter:
             # reading, hashing and encrypting threads run (bench/capture_throughput: 0.97x tar|zstd|age, where
             # cores-only workers gave 1.1-1.2x)
             threads = (os.cpu_count() or 1) + 1
-        # 2 MiB jobs: the default's speed at about half its memory (measured here)
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, job_size=2 << 20,
-                                                               write_checksum=True)
+        # 4 MiB jobs, each primed with the last 1/64 of the window before it (overlap_log 3; the default,
+        # 6, re-reads 1/8): 6-8 % less CPU than 2 MiB jobs with the default overlap, within 0.7 % of their
+        # size on BookGen-like logs and on /var/log + /usr/share/doc + /etc (medians of 4 alternating runs)
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, job_size=4 << 20,
+                                                               overlap_log=3, write_checksum=True)
         self._writer = zstandard.ZstdCompressor(compression_params=params).stream_writer(
             sink, closefd=False, write_return_read=True)
 
