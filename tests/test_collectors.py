@@ -110,7 +110,9 @@ def test_triage_capture_finds_every_plant(plants, running_stack, out_dir, team_k
 
     deleted = [f for f in findings.get("process-deleted-binary", []) if plants["sleeper_pid"] in f["details"]["pids"]]
     assert deleted and "volatile/processes.json" in deleted[0]["evidence"]
-    assert any(plants["sleeper_pid"] in f["details"]["pids"] for f in findings.get("process-from-tmp", []))
+    assert [f["id"] for f in result["findings"] if plants["sleeper_pid"] in f["details"].get("pids", ())] == \
+        ["process-deleted-binary"]  # one indicator (a deleted binary from /dev/shm), one finding
+    assert "from a temporary directory" in deleted[0]["title"] and "container" not in deleted[0]["details"]
     listener = [f for f in findings.get("unexpected-listener", []) if f["details"]["port"] == plants["port"]]
     assert listener and plants["listener_pid"] in listener[0]["details"]["pids"]
     assert any(plants["preloaded_pid"] in f["details"]["pids"] for f in findings.get("process-ld-preload", []))

@@ -300,12 +300,13 @@ def bundle_base_name(options: CaptureOptions, started: float) -> str:
 
 
 def _environment_findings(tool: Dict[str, Any]) -> List[Dict[str, Any]]:
+    from toolkit.evidence.findings import finding
     from toolkit.host.selfcheck import environment_warnings
 
     severity = {"ld-so-preload": "high", "env-ld_preload": "high", "env-ld_audit": "high",
                 "env-ld_library_path": "medium", "writable-sys-path": "medium"}
-    return [{"id": "collector-environment-" + w.code, "severity": severity.get(w.code, "low"),
-             "title": w.message, "evidence": ["manifest.json#tool"], "source": "the capture's own environment"}
+    return [dict(finding("collector-environment-" + w.code, severity.get(w.code, "low"), w.message,
+                         ["manifest.json#tool"]), source="the capture's own environment")
             for w in environment_warnings(tool)]
 
 

@@ -25,6 +25,32 @@ def finding(finding_id: str, severity: str, title: str, evidence: Sequence[str],
 
 
 
+def containers_by_id(facts: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """The containers the containers collector saw, by full id."""
+    return {fact["data"]["id"]: fact["data"] for fact in facts.get("container", []) if fact["data"].get("id")}
+
+
+def container_details(container: Dict[str, Any]) -> Dict[str, Any]:
+    """How a finding names the container it happened in."""
+    return {"container": container.get("name"), "container_id": container.get("id"),
+            "service": container.get("service"), "image": container.get("image")}
+
+
+def in_container(container: Dict[str, Any]) -> str:
+    """" in container NAME (service S, image I)" for a title."""
+    about = ["service %s" % container["service"]] if container.get("service") else []
+    about += ["image %s" % container["image"]] if container.get("image") else []
+    return " in container %s%s" % (container.get("name") or str(container.get("id"))[:12],
+                                    " (%s)" % ", ".join(about) if about else "")
+
+
+def host_path(container: Dict[str, Any], path: str, pid: Optional[int] = None) -> str:
+    """Where a path inside a container is on the host: its merged overlay directory, else the process's root."""
+    if container.get("merged_dir"):
+        return container["merged_dir"].rstrip("/") + path
+    return "/proc/%d/root%s" % (pid, path) if pid else ""
+
+
 def public_address(address: str) -> bool:
     try:
         ip = ipaddress.ip_address(address)
@@ -63,11 +89,14 @@ def first(values: Sequence[Any], count: int = 3) -> str:
     return shown + (" and %d more" % (len(values) - count) if len(values) > count else "")
 
 
-def _process_finding(finding_id: str, group: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _process_finding(finding_id: str, group: List[Dict[str, Any]],
+                     containers: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """One finding for one indicator, listing every process that shows it.
 
     details: pids (sorted), pid (the first of them), names; and per kind exe/exes/sha256 (binaries), paths
-    (memfd code, deleted libraries) or ld_preload. The title names the count and the first few pids.
+    (memfd code, deleted libraries) or ld_preload. The title names the count and the first few pids. When the
+    processes run in one container: its name, id, compose service and image, the title says so, and a binary's
+    path is given as the container sees it (exe, path_in_container) and where it is on the host (host_path).
     """
     by_pid = {fact["data"]["pid"]: fact for fact in group}
     pids = sorted(by_pid)
@@ -81,19 +110,37 @@ def _process_finding(finding_id: str, group: List[Dict[str, Any]]) -> Dict[str, 
     evidence = [fact["evidence"] for fact in group]
     details: Dict[str, Any] = {"pids": pids, "pid": pids[0], "names": names}
     exes = sorted({p.get("exe") or "" for p in processes} - {""})
+    ids = sorted({p.get("container_id") or "" for p in processes})
+    container = containers.get(ids[0]) if len(ids) == 1 and ids[0] else None
+    where = ""
+    if container is not None:
+        details.update(container_details(container))
+        where = in_container(container)
+    elif len(ids) > 1 or ids[0]:
+        details["container_ids"] = [i for i in ids if i]  # some or all in containers the collector did not see
     details_binary = dict(details, exe=exes[0] if exes else "", exes=exes,
                           sha256=sorted({p["exe_sha256"] for p in processes if p.get("exe_sha256")}))
+    if container is not None and exes:
+        details_binary.update(path_in_container=exes[0], host_path=host_path(container, exes[0], pids[0]))
+    who += where
     if finding_id == "process-deleted-binary":
-        title = "%s %s a deleted binary: %s" % (who, "runs" if one else "run", first(exes))
+        from_tmp = [e for e in exes if e.startswith(SUSPICIOUS_DIRS)]
+        title = "%s %s a deleted binary%s: %s" % (who, "runs" if one else "run", " from a temporary directory"
+                                                  if from_tmp else "", first(exes))
         copies = sorted({p["binary_member"] for p in processes if p.get("binary_member")})
         return finding(finding_id, "high", title, evidence + (copies or ["volatile/binaries/"]), **details_binary)
     if finding_id == "process-from-tmp":
         title = "%s %s from %s" % (who, "runs" if one else "run", first(exes))
         return finding(finding_id, "high", title, evidence, **details_binary)
     if finding_id == "process-memfd-code":
+        memfd_exes = [e for e in exes if e.startswith("/memfd:")]
         paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
-                        if m.get("memfd") and m.get("executable")})
+                        if m.get("memfd") and m.get("executable")} | set(memfd_exes))
         title = "%s %s code from memfd: %s" % (who, "executes" if one else "execute", first(paths))
+        if memfd_exes:  # the binary itself is a memfd: its copy is the evidence
+            copies = sorted({p["binary_member"] for p in processes if p.get("binary_member")})
+            return finding(finding_id, "high", title, evidence + (copies or ["volatile/binaries/"]), paths=paths,
+                           **details_binary)
         return finding(finding_id, "high", title, evidence, paths=paths, **details)
     if finding_id == "process-deleted-library":
         paths = sorted({m["path"] for p in processes for m in p.get("maps") or []
@@ -156,11 +203,16 @@ def process_indicators(facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
         binary = {("exe", exe)} if exe else set()
         if process.get("exe_sha256"):
             binary.add(("sha256", process["exe_sha256"]))
-        if process.get("exe_deleted"):
+        # where the binary came from is one indicator, said once: code from a memfd, else a deleted binary
+        # (from a temporary directory or not), else a binary in a temporary directory
+        memfd_exe = exe.startswith("/memfd:")
+        if process.get("exe_deleted") and not memfd_exe:
             indicators.setdefault("process-deleted-binary", []).append((fact, binary))
-        if exe.startswith(SUSPICIOUS_DIRS) or exe.startswith("/memfd:"):
+        elif exe.startswith(SUSPICIOUS_DIRS) and not memfd_exe:
             indicators.setdefault("process-from-tmp", []).append((fact, binary))
         memfd_exec = [m["path"] for m in process.get("maps") or [] if m.get("memfd") and m.get("executable")]
+        if memfd_exe and exe not in memfd_exec:
+            memfd_exec.append(exe)
         deleted_libs = [m["path"] for m in process.get("maps") or []
                         if m.get("deleted") and m.get("executable") and m["path"] != exe]
         if memfd_exec and not process.get("is_self"):
@@ -173,7 +225,8 @@ def process_indicators(facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
         if process.get("ld_preload"):
             indicators.setdefault("process-ld-preload", []).append((fact, {("ld_preload", process["ld_preload"])}))
     found = []
+    containers = containers_by_id(facts)
     for finding_id, entries in sorted(indicators.items()):
         for group in _group(entries):
-            found.append(_process_finding(finding_id, group))
+            found.append(_process_finding(finding_id, group, containers))
     return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import posixpath
 import re
 import threading
@@ -31,6 +32,45 @@ def _chunks(stream, cap: int) -> Iterator[bytes]:
         piece = chunk[: cap - total]
         total += len(piece)
         yield piece
+
+
+# what each BookGen compose service listens on inside its own network namespace (worker: nothing)
+SERVICE_PORTS = {"api": (8000,), "db": (5432,), "redis": (6379,), "worker": ()}
+
+
+def _ports(mapping: Any) -> List[int]:
+    """{"8000/tcp": ...} (ExposedPorts, PortBindings) -> [8000]."""
+    ports = set()
+    for key in mapping or {}:
+        number = str(key).split("/", 1)[0]
+        if number.isdigit():
+            ports.add(int(number))
+    return sorted(ports)
+
+
+def container_fact(attrs: Dict[str, Any], upper_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The facts every rule needs to name a container and judge what runs in it, from `docker inspect`
+    or, the daemon hung, its config.v2.json (the same shape, but no GraphDriver)."""
+    config = attrs.get("Config") or {}
+    state = attrs.get("State") or {}
+    graph = (attrs.get("GraphDriver") or {}).get("Data") or {}
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    pid = state.get("Pid") or None
+    namespace = None
+    if pid:
+        try:
+            namespace = os.readlink("/proc/%d/ns/net" % int(pid))
+        except (OSError, ValueError):
+            namespace = None
+    return {"name": str(attrs.get("Name") or "").strip("/"), "id": attrs.get("Id") or attrs.get("ID"),
+            "service": (config.get("Labels") or {}).get("com.docker.compose.service"),
+            "image": config.get("Image"), "pid": pid, "created": attrs.get("Created"),
+            "started": state.get("StartedAt"), "paused": bool(state.get("Paused")),
+            "net_namespace": namespace,
+            "addresses": sorted({n.get("IPAddress") for n in networks.values() if n and n.get("IPAddress")}),
+            "exposed_ports": _ports(config.get("ExposedPorts")),
+            "published_ports": _ports((attrs.get("HostConfig") or {}).get("PortBindings")),
+            "merged_dir": graph.get("MergedDir"), "upper_dir": graph.get("UpperDir") or upper_dir}
 
 
 class ContainerCollector(Collector):
@@ -67,8 +107,7 @@ class ContainerCollector(Collector):
             base = "containers/%s/" % _safe(container.name)
             attrs = container.attrs
             emit.json(base + "inspect.json", attrs, "docker API: GET /containers/{id}/json (%s)" % docker_url())
-            running = attrs.get("State", {}).get("Running") and not attrs.get("State", {}).get("Paused")
-            if running:
+            if attrs.get("State", {}).get("Running"):  # paused too (after `contain`): top and stats still answer
                 try:
                     emit.json(base + "top.json", container.top(ps_args="-eo pid,ppid,user,args"), "docker API: top")
                 except Exception as error:
@@ -92,12 +131,7 @@ class ContainerCollector(Collector):
                     self._export(container, base, emit)
             summary.append({"name": container.name, "id": container.id, "image": attrs.get("Config", {}).get("Image"),
                             "state": attrs.get("State", {}).get("Status"), "new_executables": new_executables})
-            emit.fact("container", {"name": container.name, "id": container.id,
-                                    "service": container.labels.get("com.docker.compose.service"),
-                                    "new_executables": new_executables,
-                                    "pid": attrs.get("State", {}).get("Pid"), "created": attrs.get("Created"),
-                                    "started": attrs.get("State", {}).get("StartedAt"),
-                                    "image": attrs.get("Config", {}).get("Image")}, base + "diff.json")
+            emit.fact("container", dict(container_fact(attrs), new_executables=new_executables), base + "diff.json")
         emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
                   "docker API")
 
@@ -220,11 +254,8 @@ class ContainerCollector(Collector):
                                int(e["mode"], 8) & 0o170000 == 0o100000]
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
-            emit.fact("container", {"name": config.get("Name", "").strip("/"), "id": container_id, "service": None,
-                                    "new_executables": new_executables, "pid": None,
-                                    "created": config.get("Created"),
-                                    "started": (config.get("State") or {}).get("StartedAt"),
-                                    "image": (config.get("Config") or {}).get("Image")}, base + "upperdir.json")
+            emit.fact("container", dict(container_fact(dict(config, ID=container_id), upper),
+                                        new_executables=new_executables), base + "upperdir.json")
         emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")

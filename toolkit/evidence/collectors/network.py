@@ -81,6 +81,13 @@ def socket_owners() -> Tuple[Dict[int, List[Dict[str, Any]]], Dict[str, str]]:
     return owners, namespaces
 
 
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 def _routes(text: Optional[str]) -> List[Dict[str, Any]]:
     routes = []
     for line in (text or "").splitlines()[1:]:
@@ -107,33 +114,66 @@ def _arp(text: Optional[str]) -> List[Dict[str, str]]:
 
 class NetworkCollector(Collector):
     def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
-        """A listener outside the expected ports (host namespace) is medium; a public connection from the
-        BookGen db or worker container is high (reads the process and container facts too)."""
-        from toolkit.evidence.findings import finding, public_address
+        """A listener outside the expected ports (host namespace) is medium. In a container's own namespace, a
+        listener on a port its compose service does not serve (api 8000, db 5432, redis 6379, worker none; any
+        other container: the ports its image exposes or it publishes) is high for BookGen's services, medium for
+        others. A public connection from the db or worker container is high, and so is one from the api to
+        anything but BookGen's db and redis containers. Each names the container (reads the container facts)."""
+        from toolkit.evidence.collectors.containers import SERVICE_PORTS
+        from toolkit.evidence.findings import container_details, finding, in_container, public_address
 
+        containers = [f["data"] for f in facts.get("container", [])]
+        by_namespace = {c["net_namespace"]: c for c in containers if c.get("net_namespace")}
+        by_id = {c["id"]: c for c in containers if c.get("id")}
+        for process in (f["data"] for f in facts.get("process", [])):  # a namespace known by its processes too
+            namespace = (process.get("namespaces") or {}).get("net")
+            if process.get("container_id") in by_id and namespace:
+                by_namespace.setdefault(namespace, by_id[process["container_id"]])
         for fact in facts.get("listener", []):
             sock = fact["data"]
-            if sock["local_port"] in judging.expected_ports or not sock.get("host_namespace", True):
-                continue
             owners = sock.get("processes") or []
             who = ", ".join("pid %d (%s)" % (o["pid"], o["name"]) for o in owners) or "no visible process"
-            yield finding("unexpected-listener", "medium", "%s listening on %s:%d not in the expected set, by %s" % (
-                sock["protocol"], sock["local_address"], sock["local_port"], who), [fact["evidence"]],
-                port=sock["local_port"], address=sock["local_address"], pids=[o["pid"] for o in owners])
-        processes = {f["data"]["pid"]: f for f in facts.get("process", [])}
-        watched = {f["data"]["id"]: f["data"] for f in facts.get("container", [])
-                   if f["data"].get("service") in ("db", "worker")}
+            if sock.get("host_namespace", True):
+                if sock["local_port"] in judging.expected_ports:
+                    continue
+                yield finding("unexpected-listener", "medium", "%s listening on %s:%d not in the expected set, by "
+                              "%s" % (sock["protocol"], sock["local_address"], sock["local_port"], who),
+                              [fact["evidence"]], port=sock["local_port"], address=sock["local_address"],
+                              pids=[o["pid"] for o in owners])
+                continue
+            container = by_namespace.get(sock.get("namespace"))
+            if container is None:
+                continue  # a namespace of no container the collector saw: listed in network.json, not judged
+            bookgen = container.get("service") in SERVICE_PORTS
+            expected = SERVICE_PORTS[container["service"]] if bookgen else \
+                set(container.get("exposed_ports") or []) | set(container.get("published_ports") or [])
+            if sock["local_port"] in expected:
+                continue
+            yield finding("container-unexpected-listener", "high" if bookgen else "medium",
+                          "%s listening on %s:%d%s, not a port it serves, by %s" % (
+                              sock["protocol"], sock["local_address"], sock["local_port"], in_container(container),
+                              who), [fact["evidence"]], port=sock["local_port"], address=sock["local_address"],
+                          protocol=sock["protocol"], pids=[o["pid"] for o in owners], expected=sorted(expected),
+                          **container_details(container))
+        bookgen_addresses = {a for c in containers if c.get("service") in ("db", "redis") for a in c.get("addresses")
+                             or []}
+        listening = {(f["data"].get("namespace"), f["data"]["local_port"]) for f in facts.get("listener", [])}
         for fact in facts.get("connection", []):
             sock = fact["data"]
-            if not public_address(sock["remote_address"]):
+            container = by_namespace.get(sock.get("namespace"))
+            if container is None or (sock.get("namespace"), sock["local_port"]) in listening:
+                continue  # not in a container, or a connection to one of its listeners (inbound)
+            service, remote = container.get("service"), sock["remote_address"]
+            if service in ("db", "worker") and public_address(remote):
+                why = "a public address"
+            elif service == "api" and remote not in bookgen_addresses and not _loopback(remote):
+                why = "neither BookGen's db nor its redis"
+            else:
                 continue
-            for owner in sock.get("processes") or []:
-                process = processes.get(owner["pid"], {}).get("data", {})
-                container = watched.get(process.get("container_id") or "")
-                if container:
-                    yield finding("container-outbound", "high", "container %s (%s) connects to %s:%d" % (
-                        container["name"], container["service"], sock["remote_address"], sock["remote_port"]),
-                        [fact["evidence"]], container=container["name"], remote=sock["remote_address"])
+            yield finding("container-outbound", "high", "%s connects to %s:%d (%s)" % (
+                in_container(container).strip(), remote, sock["remote_port"], why), [fact["evidence"]],
+                remote=remote, remote_port=sock["remote_port"], pids=[o["pid"] for o in sock.get("processes") or []],
+                **container_details(container))
 
     name = "network"
     rank = 20

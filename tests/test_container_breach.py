@@ -1,0 +1,140 @@
+"""A breach inside BookGen's containers, on the test world's real dockerd: every finding names the container,
+its compose service and image, once per indicator, with the path as the container sees it."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+
+import pytest
+
+from tests.test_collectors import kit, only_environ_denials, out_dir, team_key  # noqa: F401 (fixtures)
+from tests.world.docker_world import wait_for_status
+from tests.world.services import wait_until
+
+MINER = "/tmp/.x/sleep"  # busybox under an applet's name: it runs as `sleep`
+ODD_PORT = 4444
+
+
+def _host_pids(match) -> list:
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            exe = os.readlink("/proc/%s/exe" % pid)
+            with open("/proc/%s/cmdline" % pid, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if match(exe, argv):
+            found.append(int(pid))
+    return found
+
+
+def _listens(pid: int, port: int) -> bool:
+    for table in ("tcp", "tcp6"):
+        try:
+            with open("/proc/%d/net/%s" % (pid, table)) as handle:
+                lines = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        if any(line.split()[1].endswith(":%04X" % port) and line.split()[3] == "0A" for line in lines):
+            return True
+    return False
+
+
+def _capture(stack, out, recipient) -> dict:
+    done = kit("--json", "capture", "--out", str(out), "-r", recipient, "--profile", "volatile",
+               env={"DOCKER_HOST": stack.engine.url}, timeout=300)
+    assert done.returncode in (0, 6), done.stderr
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 or only_environ_denials(result["errors"]), result["errors"]
+    return result
+
+
+def _payload_tar(identity, payload: str) -> tarfile.TarFile:
+    plain = subprocess.run(["/usr/bin/age", "-d", "-i", str(identity), payload], capture_output=True, check=True).stdout
+    tar_bytes = subprocess.run(["zstd", "-d", "-c"], input=plain, capture_output=True, check=True).stdout
+    return tarfile.open(fileobj=io.BytesIO(tar_bytes))
+
+
+def _member_names(identity, payload: str) -> set:
+    return set(_payload_tar(identity, payload).getnames())
+
+
+def _member(identity, payload: str, name: str) -> bytes:
+    return _payload_tar(identity, payload).extractfile(name).read()
+
+
+def _naming_a_container(findings) -> list:
+    return [f for f in findings if f["id"].startswith("container-") or f["details"].get("container")]
+
+
+def test_the_stack_as_started_gives_no_finding_that_names_a_container(running_stack, out_dir, team_key):
+    """api listens on 8000, db on 5432, redis on 6379, the worker on nothing: each as its service should."""
+    _, recipient = team_key
+    result = _capture(running_stack, out_dir, recipient)
+    assert _naming_a_container(result["findings"]) == []
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+def test_a_deleted_miner_and_a_listener_in_bookgen_api_are_found_once_naming_the_container(
+        running_stack, out_dir, team_key, paused):
+    """Also with the container paused, as `contain` leaves it: its processes, sockets, top and stats are read."""
+    identity, recipient = team_key
+    api = running_stack.container("api")
+    assert api.exec_run(["sh", "-c", "mkdir -p /tmp/.x && cp /bin/busybox %s && chmod 755 %s" % (MINER, MINER)]
+                        ).exit_code == 0
+    api.exec_run([MINER, "300"], detach=True)
+    api.exec_run(["httpd", "-f", "-p", str(ODD_PORT), "-h", "/tmp"], detach=True)
+    miners, listeners = [], []
+    try:
+        wait_until(lambda: miners.extend(_host_pids(lambda exe, argv: exe == MINER)) or miners, 20, "the miner")
+        assert api.exec_run(["rm", "-rf", "/tmp/.x"]).exit_code == 0
+        wait_until(lambda: os.readlink("/proc/%d/exe" % miners[0]).endswith(" (deleted)"), 20, "the miner's deletion")
+        wait_until(lambda: listeners.extend(_host_pids(lambda exe, argv: str(ODD_PORT).encode() in argv and
+                                                       b"httpd" in argv)) or listeners, 20, "the listener")
+        wait_until(lambda: _listens(listeners[0], ODD_PORT), 20, "port %d" % ODD_PORT)
+
+        if paused:
+            api.pause()
+            wait_for_status(api, "paused")
+        result = _capture(running_stack, out_dir, recipient)
+        names = _member_names(identity, result["payload"])
+        for member in ("inspect.json", "top.json", "stats.json", "diff.json"):
+            assert "containers/bookgen-api/" + member in names, member
+        top = json.loads(_member(identity, result["payload"], "containers/bookgen-api/top.json"))
+        assert any(MINER in " ".join(row) for row in top["Processes"]), top
+        mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
+        assert [f["id"] for f in mine] == ["process-deleted-binary"], mine  # one indicator, one finding
+        deleted = mine[0]
+        details = deleted["details"]
+        assert (details["container"], details["service"], details["container_id"]) == ("bookgen-api", "api", api.id)
+        assert details["image"] == api.attrs["Config"]["Image"]
+        assert details["path_in_container"] == MINER and details["exe"] == MINER
+        assert details["host_path"] == api.attrs["GraphDriver"]["Data"]["MergedDir"] + MINER
+        assert "in container bookgen-api (service api" in deleted["title"] and MINER in deleted["title"]
+        assert any(e.startswith("volatile/binaries/") for e in deleted["evidence"])
+
+        odd = [f for f in result["findings"] if f["id"] == "container-unexpected-listener"]
+        assert len(odd) == 1, odd
+        assert odd[0]["severity"] == "high" and odd[0]["details"]["port"] == ODD_PORT
+        assert (odd[0]["details"]["container"], odd[0]["details"]["service"]) == ("bookgen-api", "api")
+        assert listeners[0] in odd[0]["details"]["pids"] and odd[0]["details"]["expected"] == [8000]
+        assert "in container bookgen-api" in odd[0]["title"]
+        # the host's own listener rule does not also report it, nor the api's own port 8000
+        assert not [f for f in result["findings"] if f["id"] == "unexpected-listener" and
+                    f["details"]["port"] in (ODD_PORT, 8000)]
+        assert {f["id"] for f in _naming_a_container(result["findings"])} == {"process-deleted-binary",
+                                                                               "container-unexpected-listener"}
+    finally:
+        if paused:
+            api.unpause()
+        for pid in miners + listeners:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        api.exec_run(["rm", "-rf", "/tmp/.x"])
