@@ -295,3 +295,40 @@ def test_the_final_dedup_merges_duplicates_only():
     assert len([f for f in result if f["id"] == "container-new-executables"]) == 2
     suid = [f for f in result if f["id"] == "suid-in-tmp"]
     assert len(suid) == 1 and suid[0]["evidence"] == ["files/suid.json", "files/tmp.json"]
+
+
+def test_outbound_connections_are_judged_by_the_container_they_leave():
+    """The api may reach BookGen's db and redis only; db and worker nothing public; a connection to a container's
+    own listener is inbound, never judged."""
+    def container(name, service, namespace, addresses):
+        return {"data": {"name": name, "id": name + "-id", "service": service, "image": "img",
+                         "net_namespace": namespace, "addresses": addresses}, "evidence": "containers/%s/diff.json" % name}
+
+    def connection(namespace, local_port, remote, remote_port):
+        return {"data": {"protocol": "tcp", "local_address": "172.18.0.9", "local_port": local_port,
+                         "remote_address": remote, "remote_port": remote_port, "state": "ESTABLISHED",
+                         "namespace": namespace, "processes": [{"pid": 7, "name": "x", "fd": 3}]},
+                "evidence": "volatile/network.json"}
+
+    facts = {
+        "container": [container("bookgen-api", "api", "net:[1]", ["172.18.0.4"]),
+                      container("bookgen-db", "db", "net:[2]", ["172.18.0.2"]),
+                      container("bookgen-redis", "redis", "net:[3]", ["172.18.0.3"]),
+                      container("bookgen-worker", "worker", "net:[4]", ["172.18.0.5"])],
+        "listener": [{"data": {"protocol": "tcp", "local_address": "0.0.0.0", "local_port": 8000, "namespace": "net:[1]",
+                               "host_namespace": False, "processes": []}, "evidence": "volatile/network.json"}],
+        "connection": [connection("net:[1]", 40000, "172.18.0.2", 5432),  # api -> db: its job
+                       connection("net:[1]", 40001, "172.18.0.3", 6379),  # api -> redis: its job
+                       connection("net:[1]", 8000, "172.18.0.1", 51000),  # a client of the api: inbound
+                       connection("net:[1]", 40002, "10.9.9.9", 443),  # api -> elsewhere
+                       connection("net:[4]", 40003, "172.18.0.2", 5432),  # worker -> db
+                       connection("net:[4]", 40004, "93.184.216.34", 443),  # worker -> the internet
+                       connection("net:[2]", 5432, "172.18.0.5", 40003)],  # the db's side of it: inbound
+    }
+    result = [f for f in findings.compute(facts) if f["id"] == "container-outbound"]
+    assert sorted((f["details"]["container"], f["details"]["remote"]) for f in result) == [
+        ("bookgen-api", "10.9.9.9"), ("bookgen-worker", "93.184.216.34")]
+    api = next(f for f in result if f["details"]["container"] == "bookgen-api")
+    assert api["severity"] == "high" and api["details"]["service"] == "api" and api["details"]["remote_port"] == 443
+    assert api["title"] == "in container bookgen-api (service api, image img) connects to 10.9.9.9:443 (neither " \
+                           "BookGen's db nor its redis)"
