@@ -2,6 +2,7 @@
 its compose service and image, once per indicator, with the path as the container sees it."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -146,33 +147,60 @@ WORKER_PLANTS = {
     "/root/.ssh/authorized_keys": ("authorized_keys", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBkd attacker@x\n"),
     "/usr/local/lib/python3.12/site-packages/bookgen/tasks.py": ("application code", "import os; os.system('id')\n"),
 }
+# the image's /etc/passwd with a second root account appended: changed, and different from the image's
+IMAGE_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
+BACKDOOR_ACCOUNT = "toor:x:0:0::/root:/bin/sh\n"
 
 
 @pytest.mark.parametrize("daemon", ["answering", "hung"])
 def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(running_stack, out_dir, team_key,
                                                                                daemon):
-    """Through the API's diff, or with dockerd stopped (SIGSTOP) from the data root's upper directory; Docker's
-    own placeholders (the redis config's bind-mount target, /etc/hosts...) are never findings."""
+    """Through the API's diff, or with dockerd stopped (SIGSTOP) from the data root's upper directory: each
+    changed file compared with its image's copy in the lower layers. Docker's own placeholders (the redis
+    config's bind-mount target, /etc/hosts...) and a file rewritten with the image's content are never
+    findings; the fallback is said on screen and in the case report."""
     identity, recipient = team_key
     worker = running_stack.container("worker")
     script = " && ".join("mkdir -p %s && printf '%%s' '%s' > %s" % (os.path.dirname(path), text.replace("'", "'\\''"),
                                                                   path) for path, (_, text) in WORKER_PLANTS.items())
+    script += " && printf '%s' >> /etc/passwd" % BACKDOOR_ACCOUNT
     assert worker.exec_run(["sh", "-c", script]).exit_code == 0
+    api = running_stack.container("api")  # /etc/group copied up with the image's own content: no tampering
+    assert api.exec_run(["touch", "/etc/group"]).exit_code == 0
+    assert "/etc/group" in [c["Path"] for c in api.diff()]
     engine = running_stack.engine
+    case_dir = out_dir / "case"  # the responder's medium (a tmpfs), not the host's disk
+    assert kit("case", "open", "--id", "IR-17", "--dir", str(case_dir)).returncode == 0
     try:
         if daemon == "hung":
             os.kill(engine.process.pid, signal.SIGSTOP)
         done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--only", "containers",
                    "--docker-root", str(engine.root / "data"), env={"DOCKER_HOST": engine.url}, timeout=300)
+        # on screen, and in the case's report, the fallback is said
+        shown = kit("--case-dir", str(case_dir), "capture", "--out", str(out_dir / "screen"), "-r", recipient,
+                    "--only", "containers", "--docker-root", str(engine.root / "data"),
+                    env={"DOCKER_HOST": engine.url, "COLUMNS": "200"}, timeout=300)
     finally:
         if daemon == "hung":
             os.kill(engine.process.pid, signal.SIGCONT)
-        worker.exec_run(["rm", "-rf", *WORKER_PLANTS, "/usr/local/lib/python3.12"])
+        worker.exec_run(["sh", "-c", "rm -rf %s /usr/local/lib/python3.12 && printf '%s' > /etc/passwd" % (
+            " ".join(WORKER_PLANTS), IMAGE_PASSWD)])
+    assert shown.returncode in (0, 6), shown.stderr
+    report = kit("--case-dir", str(case_dir), "case", "report")
+    assert report.returncode == 0, report.stderr
+    report_text = "".join(p.read_text() for p in (case_dir / "reports").glob("*.md"))
+    if daemon == "hung":
+        assert "degraded docker: containers read from the data root" in shown.stdout
+        assert "**degraded:** docker: containers read from the data root" in report_text
+    else:
+        assert "degraded" not in shown.stdout and "degraded" not in report_text
     assert done.returncode in (0, 6), done.stderr
     result = json.loads(done.stdout)
     tar = _payload_tar(identity, result["payload"])
     index = json.loads(tar.extractfile("containers/index.json").read())
     assert index.get("fallback", False) is (daemon == "hung")
+    assert bool(result["degraded"]) is (daemon == "hung") and all(
+        line.startswith("docker: containers read from the data root") for line in result["degraded"])
     named = _naming_a_container(result["findings"])
     assert sorted(f["id"] for f in named) == ["container-code-changed", "container-persistence"], named
     for finding in named:
@@ -180,14 +208,21 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
         assert (details["container"], details["service"]) == ("bookgen-worker", "worker")
         assert "in container bookgen-worker (service worker" in finding["title"]
         for row in details["changes"]:
-            assert WORKER_PLANTS[row["path"]][0] == row["kind"]
+            planted = dict(WORKER_PLANTS, **{"/etc/passwd": ("accounts", IMAGE_PASSWD + BACKDOOR_ACCOUNT)})
+            assert planted[row["path"]][0] == row["kind"]
             assert row["copy"] in finding["evidence"]
             copied = tar.extractfile(row["copy"]).read()
             if daemon == "answering":  # a tar of the file, as `docker cp` gives it
                 copied = tarfile.open(fileobj=io.BytesIO(copied)).extractfile(os.path.basename(row["path"])).read()
-            assert copied.decode() == WORKER_PLANTS[row["path"]][1]
+            assert copied.decode() == planted[row["path"]][1]
+            assert row["sha256"] == hashlib.sha256(planted[row["path"]][1].encode()).hexdigest()
+            if row["path"] == "/etc/passwd":  # compared with the image's copy in its lower layer, on the host
+                assert row["differs_from_image"] is True
+                assert row["image_sha256"] == hashlib.sha256(IMAGE_PASSWD.encode()).hexdigest()
+            else:  # added: the image has no such file
+                assert row["image_sha256"] is None and row["differs_from_image"] is None
     persistence = next(f for f in named if f["id"] == "container-persistence")
-    assert sorted(persistence["details"]["paths"]) == sorted(p for p, (k, _) in WORKER_PLANTS.items()
-                                                             if k != "application code")
+    assert sorted(persistence["details"]["paths"]) == sorted(["/etc/passwd"] + [
+        p for p, (k, _) in WORKER_PLANTS.items() if k != "application code"])
     code = next(f for f in named if f["id"] == "container-code-changed")
     assert code["details"]["paths"] == ["/usr/local/lib/python3.12/site-packages/bookgen/tasks.py"]

@@ -209,6 +209,8 @@ def changes_of(document: Any) -> Dict[str, Any]:
     if isinstance(document.get("findings"), list):
         changes["findings"] = [{"id": f.get("id"), "severity": f.get("severity"), "title": f.get("title")}
                                for f in document["findings"][:100] if isinstance(f, dict)]
+    if isinstance(document.get("degraded"), list) and document["degraded"]:
+        changes["degraded"] = [str(line)[:500] for line in document["degraded"][:20]]
     if isinstance(document.get("incidents"), list):
         changes["incidents"] = [i.get("name") for i in document["incidents"] if isinstance(i, dict)]
     if isinstance(document.get("plans"), list):

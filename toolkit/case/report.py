@@ -48,7 +48,8 @@ def gather(directory: str) -> Dict[str, Any]:
                     except KitError as error:
                         status = "BROKEN: %s" % error.message
                 evidence.append({"path": output["path"], "sha256": output["sha256"], "size": output["size"],
-                                 "custody": status, "seq": entry["seq"]})
+                                 "custody": status, "seq": entry["seq"],
+                                 "degraded": (entry.get("changes") or {}).get("degraded") or []})
     changes = []
     for entry in commands:
         name = entry.get("command_name") or ""
@@ -107,8 +108,10 @@ def markdown(data: Dict[str, Any]) -> str:
         lines.append("- %s #%d %s: %s" % (entry["time"], entry["seq"], entry.get("login") or entry.get("uid"),
                                           _entry_text(entry)))
     lines += ["", "## Evidence inventory", ""]
-    lines += ["- %s  \n  sha256 `%s`, %d bytes, custody: %s" % (e["path"], e["sha256"], e["size"], e["custody"])
-              for e in data["evidence"]] or ["- none"]
+    lines += ["- %s  \n  sha256 `%s`, %d bytes, custody: %s%s" % (
+        e["path"], e["sha256"], e["size"], e["custody"],
+        "".join("  \n  **degraded:** %s" % line for line in e.get("degraded") or []))
+        for e in data["evidence"]] or ["- none"]
     lines += ["", "## Changes made to the host, and how to undo each", ""]
     lines += ["- #%d `%s`: %s  \n  undo: %s" % (c["seq"], c["command"], ", ".join(
         "%s=%s" % (k, v) for k, v in sorted(c["what"].items()) if k not in ("findings",))[:400], c["undo"])
@@ -161,8 +164,10 @@ def html_report(data: Dict[str, Any]) -> str:
         e["seq"], _e(e["time"]), _e(e.get("login") or e.get("uid")), _e(_entry_text(e))) for e in data["entries"]]
     out.append("</table><h2>Evidence inventory</h2><table><tr><th>bundle</th><th>sha256</th><th>bytes</th>"
                "<th>custody</th></tr>")
-    out += ["<tr><td><code>%s</code></td><td><code>%s</code></td><td>%d</td><td>%s</td></tr>" % (
-        _e(e["path"]), _e(e["sha256"]), e["size"], _e(e["custody"])) for e in data["evidence"]] or \
+    out += ["<tr><td><code>%s</code></td><td><code>%s</code></td><td>%d</td><td>%s%s</td></tr>" % (
+        _e(e["path"]), _e(e["sha256"]), e["size"], _e(e["custody"]),
+        "".join("<br><strong>degraded:</strong> %s" % _e(line) for line in e.get("degraded") or []))
+        for e in data["evidence"]] or \
         ["<tr><td colspan=4>none</td></tr>"]
     out.append("</table><h2>Changes made to the host</h2><table><tr><th>#</th><th>command</th><th>how to undo</th>"
                "</tr>")

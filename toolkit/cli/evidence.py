@@ -177,7 +177,8 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
                        "sums": result.sums, "signature": result.signature, "payload_size": result.payload_size,
                        "payload_sha256": result.payload_sha256, "members": result.members,
                        "artifacts": result.artifacts, "errors": result.errors, "collectors": result.collectors,
-                       "seconds": result.seconds, "encrypted": result.encrypted, "findings": result.findings})
+                       "seconds": result.seconds, "encrypted": result.encrypted, "findings": result.findings,
+                       "degraded": result.degraded})
     if out.json:
         out.emit_json(out.document)
     else:
@@ -188,11 +189,14 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
 
 
 def _render_capture(out, result) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     console = out.console
     if not result.encrypted:
         console.print("[bold red]WARNING: the payload is NOT encrypted[/bold red]")
+    for line in result.degraded:
+        console.print("[yellow]degraded[/yellow] %s" % escape(line))
     table = Table(show_header=False, title="evidence bundle", title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")
@@ -209,13 +213,14 @@ def _render_capture(out, result) -> None:
     console.print(table)
     for error in result.errors:
         if error["kind"] == "error":
-            console.print("[yellow]not collected[/yellow] %s: %s" % (error["source"], error["reason"]))
+            console.print("[yellow]not collected[/yellow] %s: %s" % (escape(str(error["source"])),
+                                                                    escape(str(error["reason"]))))
     if result.findings:
         findings = Table(title="findings", title_justify="left")
         for column in ("severity", "finding", "evidence"):
             findings.add_column(column)
         for finding in result.findings:
-            findings.add_row(finding["severity"], finding["title"], ", ".join(finding["evidence"]))
+            findings.add_row(finding["severity"], escape(finding["title"]), escape(", ".join(finding["evidence"])))
         console.print(findings)
 
 

@@ -93,6 +93,7 @@ class CaptureResult:
     seconds: float
     encrypted: bool
     findings: List[Dict[str, Any]]
+    degraded: List[str]  # what ran in a lesser way (manifest: collection.degraded)
 
 
 
@@ -392,6 +393,8 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                 collector_stats.append(recorder.run(collector, context, budget))
             from toolkit.evidence.findings import compute
 
+            degraded += ["%s: %s (%s)" % (d["data"]["component"], d["data"]["effect"], d["data"]["reason"])
+                         for d in recorder.facts.get("degraded", [])]
             findings = _environment_findings(tool) + compute(recorder.facts, options.expected_ports)
             recorder.note("findings: %d" % len(findings))
             recorder.note("capture ended")
@@ -466,7 +469,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
             out.commit()
     return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
                          payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
-                         collector_stats, round(time.time() - started, 2), options.encrypt, findings)
+                         collector_stats, round(time.time() - started, 2), options.encrypt, findings, degraded)
 
 
 CONTAINER_MODE_ENV = "BOOKGEN_KIT_CONTAINER_MODE"

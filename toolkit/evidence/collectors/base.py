@@ -179,6 +179,12 @@ class Emitter:
     def skip(self, source: str, reason_text: str, kind: str = "error") -> None:
         self._put(Skip(source, reason_text, kind))
 
+    def degraded(self, component: str, effect: str, reason_text: str) -> None:
+        """This collector works in a lesser way than usual (a daemon that does not answer...): said in
+        collection.log, in the manifest's collection.degraded, on screen and in the case report."""
+        self.log("degraded: %s: %s (%s)" % (component, effect, reason_text))
+        self.fact("degraded", {"component": component, "effect": effect, "reason": reason_text}, "collection.log")
+
     def refusal(self, source: str, error: BaseException, requested: bool = True) -> None:
         """Record why a host path was not read. A symlink met in a component is recorded as "refused"
         (the link itself is collected); anything else that was asked for and not read is an error."""

@@ -3,6 +3,7 @@ straight from /var/lib/docker: and the fallback says so."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import posixpath
@@ -66,6 +67,39 @@ def tampering_kind(path: str, working_dir: str = "") -> Optional[str]:
             working_dir not in ("", "/") and path.startswith(working_dir.rstrip("/") + "/"))):
         return "application code"
     return None
+
+
+def file_digest(context: CollectionContext, logical: str, limit: int = 1 << 30) -> Optional[str]:
+    """sha256 of a host file read through the host filesystem object; None when absent, refused or too large."""
+    try:
+        with context.fs.open_file(logical) as opened:
+            if opened.info.st_size > limit:
+                return None
+            sha = hashlib.sha256()
+            while True:
+                piece = opened.read(1 << 20)
+                if not piece:
+                    return sha.hexdigest()
+                sha.update(piece)
+    except (OSError, Refused):
+        return None
+
+
+def against_image(context: CollectionContext, upper: Optional[str], lowers: List[str], path: str) -> Dict[str, Any]:
+    """The file as the container has it (its upper layer holds the whole file once changed) against the file as
+    its image has it (the first lower layer, top down, that has the name: a whiteout or any other non-regular
+    file there means the image has no such file). sha256 and differs_from_image: None where not readable."""
+    current = file_digest(context, upper.rstrip("/") + path) if upper else None
+    image = None
+    for lower in lowers:
+        name = lower.rstrip("/") + path
+        if context.fs.lexists(name):
+            image = file_digest(context, name)
+            break
+        if context.fs.lexists(posixpath.dirname(name) + "/.wh." + posixpath.basename(name)):
+            break
+    return {"sha256": current, "image_sha256": image,
+            "differs_from_image": None if current is None or image is None else current != image}
 
 
 def mount_destinations(attrs: Dict[str, Any]) -> List[str]:
@@ -155,7 +189,9 @@ class ContainerCollector(Collector):
             docker_client.ping()
         except Exception as error:
             emit.log("Docker does not answer at %s (%s): falling back to reading the data root" % (
-                "DOCKER_HOST", error))
+                docker_url(), error))
+            emit.degraded("docker", "containers read from the data root %s: no processes (top), stats, logs or "
+                          "diff through the API" % context.docker_root, "the daemon does not answer: %s" % error)
             self._fallback(context, emit, str(error))
             return
         containers = docker_client.containers.list(all=True)
@@ -183,7 +219,8 @@ class ContainerCollector(Collector):
             new_executables, tampering = [], []
             if context.profile != "volatile":
                 self._logs(container, base, emit)
-                new_executables, tampering = self._copy_new_files(docker_client, container, diff, base, emit)
+                new_executables, tampering = self._copy_new_files(context, docker_client, container, diff, base,
+                                                                  emit)
                 if context.profile == "full":
                     self._export(container, base, emit)
             summary.append({"name": container.name, "id": container.id, "image": attrs.get("Config", {}).get("Image"),
@@ -216,13 +253,16 @@ class ContainerCollector(Collector):
         except Exception as error:
             emit.skip(base + "logs.txt", "docker logs: %s" % error)
 
-    def _copy_new_files(self, docker_client, container, diff, base: str, emit: Emitter):
+    def _copy_new_files(self, context: CollectionContext, docker_client, container, diff, base: str, emit: Emitter):
         """New executables, files in tmp dirs, persistence and changed code in the writable layer, copied
-        through the API; (new executables, tampering rows)."""
+        through the API; (new executables, tampering rows). A changed file is compared with its image's copy
+        in the lower layers on the host: one that still matches it is no tampering."""
         new_executables, tampering = [], []
         probed = 0
         managed = set(DOCKER_MANAGED) | set(mount_destinations(container.attrs))
         working_dir = (container.attrs.get("Config") or {}).get("WorkingDir") or ""
+        graph = (container.attrs.get("GraphDriver") or {}).get("Data") or {}
+        upper, lowers = graph.get("UpperDir"), [d for d in (graph.get("LowerDir") or "").split(":") if d]
         for change in diff:
             if change["Kind"] not in (0, 1):
                 continue
@@ -243,6 +283,9 @@ class ContainerCollector(Collector):
             executable = is_regular and bool(mode & 0o111)
             if executable:
                 new_executables.append(path)
+            comparison = against_image(context, upper, lowers, path) if is_regular and kind else {}
+            if comparison.get("differs_from_image") is False and not in_tmp:
+                kind = None  # rewritten with the image's own content: not tampering
             copy = None
             if is_regular and (in_tmp or executable or kind):
                 try:
@@ -254,7 +297,7 @@ class ContainerCollector(Collector):
                     copy = None
                     emit.skip(base + "files" + path, "docker cp: %s" % error)
             if is_regular and kind:
-                tampering.append({"path": path, "kind": kind, "change": KINDS.get(change["Kind"]), "copy": copy})
+                tampering.append(dict(comparison, path=path, kind=kind, change=KINDS.get(change["Kind"]), copy=copy))
         return new_executables, tampering
 
     @staticmethod
@@ -325,12 +368,16 @@ class ContainerCollector(Collector):
             new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111]
             tampering = []
             working_dir = (config.get("Config") or {}).get("WorkingDir") or ""
+            lowers = self._lower_dirs(emit, upper)
             for entry in regular:
                 kind = tampering_kind(entry["path"], working_dir)
+                comparison = against_image(context, upper, lowers, entry["path"]) if kind else {}
+                if comparison.get("differs_from_image") is False:
+                    continue  # rewritten with the image's own content: not tampering
                 if kind:
                     stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
-                    tampering.append({"path": entry["path"], "kind": kind, "change": "changed or added",
-                                      "copy": host_member(upper + entry["path"]) if stored else None})
+                    tampering.append(dict(comparison, path=entry["path"], kind=kind, change="changed or added",
+                                          copy=host_member(upper + entry["path"]) if stored else None))
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
             emit.fact("container", dict(container_fact(dict(config, ID=container_id), upper),
@@ -338,6 +385,29 @@ class ContainerCollector(Collector):
         emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")
+
+    @staticmethod
+    def _lower_dirs(emit: Emitter, upper: Optional[str]) -> List[str]:
+        """overlay2's layer directories under a container's layer, top down, from its `lower` file
+        ("l/SHORTID:l/SHORTID...", links under overlay2/l to each layer's diff directory), resolved by reading
+        each link (never followed: the data root is the host's)."""
+        if not upper:
+            return []
+        layer = posixpath.dirname(upper)
+        overlay = posixpath.dirname(layer)
+        text = (emit.read(layer + "/lower", 1 << 20) or b"").decode("utf-8", "replace").strip()
+        lowers = []
+        for short in text.split(":") if text else []:
+            if not re.match(r"^l/[A-Za-z0-9]{1,64}$", short):
+                continue
+            try:
+                target = emit.fs.readlink(overlay + "/" + short)  # "../LAYERID/diff"
+            except (OSError, Refused):
+                continue
+            match = re.match(r"^\.\./([A-Za-z0-9_-]{1,128})/diff$", target)
+            if match:
+                lowers.append(overlay + "/" + match.group(1) + "/diff")
+        return lowers
 
     @staticmethod
     def _upper_dir(emit: Emitter, root: str, container_id: str) -> Optional[str]:
