@@ -46,8 +46,8 @@ def _listens(pid: int, port: int) -> bool:
     return False
 
 
-def _capture(stack, out, recipient) -> dict:
-    done = kit("--json", "capture", "--out", str(out), "-r", recipient, "--profile", "volatile",
+def _capture(stack, out, recipient, *extra) -> dict:
+    done = kit("--json", "capture", "--out", str(out), "-r", recipient, "--profile", "volatile", *extra,
                env={"DOCKER_HOST": stack.engine.url}, timeout=300)
     assert done.returncode in (0, 6), done.stderr
     result = json.loads(done.stdout)
@@ -80,11 +80,13 @@ def test_the_stack_as_started_gives_no_finding_that_names_a_container(running_st
     assert _naming_a_container(result["findings"]) == []
 
 
-@pytest.mark.parametrize("paused", [False, True], ids=["running", "paused"])
+@pytest.mark.parametrize("state", ["running", "paused", "dockerd-hung"])
 def test_a_deleted_miner_and_a_listener_in_bookgen_api_are_found_once_naming_the_container(
-        running_stack, out_dir, team_key, paused):
-    """Also with the container paused, as `contain` leaves it: its processes, sockets, top and stats are read."""
+        running_stack, out_dir, team_key, state):
+    """Also with the container paused, as `contain` leaves it (its processes, sockets, top and stats are read),
+    and with dockerd stopped (SIGSTOP): the containers then come from the data root, and name them the same."""
     identity, recipient = team_key
+    paused, hung = state == "paused", state == "dockerd-hung"
     api = running_stack.container("api")
     assert api.exec_run(["sh", "-c", "mkdir -p /tmp/.x && cp /bin/busybox %s && chmod 755 %s" % (MINER, MINER)]
                         ).exit_code == 0
@@ -102,12 +104,22 @@ def test_a_deleted_miner_and_a_listener_in_bookgen_api_are_found_once_naming_the
         if paused:
             api.pause()
             wait_for_status(api, "paused")
-        result = _capture(running_stack, out_dir, recipient)
+        merged_dir = api.attrs["GraphDriver"]["Data"]["MergedDir"]
+        if hung:
+            os.kill(running_stack.engine.process.pid, signal.SIGSTOP)
+        try:
+            result = _capture(running_stack, out_dir, recipient, "--docker-root", str(running_stack.engine.root / "data"))
+        finally:
+            if hung:
+                os.kill(running_stack.engine.process.pid, signal.SIGCONT)
         names = _member_names(identity, result["payload"])
-        for member in ("inspect.json", "top.json", "stats.json", "diff.json"):
-            assert "containers/bookgen-api/" + member in names, member
-        top = json.loads(_member(identity, result["payload"], "containers/bookgen-api/top.json"))
-        assert any(MINER in " ".join(row) for row in top["Processes"]), top
+        if hung:
+            assert result["degraded"] and "containers/bookgen-api/upperdir.json" in names
+        else:
+            for member in ("inspect.json", "top.json", "stats.json", "diff.json"):
+                assert "containers/bookgen-api/" + member in names, member
+            top = json.loads(_member(identity, result["payload"], "containers/bookgen-api/top.json"))
+            assert any(MINER in " ".join(row) for row in top["Processes"]), top
         mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
         assert [f["id"] for f in mine] == ["process-deleted-binary"], mine  # one indicator, one finding
         deleted = mine[0]
@@ -115,7 +127,7 @@ def test_a_deleted_miner_and_a_listener_in_bookgen_api_are_found_once_naming_the
         assert (details["container"], details["service"], details["container_id"]) == ("bookgen-api", "api", api.id)
         assert details["image"] == api.attrs["Config"]["Image"]
         assert details["path_in_container"] == MINER and details["exe"] == MINER
-        assert details["host_path"] == api.attrs["GraphDriver"]["Data"]["MergedDir"] + MINER
+        assert details["host_path"] == merged_dir + MINER
         assert "in container bookgen-api (service api" in deleted["title"] and MINER in deleted["title"]
         assert any(e.startswith("volatile/binaries/") for e in deleted["evidence"])
 

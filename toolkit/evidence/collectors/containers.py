@@ -146,7 +146,9 @@ def container_fact(attrs: Dict[str, Any], upper_dir: Optional[str] = None) -> Di
             "addresses": sorted({n.get("IPAddress") for n in networks.values() if n and n.get("IPAddress")}),
             "exposed_ports": _ports(config.get("ExposedPorts")),
             "published_ports": _ports((attrs.get("HostConfig") or {}).get("PortBindings")),
-            "merged_dir": graph.get("MergedDir"), "upper_dir": graph.get("UpperDir") or upper_dir}
+            "merged_dir": graph.get("MergedDir") or (upper_dir[:-len("/diff")] + "/merged" if upper_dir and
+                                                     upper_dir.endswith("/diff") and pid else None),
+            "upper_dir": graph.get("UpperDir") or upper_dir}
 
 
 class ContainerCollector(Collector):
@@ -158,11 +160,13 @@ class ContainerCollector(Collector):
 
         for fact in facts.get("container", []):
             data = fact["data"]
-            if data.get("new_executables"):
-                yield finding("container-new-executables", "high", "container %s has new executables: %s" % (
-                    data["name"], ", ".join(data["new_executables"][:5])), [fact["evidence"]],
-                    paths=data["new_executables"], **container_details(data))
             tampered = data.get("tampering") or []
+            judged = {row["path"] for row in tampered}  # an executable cron script is persistence, said once
+            new_executables = [path for path in data.get("new_executables") or [] if path not in judged]
+            if new_executables:
+                yield finding("container-new-executables", "high", "container %s has new executables: %s" % (
+                    data["name"], ", ".join(new_executables[:5])), [fact["evidence"]],
+                    paths=new_executables, **container_details(data))
             for finding_id, wanted in (("container-persistence", lambda k: k != "application code"),
                                        ("container-code-changed", lambda k: k == "application code")):
                 rows = [row for row in tampered if wanted(row["kind"])]
