@@ -238,3 +238,55 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
         p for p, (k, _) in WORKER_PLANTS.items() if k != "application code"])
     code = next(f for f in named if f["id"] == "container-code-changed")
     assert code["details"]["paths"] == ["/usr/local/lib/python3.12/site-packages/bookgen/tasks.py"]
+
+
+def test_a_containerd_container_is_judged_the_same_way(running_stack, containerd_engine, out_dir, team_key):
+    """A container Docker does not know (containerd's own, as nerdctl or k8s make them) beside BookGen's: its
+    deleted miner and odd listener are found once each, naming it, its namespace's runtime and service."""
+    from tests.world.containerd_world import IMAGE
+
+    identity, recipient = team_key
+    name = "bk-api"
+    containerd_engine.ctr("run", "-d", "--label", "com.docker.compose.service=api", IMAGE, name,
+                          "httpd", "-f", "-p", str(ODD_PORT + 1), "-h", "/tmp")
+    try:
+        pid = containerd_engine.task_pid(name)
+        containerd_engine.ctr("tasks", "exec", "--exec-id", "plant", name, "sh", "-c",
+                              "mkdir -p /tmp/.x && cp /bin/busybox %s" % MINER)
+        containerd_engine.ctr("tasks", "exec", "-d", "--exec-id", "miner", name, MINER, "300")
+        miners: list = []
+
+        def in_the_container(candidate: int) -> bool:
+            return os.readlink("/proc/%d/ns/mnt" % candidate) == os.readlink("/proc/%d/ns/mnt" % pid)
+
+        wait_until(lambda: miners.extend(p for p in _host_pids(lambda exe, argv: exe == MINER) if in_the_container(p))
+                   or miners, 20, "the miner")
+        containerd_engine.ctr("tasks", "exec", "--exec-id", "clean", name, "rm", "-rf", "/tmp/.x")
+        wait_until(lambda: os.readlink("/proc/%d/exe" % miners[0]).endswith(" (deleted)"), 20, "the deletion")
+        wait_until(lambda: _listens(pid, ODD_PORT + 1), 20, "port %d" % (ODD_PORT + 1))
+        done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--profile", "volatile",
+                   env={"DOCKER_HOST": running_stack.engine.url, "CONTAINERD_ADDRESS": str(containerd_engine.socket)},
+                   timeout=300)
+        assert done.returncode in (0, 6), done.stderr
+        result = json.loads(done.stdout)
+        mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
+        assert [f["id"] for f in mine] == ["process-deleted-binary"], mine
+        details = mine[0]["details"]
+        assert (details["container"], details["runtime"], details["service"], details["image"]) == (
+            name, "containerd", "api", IMAGE)
+        assert details["path_in_container"] == MINER and details["host_path"] == "/proc/%d/root%s" % (pid, MINER)
+        assert "in containerd container bk-api (service api" in mine[0]["title"]
+        odd = [f for f in result["findings"] if f["id"] == "container-unexpected-listener" and
+               f["details"]["container"] == name]
+        assert len(odd) == 1 and odd[0]["details"]["port"] == ODD_PORT + 1 and odd[0]["details"]["runtime"] == \
+            "containerd"
+        names = _member_names(identity, result["payload"])
+        assert {"containers/containerd/namespaces.txt", "containers/containerd/bk/tasks.txt",
+                "containers/containerd/bk/bk-api/info.json"} <= names
+        info = json.loads(_member(identity, result["payload"], "containers/containerd/bk/bk-api/info.json"))
+        assert info["ID"] == name and info["Labels"]["com.docker.compose.service"] == "api"
+        # Docker's own containers are not listed twice through containerd
+        assert not [f for f in result["findings"] if f["details"].get("runtime") == "containerd" and
+                    f["details"].get("container") != name]
+    finally:
+        containerd_engine.remove([name])

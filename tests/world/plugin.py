@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.world import bookgen
+from tests.world.containerd_world import start_containerd
 from tests.world.docker_world import start_bookgen_stack, start_docker_engine
 from tests.world.services import start_cluster, start_redis
 
@@ -81,6 +82,17 @@ def redis_server():
 def docker_engine():
     _require_root("a Docker engine")
     engine = start_docker_engine()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def containerd_engine():
+    """A containerd of its own, with the busybox image: containers Docker does not know."""
+    _require_root("a containerd")
+    engine = start_containerd()
     try:
         yield engine
     finally:

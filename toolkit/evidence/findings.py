@@ -30,18 +30,30 @@ def containers_by_id(facts: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[s
     return {fact["data"]["id"]: fact["data"] for fact in facts.get("container", []) if fact["data"].get("id")}
 
 
+def _container_by_cgroup(process: Dict[str, Any], containers: Dict[str, Dict[str, Any]]) -> str:
+    """The id of the container (containerd: cgroup /NAMESPACE/ID) whose cgroup holds the process; "" if none."""
+    for container_id, container in containers.items():
+        hint = container.get("cgroup")
+        if hint and any(line.split(":", 2)[-1] == hint or line.split(":", 2)[-1].startswith(hint + "/")
+                        for line in process.get("cgroup") or []):
+            return container_id
+    return ""
+
+
 def container_details(container: Dict[str, Any]) -> Dict[str, Any]:
     """How a finding names the container it happened in."""
     return {"container": container.get("name"), "container_id": container.get("id"),
-            "service": container.get("service"), "image": container.get("image")}
+            "service": container.get("service"), "image": container.get("image"),
+            "runtime": container.get("source") or "docker"}
 
 
 def in_container(container: Dict[str, Any]) -> str:
     """" in container NAME (service S, image I)" for a title."""
     about = ["service %s" % container["service"]] if container.get("service") else []
     about += ["image %s" % container["image"]] if container.get("image") else []
-    return " in container %s%s" % (container.get("name") or str(container.get("id"))[:12],
-                                    " (%s)" % ", ".join(about) if about else "")
+    runtime = "%s " % container["source"] if container.get("source") not in (None, "docker") else ""
+    return " in %scontainer %s%s" % (runtime, container.get("name") or str(container.get("id"))[:12],
+                                      " (%s)" % ", ".join(about) if about else "")
 
 
 def host_path(container: Dict[str, Any], path: str, pid: Optional[int] = None) -> str:
@@ -110,7 +122,7 @@ def _process_finding(finding_id: str, group: List[Dict[str, Any]],
     evidence = [fact["evidence"] for fact in group]
     details: Dict[str, Any] = {"pids": pids, "pid": pids[0], "names": names}
     exes = sorted({p.get("exe") or "" for p in processes} - {""})
-    ids = sorted({p.get("container_id") or "" for p in processes})
+    ids = sorted({p.get("container_id") or _container_by_cgroup(p, containers) for p in processes})
     container = containers.get(ids[0]) if len(ids) == 1 and ids[0] else None
     where = ""
     if container is not None:

@@ -8,6 +8,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import threading
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -196,7 +197,8 @@ class ContainerCollector(Collector):
                 docker_url(), error))
             emit.degraded("docker", "containers read from the data root %s: no processes (top), stats, logs or "
                           "diff through the API" % context.docker_root, "the daemon does not answer: %s" % error)
-            self._fallback(context, emit, str(error))
+            seen = self._fallback(context, emit, str(error))
+            self._containerd(emit, seen)
             return
         containers = docker_client.containers.list(all=True)
         summary = []
@@ -233,6 +235,7 @@ class ContainerCollector(Collector):
                       base + "diff.json")
         emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
                   "docker API")
+        self._containerd(emit, {container.id for container in containers})
 
     @staticmethod
     def _stats(container) -> Dict[str, Any]:
@@ -335,7 +338,7 @@ class ContainerCollector(Collector):
                       "skip" if absent else "error")
             emit.json("containers/index.json", {"source": "none", "fallback": True, "reason": reason_text,
                                                 "containers": []}, "nothing readable")
-            return
+            return set()
         summary = []
         for container_id in ids:
             if not _ID.match(container_id):
@@ -389,6 +392,54 @@ class ContainerCollector(Collector):
         emit.json("containers/index.json", {"source": root, "fallback": True, "reason": reason_text,
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")
+        return {entry["id"] for entry in summary}
+
+    @staticmethod
+    def _containerd(emit: Emitter, docker_ids: set) -> None:
+        """containerd's own containers (nerdctl, k8s, ctr; Docker's, in its "moby" namespace, are known already),
+        through `ctr` against CONTAINERD_ADDRESS (else /run/containerd/containerd.sock): each namespace's
+        containers (info as JSON) and tasks, as the same container facts the Docker source gives."""
+        address = os.environ.get("CONTAINERD_ADDRESS") or "/run/containerd/containerd.sock"
+        try:
+            if not stat.S_ISSOCK(os.stat(address).st_mode):
+                raise OSError("not a socket")
+        except OSError:
+            emit.log("no containerd socket at %s: containerd not read" % address)
+            return
+        base = ["-a", address]
+        listed = emit.program("containers/containerd/namespaces.txt", "ctr", base + ["namespaces", "ls", "-q"])
+        for namespace in (listed or b"").decode("utf-8", "replace").split():
+            if not _ID.match(namespace):
+                continue
+            folder = "containers/containerd/%s/" % namespace
+            tasks = {}
+            for line in (emit.program(folder + "tasks.txt", "ctr", base + ["-n", namespace, "tasks", "ls"]) or b""
+                         ).decode("utf-8", "replace").splitlines()[1:]:
+                fields = line.split()
+                if len(fields) >= 3 and fields[1].isdigit():
+                    tasks[fields[0]] = (int(fields[1]), fields[2])
+            ids = (emit.program(folder + "containers.txt", "ctr", base + ["-n", namespace, "containers", "ls", "-q"])
+                   or b"").decode("utf-8", "replace").split()
+            for container_id in ids:
+                if not _ID.match(container_id) or container_id in docker_ids:
+                    continue
+                raw = emit.program(folder + _safe(container_id) + "/info.json", "ctr",
+                                   base + ["-n", namespace, "containers", "info", container_id])
+                try:
+                    info = json.loads(raw or b"{}")
+                except ValueError:
+                    info = {}
+                labels = info.get("Labels") or {}
+                pid, status = tasks.get(container_id, (None, None))
+                name = labels.get("nerdctl/name") or labels.get("io.kubernetes.container.name") or container_id
+                attrs = {"Id": container_id, "Name": name, "Created": info.get("CreatedAt"),
+                         "Config": {"Labels": labels, "Image": info.get("Image")},
+                         "State": {"Pid": pid, "Paused": status == "PAUSED", "StartedAt": None}}
+                fact = container_fact(attrs)
+                fact.update(source="containerd", namespace=namespace, status=status, new_executables=[], tampering=[],
+                            cgroup="/%s/%s" % (namespace, container_id),
+                            merged_dir="/proc/%d/root" % pid if pid else None)
+                emit.fact("container", fact, folder + _safe(container_id) + "/info.json")
 
     @staticmethod
     def _lower_dirs(emit: Emitter, upper: Optional[str]) -> List[str]:

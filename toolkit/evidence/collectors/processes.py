@@ -417,7 +417,8 @@ class ProcessCollector(Collector):
                 record["binary_member"] = binary_member(record)
         for record in records:
             fact = {k: record.get(k) for k in ("pid", "name", "exe", "exe_deleted", "exe_sha256", "cwd", "cmdline",
-                                               "maps", "container_id", "binary_member", "start_time", "uids")}
+                                               "maps", "container_id", "binary_member", "start_time", "uids",
+                                               "cgroup", "namespaces")}
             fact.update(ld_preload=(record["environ"] or {}).get("LD_PRELOAD"), is_self=record["pid"] == os.getpid())
             emit.fact("process", fact, "volatile/processes.json")
         emit.fact("hidden_pids", hidden, "volatile/processes.json")
