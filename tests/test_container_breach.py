@@ -177,9 +177,9 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
                                                                   path) for path, (_, text) in WORKER_PLANTS.items())
     script += " && printf '%s' >> /etc/passwd" % BACKDOOR_ACCOUNT
     assert worker.exec_run(["sh", "-c", script]).exit_code == 0
-    api = running_stack.container("api")  # /etc/group copied up with the image's own content: no tampering
-    assert api.exec_run(["touch", "/etc/group"]).exit_code == 0
-    assert "/etc/group" in [c["Path"] for c in api.diff()]
+    api = running_stack.container("api")  # copied up with the image's own content: no tampering, nothing new
+    assert api.exec_run(["touch", "/etc/group", "/bin/busybox"]).exit_code == 0
+    assert {"/etc/group", "/bin/busybox"} <= {c["Path"] for c in api.diff()}
     engine = running_stack.engine
     case_dir = out_dir / "case"  # the responder's medium (a tmpfs), not the host's disk
     assert kit("case", "open", "--id", "IR-17", "--dir", str(case_dir)).returncode == 0

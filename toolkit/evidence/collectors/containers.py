@@ -288,11 +288,13 @@ class ContainerCollector(Collector):
             # Go's FileMode type bits: Dir, Symlink, Device, NamedPipe, Socket, CharDevice, Irregular
             is_regular = not mode & ((1 << 31) | (1 << 27) | (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19))
             executable = is_regular and bool(mode & 0o111)
+            changed = change["Kind"] == 0
+            comparison = against_image(context, upper, lowers, path) if is_regular and (kind or (
+                executable and changed)) else {}
+            if comparison.get("differs_from_image") is False and not in_tmp:
+                kind, executable = None, False  # rewritten with the image's own content: not tampering
             if executable:
                 new_executables.append(path)
-            comparison = against_image(context, upper, lowers, path) if is_regular and kind else {}
-            if comparison.get("differs_from_image") is False and not in_tmp:
-                kind = None  # rewritten with the image's own content: not tampering
             copy = None
             if is_regular and (in_tmp or executable or kind):
                 try:
@@ -372,10 +374,11 @@ class ContainerCollector(Collector):
                       "fallback: walk of the overlay2 upper directory (daemon not answering)")
             managed = set(DOCKER_MANAGED) | set(mount_destinations(config))
             regular = [e for e in listing if int(e["mode"], 8) & 0o170000 == 0o100000 and e["path"] not in managed]
-            new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111]
+            lowers = self._lower_dirs(emit, upper)
+            new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111 and against_image(
+                context, upper, lowers, e["path"]).get("differs_from_image") is not False]
             tampering = []
             working_dir = (config.get("Config") or {}).get("WorkingDir") or ""
-            lowers = self._lower_dirs(emit, upper)
             for entry in regular:
                 kind = tampering_kind(entry["path"], working_dir)
                 comparison = against_image(context, upper, lowers, entry["path"]) if kind else {}
