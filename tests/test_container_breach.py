@@ -290,3 +290,59 @@ def test_a_containerd_container_is_judged_the_same_way(running_stack, containerd
                     f["details"].get("container") != name]
     finally:
         containerd_engine.remove([name])
+
+
+def test_a_podman_container_is_judged_the_same_way(running_stack, podman_store, out_dir, team_key):
+    """Podman's containers beside BookGen's Docker ones: a deleted miner and an odd listener in one found once
+    each naming it; cron persistence in another copied, compared with the image and found once."""
+    from tests.world.podman_world import IMAGE
+
+    identity, recipient = team_key
+    api_id = podman_store.run("pm-api", "httpd", "-f", "-p", str(ODD_PORT + 2), "-h", "/tmp",
+                              labels={"com.docker.compose.service": "api"})
+    worker_id = podman_store.run("pm-worker", "sh", "-c", "while true; do sleep 1; done",
+                                 labels={"com.docker.compose.service": "worker"})
+    try:
+        pid = int(podman_store.podman("inspect", "-f", "{{.State.Pid}}", "pm-api").stdout)
+        podman_store.podman("exec", "pm-api", "sh", "-c", "mkdir -p /tmp/.x && cp /bin/busybox %s" % MINER)
+        podman_store.podman("exec", "-d", "pm-api", MINER, "300")
+        podman_store.podman("exec", "pm-worker", "sh", "-c", "mkdir -p /etc/cron.d && printf '%s' > /etc/cron.d/x" %
+                            WORKER_PLANTS["/etc/cron.d/sys-update"][1].strip())
+        miners: list = []
+        wait_until(lambda: miners.extend(p for p in _host_pids(lambda exe, argv: exe == MINER) if os.readlink(
+            "/proc/%d/ns/mnt" % p) == os.readlink("/proc/%d/ns/mnt" % pid)) or miners, 20, "the miner")
+        podman_store.podman("exec", "pm-api", "rm", "-rf", "/tmp/.x")
+        wait_until(lambda: os.readlink("/proc/%d/exe" % miners[0]).endswith(" (deleted)"), 20, "the deletion")
+        wait_until(lambda: _listens(pid, ODD_PORT + 2), 20, "port %d" % (ODD_PORT + 2))
+        done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--only", "processes", "--only",
+                   "network", "--only", "containers", env={"DOCKER_HOST": running_stack.engine.url,
+                                                           "CONTAINERS_STORAGE_CONF": str(podman_store.storage_conf)},
+                   timeout=300)
+        assert done.returncode in (0, 6), done.stderr
+        result = json.loads(done.stdout)
+        mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
+        assert [f["id"] for f in mine] == ["process-deleted-binary"], mine
+        details = mine[0]["details"]
+        assert (details["container"], details["container_id"], details["runtime"], details["service"],
+                details["image"]) == ("pm-api", api_id, "podman", "api", IMAGE)
+        merged = json.loads(podman_store.podman("inspect", "pm-api").stdout)[0]["GraphDriver"]["Data"]["MergedDir"]
+        assert details["path_in_container"] == MINER and details["host_path"] == merged + MINER
+        assert "in podman container pm-api (service api" in mine[0]["title"]
+        odd = [f for f in result["findings"] if f["id"] == "container-unexpected-listener" and
+               f["details"]["container"] == "pm-api"]
+        assert len(odd) == 1 and odd[0]["details"]["port"] == ODD_PORT + 2
+        persistence = [f for f in result["findings"] if f["id"] == "container-persistence"]
+        assert len(persistence) == 1 and persistence[0]["details"]["container"] == "pm-worker", persistence
+        assert persistence[0]["details"]["container_id"] == worker_id
+        row = persistence[0]["details"]["changes"][0]
+        assert (row["path"], row["kind"], row["image_sha256"]) == ("/etc/cron.d/x", "cron", None)
+        names = _member_names(identity, result["payload"])
+        assert {"containers/podman/ps.json", "containers/podman/pm-api/inspect.json", row["copy"]} <= names
+        assert _member(identity, result["payload"], row["copy"]).decode() == \
+            WORKER_PLANTS["/etc/cron.d/sys-update"][1].strip()
+        # nothing else names a podman container: its own files (/etc/hosts, /run/.containerenv...) are not judged
+        assert {(f["id"], f["details"]["container"]) for f in result["findings"] if f["details"].get("runtime") ==
+                "podman"} == {("process-deleted-binary", "pm-api"), ("container-unexpected-listener", "pm-api"),
+                              ("container-persistence", "pm-worker")}
+    finally:
+        podman_store.podman("rm", "-f", "-t", "0", "pm-api", "pm-worker")

@@ -12,6 +12,7 @@ import pytest
 from tests.world import bookgen
 from tests.world.containerd_world import start_containerd
 from tests.world.docker_world import start_bookgen_stack, start_docker_engine
+from tests.world.podman_world import start_podman_store
 from tests.world.services import start_cluster, start_redis
 
 
@@ -97,6 +98,17 @@ def containerd_engine():
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def podman_store():
+    """Rootful podman on a storage of its own, with the busybox image."""
+    _require_root("podman")
+    store = start_podman_store()
+    try:
+        yield store
+    finally:
+        store.stop()
 
 
 @pytest.fixture(scope="session")

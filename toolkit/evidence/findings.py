@@ -31,12 +31,14 @@ def containers_by_id(facts: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[s
 
 
 def _container_by_cgroup(process: Dict[str, Any], containers: Dict[str, Dict[str, Any]]) -> str:
-    """The id of the container (containerd: cgroup /NAMESPACE/ID) whose cgroup holds the process; "" if none."""
+    """The id of the container whose cgroup holds the process (containerd: /NAMESPACE/ID; podman: a
+    libpod-ID path component); "" if none."""
     for container_id, container in containers.items():
-        hint = container.get("cgroup")
-        if hint and any(line.split(":", 2)[-1] == hint or line.split(":", 2)[-1].startswith(hint + "/")
-                        for line in process.get("cgroup") or []):
-            return container_id
+        hint, marker = container.get("cgroup"), container.get("cgroup_marker")
+        for line in process.get("cgroup") or []:
+            path = line.split(":", 2)[-1]
+            if (hint and (path == hint or path.startswith(hint + "/"))) or (marker and marker in path):
+                return container_id
     return ""
 
 

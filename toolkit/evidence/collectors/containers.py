@@ -49,8 +49,8 @@ HOME_PERSISTENCE = {".bashrc": "shell profile", ".profile": "shell profile", ".b
                     ".bash_login": "shell profile", ".zshrc": "shell profile", "authorized_keys": "authorized_keys",
                     "authorized_keys2": "authorized_keys", "rc": "ssh rc"}
 CODE_SUFFIXES = (".py", ".pyc", ".so", ".pth")
-# files Docker itself writes into every container: never the attacker's
-DOCKER_MANAGED = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/.dockerenv")
+# files the engine itself writes into every container (Docker, Podman): never the attacker's
+DOCKER_MANAGED = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/.dockerenv", "/run/.containerenv")
 PERSISTENCE_COPY_CAP = 16 * 1024 * 1024
 
 
@@ -199,6 +199,7 @@ class ContainerCollector(Collector):
                           "diff through the API" % context.docker_root, "the daemon does not answer: %s" % error)
             seen = self._fallback(context, emit, str(error))
             self._containerd(emit, seen)
+            self._podman(context, emit)
             return
         containers = docker_client.containers.list(all=True)
         summary = []
@@ -236,6 +237,7 @@ class ContainerCollector(Collector):
         emit.json("containers/index.json", {"source": "docker API", "engine": docker_url(), "containers": summary},
                   "docker API")
         self._containerd(emit, {container.id for container in containers})
+        self._podman(context, emit)
 
     @staticmethod
     def _stats(container) -> Dict[str, Any]:
@@ -358,36 +360,8 @@ class ContainerCollector(Collector):
                 emit.file(folder + "/" + file_name, min(context.max_file_size, LOG_CAP) if file_name.endswith(".log")
                           else context.max_file_size)
             upper = self._upper_dir(emit, root, container_id)
-            listing = []
-            if upper and fs.is_dir(upper):
-                stats = WalkStats()
-                try:
-                    for entry in fs.walk(upper, context.walk_limits(), stats):
-                        if entry.depth == 0:
-                            continue
-                        info = entry.info
-                        listing.append({"path": entry.logical[len(upper):], "mode": "%o" % info.st_mode,
-                                        "size": info.st_size, "mtime": info.st_mtime})
-                finally:
-                    emit.walk_report(upper, stats)
-            emit.json(base + "upperdir.json", {"upper_dir": upper, "entries": listing},
-                      "fallback: walk of the overlay2 upper directory (daemon not answering)")
-            managed = set(DOCKER_MANAGED) | set(mount_destinations(config))
-            regular = [e for e in listing if int(e["mode"], 8) & 0o170000 == 0o100000 and e["path"] not in managed]
-            lowers = self._lower_dirs(emit, upper)
-            new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111 and against_image(
-                context, upper, lowers, e["path"]).get("differs_from_image") is not False]
-            tampering = []
-            working_dir = (config.get("Config") or {}).get("WorkingDir") or ""
-            for entry in regular:
-                kind = tampering_kind(entry["path"], working_dir)
-                comparison = against_image(context, upper, lowers, entry["path"]) if kind else {}
-                if comparison.get("differs_from_image") is False:
-                    continue  # rewritten with the image's own content: not tampering
-                if kind:
-                    stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
-                    tampering.append(dict(comparison, path=entry["path"], kind=kind, change="changed or added",
-                                          copy=host_member(upper + entry["path"]) if stored else None))
+            new_executables, tampering = self._judge_upper(context, emit, base, upper, self._lower_dirs(emit, upper),
+                                                           config, "the data root (daemon not answering)")
             summary.append({"name": config.get("Name", "").strip("/"), "id": container_id,
                             "state": (config.get("State") or {}).get("Running"), "new_executables": new_executables})
             emit.fact("container", dict(container_fact(dict(config, ID=container_id), upper),
@@ -396,6 +370,90 @@ class ContainerCollector(Collector):
                                             "containers": summary},
                   "fallback: files under the Docker data root, read directly")
         return {entry["id"] for entry in summary}
+
+    @staticmethod
+    def _judge_upper(context: CollectionContext, emit: Emitter, base: str, upper: Optional[str], lowers: List[str],
+                     attrs: Dict[str, Any], how: str):
+        """A container's writable layer read from the host: listed (upperdir.json), its new executables and its
+        persistence and changed code (copied), each compared with the image's copy in the lower layers;
+        Docker's and Podman's own files and mount placeholders are not judged. (new executables, tampering)."""
+        fs = context.fs
+        listing = []
+        if upper and fs.is_dir(upper):
+            stats = WalkStats()
+            try:
+                for entry in fs.walk(upper, context.walk_limits(), stats):
+                    if entry.depth == 0:
+                        continue
+                    info = entry.info
+                    listing.append({"path": entry.logical[len(upper):], "mode": "%o" % info.st_mode,
+                                    "size": info.st_size, "mtime": info.st_mtime})
+            finally:
+                emit.walk_report(upper, stats)
+        emit.json(base + "upperdir.json", {"upper_dir": upper, "lower_dirs": lowers, "entries": listing},
+                  "walk of the container's upper (writable) directory, from %s" % how)
+        managed = set(DOCKER_MANAGED) | set(mount_destinations(attrs))
+        regular = [e for e in listing if int(e["mode"], 8) & 0o170000 == 0o100000 and e["path"] not in managed]
+        new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111 and against_image(
+            context, upper, lowers, e["path"]).get("differs_from_image") is not False]
+        tampering = []
+        working_dir = (attrs.get("Config") or {}).get("WorkingDir") or ""
+        for entry in regular:
+            kind = tampering_kind(entry["path"], working_dir)
+            if not kind:
+                continue
+            comparison = against_image(context, upper, lowers, entry["path"])
+            if comparison.get("differs_from_image") is False:
+                continue  # rewritten with the image's own content: not tampering
+            stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
+            tampering.append(dict(comparison, path=entry["path"], kind=kind, change="changed or added",
+                                  copy=host_member(upper + entry["path"]) if stored else None))
+        return new_executables, tampering
+
+    def _podman(self, context: CollectionContext, emit: Emitter) -> None:
+        """Podman's (rootful) containers, through `podman` as a recorded host program: `ps -a` and `inspect`
+        (Docker's shape), the writable layer judged from the host as with Docker's data root. The storage is
+        podman's default, or the graphroot and runroot of the file CONTAINERS_STORAGE_CONF names."""
+        flags: List[str] = []
+        conf = os.environ.get("CONTAINERS_STORAGE_CONF")
+        if conf:
+            text = context.fs.read_text(conf, 1 << 20) or ""
+            for key, flag in (("graphroot", "--root"), ("runroot", "--runroot")):
+                match = re.search(r'^\s*%s\s*=\s*"([^"\n]+)"' % key, text, re.M)
+                if match:
+                    flags += [flag, match.group(1)]
+        if not flags and not context.fs.is_dir("/var/lib/containers/storage"):
+            emit.log("no podman storage at /var/lib/containers/storage: podman not read")
+            return
+        listed = emit.program("containers/podman/ps.json", "podman", flags + ["ps", "-a", "--format", "json"],
+                              timeout=30)
+        try:
+            rows = json.loads(listed or b"[]") or []
+        except ValueError:
+            rows = []
+        for row in rows if isinstance(rows, list) else []:
+            container_id = str(row.get("Id") or "")
+            if not _ID.match(container_id):
+                continue
+            name = _safe(str((row.get("Names") or [container_id[:12]])[0]))
+            base = "containers/podman/%s/" % name
+            raw = emit.program(base + "inspect.json", "podman", flags + ["inspect", container_id], timeout=30)
+            try:
+                attrs = (json.loads(raw or b"[]") or [{}])[0]
+            except (ValueError, IndexError, KeyError):
+                attrs = {}
+            if not isinstance(attrs, dict) or not attrs:
+                continue
+            graph = (attrs.get("GraphDriver") or {}).get("Data") or {}
+            lowers = [d for d in (graph.get("LowerDir") or "").split(":") if d]
+            new_executables, tampering = [], []
+            if context.profile != "volatile":
+                new_executables, tampering = self._judge_upper(context, emit, base, graph.get("UpperDir"), lowers,
+                                                               attrs, "podman inspect's GraphDriver")
+            fact = container_fact(attrs)
+            fact.update(source="podman", new_executables=new_executables, tampering=tampering,
+                        cgroup_marker="libpod-" + container_id)
+            emit.fact("container", fact, base + "inspect.json")
 
     @staticmethod
     def _containerd(emit: Emitter, docker_ids: set) -> None:
