@@ -13,7 +13,7 @@ import tarfile
 import pytest
 
 from tests.test_collectors import kit, only_environ_denials, out_dir, team_key  # noqa: F401 (fixtures)
-from tests.world.docker_world import wait_for_status
+from tests.world.docker_world import IMAGE_TASKS_PY, wait_for_status
 from tests.world.services import wait_until
 
 MINER = "/tmp/.x/sleep"  # busybox under an applet's name: it runs as `sleep`
@@ -164,7 +164,7 @@ IMAGE_PASSWD = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/fals
 BACKDOOR_ACCOUNT = "toor:x:0:0::/root:/bin/sh\n"
 
 
-@pytest.mark.parametrize("daemon", ["answering", "hung"])
+@pytest.mark.parametrize("daemon", ["answering", "hung", "container-paused"])
 def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(running_stack, out_dir, team_key,
                                                                                daemon):
     """Through the API's diff, or with dockerd stopped (SIGSTOP) from the data root's upper directory: each
@@ -186,6 +186,9 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
     try:
         if daemon == "hung":
             os.kill(engine.process.pid, signal.SIGSTOP)
+        if daemon == "container-paused":  # as `contain` leaves it
+            worker.pause()
+            wait_for_status(worker, "paused")
         done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--only", "containers",
                    "--docker-root", str(engine.root / "data"), env={"DOCKER_HOST": engine.url}, timeout=300)
         # on screen, and in the case's report, the fallback is said
@@ -195,8 +198,11 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
     finally:
         if daemon == "hung":
             os.kill(engine.process.pid, signal.SIGCONT)
-        worker.exec_run(["sh", "-c", "rm -rf %s /usr/local/lib/python3.12 && printf '%s' > /etc/passwd" % (
-            " ".join(WORKER_PLANTS), IMAGE_PASSWD)])
+        if daemon == "container-paused":
+            worker.unpause()
+        tasks = "/usr/local/lib/python3.12/site-packages/bookgen/tasks.py"
+        worker.exec_run(["sh", "-c", "rm -rf %s && printf '%s' > /etc/passwd && printf '%s' > %s" % (
+            " ".join(p for p in WORKER_PLANTS if p != tasks), IMAGE_PASSWD, IMAGE_TASKS_PY.decode(), tasks)])
     assert shown.returncode in (0, 6), shown.stderr
     report = kit("--case-dir", str(case_dir), "case", "report")
     assert report.returncode == 0, report.stderr
@@ -224,13 +230,16 @@ def test_persistence_and_changed_code_in_the_worker_are_copied_and_found_once(ru
             assert planted[row["path"]][0] == row["kind"]
             assert row["copy"] in finding["evidence"]
             copied = tar.extractfile(row["copy"]).read()
-            if daemon == "answering":  # a tar of the file, as `docker cp` gives it
+            if daemon != "hung":  # through the API: a tar of the file, as `docker cp` gives it
                 copied = tarfile.open(fileobj=io.BytesIO(copied)).extractfile(os.path.basename(row["path"])).read()
             assert copied.decode() == planted[row["path"]][1]
             assert row["sha256"] == hashlib.sha256(planted[row["path"]][1].encode()).hexdigest()
-            if row["path"] == "/etc/passwd":  # compared with the image's copy in its lower layer, on the host
-                assert row["differs_from_image"] is True
-                assert row["image_sha256"] == hashlib.sha256(IMAGE_PASSWD.encode()).hexdigest()
+            assert row["host_path"] == worker.attrs["GraphDriver"]["Data"]["UpperDir"] + row["path"]
+            in_image = {"/etc/passwd": IMAGE_PASSWD.encode(),
+                        "/usr/local/lib/python3.12/site-packages/bookgen/tasks.py": IMAGE_TASKS_PY}
+            if row["path"] in in_image:  # changed: compared with the image's copy in its lower layer, on the host
+                assert row["differs_from_image"] is True and row["change"] in ("changed", "changed or added")
+                assert row["image_sha256"] == hashlib.sha256(in_image[row["path"]]).hexdigest()
             else:  # added: the image has no such file
                 assert row["image_sha256"] is None and row["differs_from_image"] is None
     persistence = next(f for f in named if f["id"] == "container-persistence")

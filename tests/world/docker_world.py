@@ -24,6 +24,7 @@ from tests.world import bookgen
 from tests.world.services import free_port, init_cluster, postgres_bindir, wait_until
 
 BUSYBOX_IMAGE = "bookgen-test/busybox:latest"
+IMAGE_TASKS_PY = b"def generate_chapter(job):\n    return job.render()\n"
 HOSTLIKE_IMAGE = "bookgen-test/hostlike:latest"
 PROJECT = "bookgen"
 
@@ -113,6 +114,11 @@ def busybox_rootfs() -> bytes:
         _add_file(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n")
         _add_file(tar, "www/health", b'{"status": "healthy"}\n')
         _add_file(tar, "www/api/v1/status", b'{"status": "ok", "workers": 1}\n')
+        # BookGen's code as the image ships it (a plant may change it: compared with this copy)
+        for directory in ("usr", "usr/local", "usr/local/lib", "usr/local/lib/python3.12",
+                          "usr/local/lib/python3.12/site-packages", "usr/local/lib/python3.12/site-packages/bookgen"):
+            _add_dir(tar, directory)
+        _add_file(tar, "usr/local/lib/python3.12/site-packages/bookgen/tasks.py", IMAGE_TASKS_PY)
     return buffer.getvalue()
 
 

@@ -308,7 +308,8 @@ class ContainerCollector(Collector):
                     copy = None
                     emit.skip(base + "files" + path, "docker cp: %s" % error)
             if is_regular and kind:
-                tampering.append(dict(comparison, path=path, kind=kind, change=KINDS.get(change["Kind"]), copy=copy))
+                tampering.append(dict(comparison, path=path, kind=kind, change=KINDS.get(change["Kind"]), copy=copy,
+                                      host_path=upper.rstrip("/") + path if upper else None))
         return new_executables, tampering
 
     @staticmethod
@@ -407,7 +408,8 @@ class ContainerCollector(Collector):
                 continue  # rewritten with the image's own content: not tampering
             stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
             tampering.append(dict(comparison, path=entry["path"], kind=kind, change="changed or added",
-                                  copy=host_member(upper + entry["path"]) if stored else None))
+                                  copy=host_member(upper + entry["path"]) if stored else None,
+                                  host_path=upper + entry["path"]))
         return new_executables, tampering
 
     def _podman(self, context: CollectionContext, emit: Emitter) -> None:
