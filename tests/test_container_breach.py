@@ -69,6 +69,26 @@ def _member(identity, payload: str, name: str) -> bytes:
     return _payload_tar(identity, payload).extractfile(name).read()
 
 
+def _miner_beside(pid: int) -> int:
+    """The host pid of the MINER process in the same mount namespace as pid, once it runs."""
+    miners: list = []
+
+    def found() -> bool:
+        miners.extend(p for p in _host_pids(lambda exe, argv: exe == MINER)
+                      if os.readlink("/proc/%d/ns/mnt" % p) == os.readlink("/proc/%d/ns/mnt" % pid))
+        return bool(miners)
+
+    wait_until(found, 20, "the miner")
+    return miners[0]
+
+
+def _the_one_finding(result: dict, pid: int) -> list:
+    """Every finding about pid: exactly one, the deleted binary (one indicator, one finding)."""
+    mine = [f for f in result["findings"] if pid in f["details"].get("pids", ())]
+    assert [f["id"] for f in mine] == ["process-deleted-binary"], mine
+    return mine
+
+
 def _naming_a_container(findings) -> list:
     return [f for f in findings if f["id"].startswith("container-") or f["details"].get("container")]
 
@@ -263,23 +283,16 @@ def test_a_containerd_container_is_judged_the_same_way(running_stack, containerd
         containerd_engine.ctr("tasks", "exec", "--exec-id", "plant", name, "sh", "-c",
                               "mkdir -p /tmp/.x && cp /bin/busybox %s" % MINER)
         containerd_engine.ctr("tasks", "exec", "-d", "--exec-id", "miner", name, MINER, "300")
-        miners: list = []
-
-        def in_the_container(candidate: int) -> bool:
-            return os.readlink("/proc/%d/ns/mnt" % candidate) == os.readlink("/proc/%d/ns/mnt" % pid)
-
-        wait_until(lambda: miners.extend(p for p in _host_pids(lambda exe, argv: exe == MINER) if in_the_container(p))
-                   or miners, 20, "the miner")
+        miner = _miner_beside(pid)
         containerd_engine.ctr("tasks", "exec", "--exec-id", "clean", name, "rm", "-rf", "/tmp/.x")
-        wait_until(lambda: os.readlink("/proc/%d/exe" % miners[0]).endswith(" (deleted)"), 20, "the deletion")
+        wait_until(lambda: os.readlink("/proc/%d/exe" % miner).endswith(" (deleted)"), 20, "the deletion")
         wait_until(lambda: _listens(pid, ODD_PORT + 1), 20, "port %d" % (ODD_PORT + 1))
         done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--profile", "volatile",
                    env={"DOCKER_HOST": running_stack.engine.url, "CONTAINERD_ADDRESS": str(containerd_engine.socket)},
                    timeout=300)
         assert done.returncode in (0, 6), done.stderr
         result = json.loads(done.stdout)
-        mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
-        assert [f["id"] for f in mine] == ["process-deleted-binary"], mine
+        mine = _the_one_finding(result, miner)
         details = mine[0]["details"]
         assert (details["container"], details["runtime"], details["service"], details["image"]) == (
             name, "containerd", "api", IMAGE)
@@ -317,11 +330,9 @@ def test_a_podman_container_is_judged_the_same_way(running_stack, podman_store, 
         podman_store.podman("exec", "-d", "pm-api", MINER, "300")
         podman_store.podman("exec", "pm-worker", "sh", "-c", "mkdir -p /etc/cron.d && printf '%s' > /etc/cron.d/x" %
                             WORKER_PLANTS["/etc/cron.d/sys-update"][1].strip())
-        miners: list = []
-        wait_until(lambda: miners.extend(p for p in _host_pids(lambda exe, argv: exe == MINER) if os.readlink(
-            "/proc/%d/ns/mnt" % p) == os.readlink("/proc/%d/ns/mnt" % pid)) or miners, 20, "the miner")
+        miner = _miner_beside(pid)
         podman_store.podman("exec", "pm-api", "rm", "-rf", "/tmp/.x")
-        wait_until(lambda: os.readlink("/proc/%d/exe" % miners[0]).endswith(" (deleted)"), 20, "the deletion")
+        wait_until(lambda: os.readlink("/proc/%d/exe" % miner).endswith(" (deleted)"), 20, "the deletion")
         wait_until(lambda: _listens(pid, ODD_PORT + 2), 20, "port %d" % (ODD_PORT + 2))
         done = kit("--json", "capture", "--out", str(out_dir), "-r", recipient, "--only", "processes", "--only",
                    "network", "--only", "containers", env={"DOCKER_HOST": running_stack.engine.url,
@@ -329,8 +340,7 @@ def test_a_podman_container_is_judged_the_same_way(running_stack, podman_store, 
                    timeout=300)
         assert done.returncode in (0, 6), done.stderr
         result = json.loads(done.stdout)
-        mine = [f for f in result["findings"] if miners[0] in f["details"].get("pids", ())]
-        assert [f["id"] for f in mine] == ["process-deleted-binary"], mine
+        mine = _the_one_finding(result, miner)
         details = mine[0]["details"]
         assert (details["container"], details["container_id"], details["runtime"], details["service"],
                 details["image"]) == ("pm-api", api_id, "podman", "api", IMAGE)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List
 
 from tests.world.docker_world import busybox_rootfs
-from tests.world.services import wait_until
+from tests.world.services import stop_process, wait_until
 
 CTR = "/usr/bin/ctr"
 IMAGE = "docker.io/bookgen-test/busybox:latest"
@@ -55,13 +55,7 @@ class Containerd:
                            capture_output=True, timeout=30)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
         subprocess.run(["umount", "-R", "-l", str(self.root / "state")], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 

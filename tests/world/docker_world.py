@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from tests.world import bookgen
-from tests.world.services import free_port, init_cluster, postgres_bindir, wait_until
+from tests.world.services import free_port, init_cluster, postgres_bindir, stop_process, wait_until
 
 BUSYBOX_IMAGE = "bookgen-test/busybox:latest"
 IMAGE_TASKS_PY = b"def generate_chapter(job):\n    return job.render()\n"
@@ -45,13 +45,7 @@ class DockerEngine:
         return docker.DockerClient(base_url=self.url, timeout=timeout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 30)
         subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
