@@ -119,6 +119,9 @@ def test_triage_capture_finds_every_plant(plants, running_stack, out_dir, team_k
     container = [f for f in findings.get("container-new-executables", []) if f["details"]["container"] ==
                  "bookgen-worker"]
     assert container and "/tmp/evil" in container[0]["details"]["paths"]
+    upper = running_stack.container("worker").attrs["GraphDriver"]["Data"]["UpperDir"]
+    assert upper + "/tmp/evil" in container[0]["details"]["host_paths"]
+    assert "in container bookgen-worker (service worker" in container[0]["title"]
     assert any(f["details"]["path"] == "/root/.ssh/authorized_keys" for f in findings.get("recent-authorized-keys",
                                                                                           []))
     assert any(f["details"]["path"] == "/etc/cron.d/backdoor" for f in findings.get("recent-cron", []))

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import tarfile
 
@@ -365,3 +366,42 @@ def test_a_podman_container_is_judged_the_same_way(running_stack, podman_store, 
                               ("container-persistence", "pm-worker")}
     finally:
         podman_store.podman("rm", "-f", "-t", "0", "pm-api", "pm-worker")
+
+
+def test_the_api_talking_to_anything_but_db_and_redis_is_found_naming_it(running_stack, out_dir, team_key):
+    """A real connection from bookgen-api to its network's gateway (the host: neither db nor redis): one
+    high container-outbound finding; the connection's other end, and the api's own port, are not judged."""
+    _, recipient = team_key
+    api = running_stack.container("api")
+    gateway = next(iter(api.attrs["NetworkSettings"]["Networks"].values()))["Gateway"]
+    server = socket.socket()
+    server.bind((gateway, 0))
+    server.listen()
+    server.settimeout(20)
+    port = server.getsockname()[1]
+    accepted = None
+    try:
+        api.exec_run(["sh", "-c", "sleep 300 | nc %s %d" % (gateway, port)], detach=True)
+        accepted, _ = server.accept()
+        api_pid = api.attrs["State"]["Pid"]
+        wait_until(lambda: any(line.split()[2].endswith(":%04X" % port) and line.split()[3] == "01"
+                               for line in open("/proc/%d/net/tcp" % api_pid).read().splitlines()[1:]), 20,
+                   "the api's connection")
+        result = _capture(running_stack, out_dir, recipient)
+        outbound = [f for f in result["findings"] if f["id"] == "container-outbound"]
+        assert len(outbound) == 1, outbound
+        details = outbound[0]["details"]
+        assert (details["container"], details["service"], details["remote"], details["remote_port"]) == (
+            "bookgen-api", "api", gateway, port)
+        assert outbound[0]["severity"] == "high" and "in container bookgen-api" in outbound[0]["title"]
+    finally:
+        if accepted is not None:
+            accepted.close()
+        server.close()
+        api_mnt = os.readlink("/proc/%d/ns/mnt" % api.attrs["State"]["Pid"])
+        for pid in _host_pids(lambda exe, argv: argv[:1] in ([b"nc"], [b"sleep"])):
+            try:
+                if os.readlink("/proc/%d/ns/mnt" % pid) == api_mnt:  # the plant's own nc and sleep
+                    os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass

@@ -165,9 +165,11 @@ class ContainerCollector(Collector):
             judged = {row["path"] for row in tampered}  # an executable cron script is persistence, said once
             new_executables = [path for path in data.get("new_executables") or [] if path not in judged]
             if new_executables:
-                yield finding("container-new-executables", "high", "container %s has new executables: %s" % (
-                    data["name"], ", ".join(new_executables[:5])), [fact["evidence"]],
-                    paths=new_executables, **container_details(data))
+                layer = data.get("upper_dir") or data.get("merged_dir")
+                yield finding("container-new-executables", "high", "new executables%s: %s" % (
+                    in_container(data), first(new_executables, 5)), [fact["evidence"]], paths=new_executables,
+                    host_paths=[layer.rstrip("/") + path for path in new_executables] if layer else [],
+                    **container_details(data))
             for finding_id, wanted in (("container-persistence", lambda k: k != "application code"),
                                        ("container-code-changed", lambda k: k == "application code")):
                 rows = [row for row in tampered if wanted(row["kind"])]
