@@ -332,3 +332,28 @@ def test_outbound_connections_are_judged_by_the_container_they_leave():
     assert api["severity"] == "high" and api["details"]["service"] == "api" and api["details"]["remote_port"] == 443
     assert api["title"] == "in container bookgen-api (service api, image img) connects to 10.9.9.9:443 (neither " \
                            "BookGen's db nor its redis)"
+
+
+def test_what_a_changed_file_in_a_container_is():
+    """The places whose change inside a container brings the attacker back, or runs code there."""
+    from toolkit.evidence.collectors.containers import tampering_kind
+
+    expected = {
+        "/etc/cron.d/x": "cron", "/etc/crontab": "cron", "/etc/cron.daily/x": "cron", "/var/spool/cron/crontabs/root":
+        "cron", "/etc/systemd/system/x.service": "systemd", "/usr/lib/systemd/system/x.service": "systemd",
+        "/etc/rc.local": "rc file", "/etc/init.d/x": "rc file", "/etc/update-motd.d/00-x": "rc file",
+        "/etc/profile": "shell profile", "/etc/profile.d/x.sh": "shell profile", "/etc/bash.bashrc": "shell profile",
+        "/root/.bashrc": "shell profile", "/home/app/.profile": "shell profile",
+        "/root/.ssh/authorized_keys": "authorized_keys", "/home/app/.ssh/authorized_keys2": "authorized_keys",
+        "/root/.ssh/rc": "ssh rc", "/etc/ld.so.preload": "ld.so.preload", "/etc/ld.so.conf.d/x.conf": "ld.so config",
+        "/etc/sudoers.d/x": "sudoers", "/etc/passwd": "accounts", "/etc/shadow": "accounts",
+        "/etc/ssh/sshd_config": "sshd", "/etc/pam.d/common-auth": "PAM",
+        "/usr/local/lib/python3.12/site-packages/bookgen/tasks.py": "application code",
+        "/usr/lib/python3/dist-packages/evil.pth": "application code", "/app/main.py": "application code",
+    }
+    for path, kind in expected.items():
+        assert tampering_kind(path, "/app") == kind, path
+    for path in ("/tmp/x.py", "/etc/passwd-", "/etc/profiles", "/root/rc", "/var/log/app.log", "/app/data.json",
+                 "/srv/main.py", "/etc/hostname"):
+        assert tampering_kind(path, "/app") is None, path
+    assert tampering_kind("/main.py", "/") is None  # a WorkingDir of / is not the application's code

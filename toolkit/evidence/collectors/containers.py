@@ -40,11 +40,14 @@ def _chunks(stream, cap: int) -> Iterator[bytes]:
 PERSISTENCE_PLACES = (("/etc/crontab", "cron"), ("/etc/cron.", "cron"), ("/var/spool/cron/", "cron"),
                       ("/etc/anacrontab", "cron"), ("/etc/systemd/", "systemd"), ("/lib/systemd/system/", "systemd"),
                       ("/usr/lib/systemd/system/", "systemd"), ("/etc/rc.local", "rc file"), ("/etc/init.d/", "rc file"),
-                      ("/etc/profile", "shell profile"), ("/etc/bash.bashrc", "shell profile"),
+                      ("/etc/rc.d/", "rc file"), ("/etc/update-motd.d/", "rc file"),
+                      ("/etc/profile", "shell profile"), ("/etc/profile.d/", "shell profile"),
+                      ("/etc/bash.bashrc", "shell profile"), ("/etc/zsh/", "shell profile"),
                       ("/etc/environment", "shell profile"), ("/etc/ld.so.preload", "ld.so.preload"),
-                      ("/etc/ld.so.conf", "ld.so config"), ("/etc/sudoers", "sudoers"), ("/etc/passwd", "accounts"),
-                      ("/etc/shadow", "accounts"), ("/etc/group", "accounts"), ("/etc/ssh/", "sshd"),
-                      ("/etc/pam.d/", "PAM"))
+                      ("/etc/ld.so.conf", "ld.so config"), ("/etc/ld.so.conf.d/", "ld.so config"),
+                      ("/etc/sudoers", "sudoers"), ("/etc/sudoers.d/", "sudoers"), ("/etc/passwd", "accounts"),
+                      ("/etc/shadow", "accounts"), ("/etc/group", "accounts"), ("/etc/gshadow", "accounts"),
+                      ("/etc/ssh/", "sshd"), ("/etc/pam.d/", "PAM"), ("/etc/security/", "PAM"))
 HOME_PERSISTENCE = {".bashrc": "shell profile", ".profile": "shell profile", ".bash_profile": "shell profile",
                     ".bash_login": "shell profile", ".zshrc": "shell profile", "authorized_keys": "authorized_keys",
                     "authorized_keys2": "authorized_keys", "rc": "ssh rc"}
