@@ -591,7 +591,8 @@ def elf_strip(data: bytes) -> bytes:
     for i in kept[1:]:
         if i != e_shstrndx and sections[i][1] != SHT_NOBITS:
             mapped_end = max(mapped_end, sections[i][4] + sections[i][5])
-    dropped = [sections[i] for i in range(e_shnum) if i not in set(kept)]
+    kept_set = set(kept)
+    dropped = [sections[i] for i in range(e_shnum) if i not in kept_set]
     if any(s[1] != SHT_NOBITS and s[5] and s[4] < mapped_end for s in dropped):
         return data
     new_index = {old: new for new, old in enumerate(kept)}

@@ -42,6 +42,19 @@ def _container_by_cgroup(process: Dict[str, Any], containers: Dict[str, Dict[str
     return ""
 
 
+def containers_by_namespace(facts: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """The containers by network namespace: each container's own (through its pid), and that of any process
+    placed in a container (by its Docker id or its cgroup)."""
+    containers = containers_by_id(facts)
+    by_namespace = {c["net_namespace"]: c for c in containers.values() if c.get("net_namespace")}
+    for process in (fact["data"] for fact in facts.get("process", [])):
+        namespace = (process.get("namespaces") or {}).get("net")
+        container = containers.get(process.get("container_id") or _container_by_cgroup(process, containers))
+        if namespace and container is not None:
+            by_namespace.setdefault(namespace, container)
+    return by_namespace
+
+
 def container_details(container: Dict[str, Any]) -> Dict[str, Any]:
     """How a finding names the container it happened in."""
     return {"container": container.get("name"), "container_id": container.get("id"),

@@ -327,6 +327,18 @@ class HostFS:
         finally:
             _close(dir_fd)
 
+    def sha256(self, logical: str, follow: bool = False) -> str:
+        """sha256 of a regular file's whole content, read as open_file reads. Raises OSError or Refused."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        with self.open_file(logical, follow) as opened:
+            while True:
+                piece = opened.read(1 << 20)
+                if not piece:
+                    return digest.hexdigest()
+                digest.update(piece)
+
     def read_bytes(self, logical: str, limit: int = DEFAULT_READ_LIMIT, follow: bool = False) -> bytes:
         with self.open_file(logical, follow) as opened:
             return opened.read(limit)

@@ -3,7 +3,6 @@ straight from /var/lib/docker: and the fallback says so."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import posixpath
@@ -73,18 +72,12 @@ def tampering_kind(path: str, working_dir: str = "") -> Optional[str]:
     return None
 
 
-def file_digest(context: CollectionContext, logical: str, limit: int = 1 << 30) -> Optional[str]:
-    """sha256 of a host file read through the host filesystem object; None when absent, refused or too large."""
+def file_digest(context: CollectionContext, logical: str) -> Optional[str]:
+    """sha256 of a host file (the host filesystem object's); None when absent, refused or over 1 GiB."""
     try:
-        with context.fs.open_file(logical) as opened:
-            if opened.info.st_size > limit:
-                return None
-            sha = hashlib.sha256()
-            while True:
-                piece = opened.read(1 << 20)
-                if not piece:
-                    return sha.hexdigest()
-                sha.update(piece)
+        if context.fs.lstat(logical).st_size > 1 << 30:
+            return None
+        return context.fs.sha256(logical)
     except (OSError, Refused):
         return None
 
@@ -157,10 +150,9 @@ def container_fact(attrs: Dict[str, Any], upper_dir: Optional[str] = None) -> Di
 
 class ContainerCollector(Collector):
     def findings(self, facts: Dict[str, List[Dict[str, Any]]], judging: Any) -> Iterator[Dict[str, Any]]:
-        """New executables in a container's writable layer are high."""
-        from toolkit.evidence.findings import finding
-
-        from toolkit.evidence.findings import container_details, first, in_container
+        """New executables in a container's writable layer, persistence there and changed application code are
+        high, each one finding per container naming it; a persistence file is not also a new executable."""
+        from toolkit.evidence.findings import container_details, finding, first, in_container
 
         for fact in facts.get("container", []):
             data = fact["data"]
@@ -303,12 +295,14 @@ class ContainerCollector(Collector):
             if executable:
                 new_executables.append(path)
             copy = None
-            if is_regular and (in_tmp or executable or kind):
+            if is_regular and kind and not (in_tmp or executable) and info.get("size", 0) > PERSISTENCE_COPY_CAP:
+                emit.skip(base + "files" + path, "%d bytes, over the %d-byte cap for a persistence file: not copied"
+                          % (info.get("size", 0), PERSISTENCE_COPY_CAP), "limit")
+            elif is_regular and (in_tmp or executable or kind):
                 try:
                     stream, _stat = container.get_archive(path)
                     copy = base + "files" + path + ".tar"
-                    emit.stream(copy, _chunks(stream, PERSISTENCE_COPY_CAP) if kind and not executable else stream,
-                                "docker API: GET /containers/{id}/archive (a tar of the file)")
+                    emit.stream(copy, stream, "docker API: GET /containers/{id}/archive (a tar of the file)")
                 except Exception as error:
                     copy = None
                     emit.skip(base + "files" + path, "docker cp: %s" % error)
@@ -399,18 +393,22 @@ class ContainerCollector(Collector):
         emit.json(base + "upperdir.json", {"upper_dir": upper, "lower_dirs": lowers, "entries": listing},
                   "walk of the container's upper (writable) directory, from %s" % how)
         managed = set(DOCKER_MANAGED) | set(mount_destinations(attrs))
-        regular = [e for e in listing if int(e["mode"], 8) & 0o170000 == 0o100000 and e["path"] not in managed]
-        new_executables = [e["path"] for e in regular if int(e["mode"], 8) & 0o111 and against_image(
-            context, upper, lowers, e["path"]).get("differs_from_image") is not False]
-        tampering = []
         working_dir = (attrs.get("Config") or {}).get("WorkingDir") or ""
-        for entry in regular:
+        new_executables, tampering = [], []
+        for entry in listing:
+            mode = int(entry["mode"], 8)
+            if mode & 0o170000 != 0o100000 or entry["path"] in managed:
+                continue
             kind = tampering_kind(entry["path"], working_dir)
-            if not kind:
+            if not kind and not mode & 0o111:
                 continue
             comparison = against_image(context, upper, lowers, entry["path"])
             if comparison.get("differs_from_image") is False:
-                continue  # rewritten with the image's own content: not tampering
+                continue  # rewritten with the image's own content: not tampering, nothing new
+            if mode & 0o111:
+                new_executables.append(entry["path"])
+            if not kind:
+                continue
             stored = emit.file(upper + entry["path"], min(context.max_file_size, PERSISTENCE_COPY_CAP))
             tampering.append(dict(comparison, path=entry["path"], kind=kind, change="changed or added",
                                   copy=host_member(upper + entry["path"]) if stored else None,

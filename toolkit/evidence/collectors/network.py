@@ -120,15 +120,11 @@ class NetworkCollector(Collector):
         others. A public connection from the db or worker container is high, and so is one from the api to
         anything but BookGen's db and redis containers. Each names the container (reads the container facts)."""
         from toolkit.evidence.collectors.containers import SERVICE_PORTS
-        from toolkit.evidence.findings import container_details, finding, in_container, public_address
+        from toolkit.evidence.findings import (container_details, containers_by_namespace, finding, in_container,
+                                               public_address)
 
         containers = [f["data"] for f in facts.get("container", [])]
-        by_namespace = {c["net_namespace"]: c for c in containers if c.get("net_namespace")}
-        by_id = {c["id"]: c for c in containers if c.get("id")}
-        for process in (f["data"] for f in facts.get("process", [])):  # a namespace known by its processes too
-            namespace = (process.get("namespaces") or {}).get("net")
-            if process.get("container_id") in by_id and namespace:
-                by_namespace.setdefault(namespace, by_id[process["container_id"]])
+        by_namespace = containers_by_namespace(facts)
         for fact in facts.get("listener", []):
             sock = fact["data"]
             owners = sock.get("processes") or []

@@ -297,8 +297,6 @@ class TimelineCollector(Collector):
     def _hash_executables(context: CollectionContext, emit: Emitter, executables: List[Any]) -> None:
         """sha256 of every executable the walk met (UAC's hash_executables), in `sha256sum -c` form, each inode
         once, within the profile's byte budget (what was left unhashed is said)."""
-        import hashlib
-
         started = time.monotonic()
         budget = HASH_BUDGET.get(context.profile)
         done: Dict[Tuple[int, int], str] = dict(context.digests)  # read whole already (package verification)
@@ -309,18 +307,11 @@ class TimelineCollector(Collector):
                 if size > HASH_FILE_LIMIT or (budget is not None and hashed + size > budget):
                     skipped += 1
                     continue
-                sha = hashlib.sha256()
                 try:
-                    with context.fs.open_file(logical) as opened:
-                        while True:
-                            piece = opened.read(1 << 20)
-                            if not piece:
-                                break
-                            sha.update(piece)
+                    digest = done[(device, inode)] = context.fs.sha256(logical)
                 except (OSError, Refused):
                     skipped += 1
                     continue
-                digest = done[(device, inode)] = sha.hexdigest()
                 hashed += size
             rows.append("%s  %s\n" % (digest, escape_name(logical)))
         emit.generated("timeline/lists/executables.sha256", "".join(rows).encode("utf-8"),
