@@ -81,7 +81,7 @@ class PgCluster:
     sockdir: Path
     port: int
     password: str  # of the superuser `postgres`
-    process: subprocess.Popen
+    process: Optional[subprocess.Popen]
     bindir: Path
 
     def conninfo(self, dbname: str = "postgres", user: str = "postgres", password: Optional[str] = None) -> str:
@@ -96,7 +96,8 @@ class PgCluster:
         return psycopg.connect(self.conninfo(dbname, **kwargs), autocommit=True)
 
     def stop(self) -> None:
-        stop_process(self.process, 20)
+        if self.process is not None:
+            stop_process(self.process, 20)
 
 
 def stop_process(process: subprocess.Popen, grace: float) -> None:
@@ -119,19 +120,24 @@ def start_cluster() -> PgCluster:
     password = secrets.token_urlsafe(18)
     datadir = root / "data"
     init_cluster(datadir, password)
-    port = free_port()
-    bindir = postgres_bindir()
+    cluster = PgCluster(root, datadir, sockdir, free_port(), password, None, postgres_bindir())
+    launch(cluster)
+    return cluster
+
+
+def launch(cluster: PgCluster) -> None:
+    """Start (or start again, after stop()) the cluster's server and wait until it answers."""
     process = subprocess.Popen(
-        [str(bindir / "postgres"), "-D", str(datadir), "-p", str(port), "-k", str(sockdir),
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
+        [str(cluster.bindir / "postgres"), "-D", str(cluster.datadir), "-p", str(cluster.port), "-k",
+         str(cluster.sockdir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
          "-c", "synchronous_commit=off", "-c", "max_connections=60"],
-        user="postgres", group="postgres", stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
-        cwd="/tmp")
-    cluster = PgCluster(root, datadir, sockdir, port, password, process, bindir)
+        user="postgres", group="postgres", stdout=subprocess.DEVNULL,
+        stderr=open(cluster.root / "server.log", "ab"), cwd="/tmp")
+    cluster.process = process
 
     def ready() -> bool:
         if process.poll() is not None:
-            raise RuntimeError("postgres exited: %s" % (root / "server.log").read_text()[-2000:])
+            raise RuntimeError("postgres exited: %s" % (cluster.root / "server.log").read_text()[-2000:])
         with cluster.connect():
             return True
 
@@ -140,7 +146,6 @@ def start_cluster() -> PgCluster:
     except Exception:
         cluster.stop()
         raise
-    return cluster
 
 
 def remove_tree(path: Path) -> None:

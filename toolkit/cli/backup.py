@@ -36,9 +36,9 @@ def _identities(identity_files, passphrase_file):
 
 
 def _checks_table(out, checks) -> None:
+    marks = {True: "[green]ok  [/green]", False: "[red]FAIL[/red]", None: "[yellow]----[/yellow]"}
     for check in checks:
-        out.console.print("%s %-14s %s" % ("[green]ok  [/green]" if check["ok"] else "[red]FAIL[/red]", check["name"],
-                                           check["detail"]))
+        out.console.print("%s %-14s %s" % (marks[check["ok"]], check["name"], check["detail"]), highlight=False)
 
 
 @click.group("backup")
@@ -52,11 +52,15 @@ def backup_group() -> None:
               help="Where the set goes (default: the current case's backups/, else APP_DIR/backups).")
 @click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT", help="Encrypt to age recipients.")
 @click.option("-R", "--recipients-file", "recipient_files", multiple=True, metavar="FILE")
+@click.option("--salvage", is_flag=True,
+              help="The database is damaged: keep every row that can be read (one snapshot, read around bad pages, "
+                   "the database unchanged) and list what could not be, in the sidecar.")
 @server_options
 @deployment_options
 @json_option
-def create_command(database, out_dir, recipients, recipient_files, dsn, container, deployment) -> None:
-    """pg_dump (custom format) streamed through sha256 (and age) to .partial, renamed; sidecar; SHA256SUMS."""
+def create_command(database, out_dir, recipients, recipient_files, salvage, dsn, container, deployment) -> None:
+    """pg_dump (custom format) streamed through sha256 (and age) to .partial, renamed; sidecar; SHA256SUMS.
+    With --salvage, damaged tables' readable rows go to a .salvage.sql file of the same set."""
     from toolkit.crypto.files import load_recipients
     from toolkit.db.backup import create_backup
 
@@ -81,7 +85,7 @@ def create_command(database, out_dir, recipients, recipient_files, dsn, containe
         progress = lambda n: bar.update(task, advance=n)  # noqa: E731
     try:
         result = create_backup(server, database, out_dir or deployment.backups_dir, chosen,
-                               [str(r) for r in chosen], progress)
+                               [str(r) for r in chosen], progress, salvage=salvage)
     finally:
         if progress:
             bar.stop()
@@ -91,6 +95,19 @@ def create_command(database, out_dir, recipients, recipient_files, dsn, containe
     else:
         click.echo("backup %s: %d bytes, sha256 %s, %d tables, %d rows, %.1f s" % (
             result["dump"], result["size"], result["sha256"], result["tables"], result["rows"], result["seconds"]))
+        _salvage_lines(result.get("salvage"))
+
+
+def _salvage_lines(salvage) -> None:
+    if salvage is None:
+        return
+    if not salvage["damaged"]:
+        click.echo("salvage: no damage found; the set is complete")
+        return
+    click.echo("salvage %s: %d rows read from damaged tables; about %d rows lost:" % (
+        salvage["file"], salvage["rows_saved"], salvage["rows_lost_estimate"]))
+    for line in salvage["damaged"]:
+        click.echo("  lost %s" % line)
 
 
 @backup_group.command("verify")
@@ -288,8 +305,11 @@ def drop_old_command(name, yes, dsn, container, deployment) -> None:
 @deployment_options
 @json_option
 def check_command(database, yes, dsn, container, deployment) -> None:
-    """Reachability, pg_stat_database (deadlocks, checksum failures, conflicts), index corruption via amcheck."""
+    """Reachability, pg_stat_database (deadlocks, checksum failures, conflicts), and amcheck: every table
+    (verify_heapam) and btree index (bt_index_check) by relation and block. Exit 5 on damage, 6 when amcheck
+    could not run (not installed and no --yes, or not available)."""
     from toolkit.db.maintenance import check_database
+    from toolkit.errors import PartialFailure
 
     report = check_database(_server(deployment, dsn, container), database, allow_extension=yes)
     out = current_output()
@@ -298,29 +318,42 @@ def check_command(database, yes, dsn, container, deployment) -> None:
         out.emit_json(out.document)
     else:
         _checks_table(out, report["checks"])
-    if not report["ok"]:
-        failed = [c for c in report["checks"] if not c["ok"]][0]
-        raise VerificationFailed("%s: %s" % (failed["name"], failed["detail"]))
+    failed = [c for c in report["checks"] if c["ok"] is False]
+    if failed:
+        raise VerificationFailed("%s: %s" % (failed[0]["name"], failed[0]["detail"]) if len(report["damage"]) < 2 else
+                                 "%d damaged places in %s (listed above)" % (len(report["damage"]), database))
+    unchecked = [c for c in report["checks"] if c["ok"] is None]
+    if unchecked:
+        raise PartialFailure("database %s was not checked for corruption: %s" % (database, unchecked[0]["detail"]))
 
 
 @db_group.command("repair")
 @click.option("--database", default="bookgen", show_default=True)
 @click.option("--reindex", is_flag=True, help="REINDEX DATABASE.")
 @click.option("--vacuum-full", is_flag=True, help="VACUUM FULL (locks every table in turn).")
+@click.option("--no-emergency-backup", is_flag=True, help="Skip the backup before the repair (needs --yes).")
+@click.option("--yes", is_flag=True, help="Confirm --no-emergency-backup.")
 @server_options
 @deployment_options
 @json_option
-def repair_command(database, reindex, vacuum_full, dsn, container, deployment) -> None:
-    """The runbook's repair, after an emergency backup."""
+def repair_command(database, reindex, vacuum_full, no_emergency_backup, yes, dsn, container, deployment) -> None:
+    """The runbook's repair, after an emergency backup (a salvage set when pages cannot be read)."""
     from toolkit.db.maintenance import repair_database
 
     if not (reindex or vacuum_full):
         raise UsageError("say what to do: --reindex and/or --vacuum-full")
+    if no_emergency_backup and not yes:
+        raise UsageError("--no-emergency-backup needs --yes")
     steps = repair_database(_server(deployment, dsn, container), database, deployment.backups_dir, reindex,
-                            vacuum_full)
+                            vacuum_full, emergency_backup=not no_emergency_backup)
     out = current_output()
     out.remember({"steps": steps})
     if out.json:
         out.emit_json(out.document)
     else:
-        _checks_table(out, [{"name": s["step"], "ok": True, "detail": s["detail"]} for s in steps])
+        _checks_table(out, [{"name": s["step"], "ok": s.get("ok", True), "detail": s["detail"]} for s in steps])
+    failed = [s for s in steps if s.get("ok") is False]
+    if failed:
+        from toolkit.errors import PartialFailure
+
+        raise PartialFailure("%s: %s" % (failed[0]["step"], failed[0]["detail"]))

@@ -12,14 +12,16 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from toolkit import utc
-from toolkit.db.server import Server, check_tool, quote_ident, quote_literal
-from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.db.server import Server, ToolFailed, check_tool, quote_ident, quote_literal
+from toolkit.db.target import _first_line
+from toolkit.errors import BadInputError, EnvironmentProblem, KitError, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile
 from toolkit.host.hashing import sha256_path
 from toolkit.host.streams import HashingWriter
@@ -52,13 +54,22 @@ def _querier(server, dbname):
     return lambda sql: server.query(sql, dbname)
 
 
-def schema_sha256(server, dbname: Optional[str] = None) -> str:
+def schema_sha256(server, dbname: Optional[str] = None, not_valid: Sequence[str] = ()) -> str:
+    """The hash of columns, indexes and constraints. not_valid: constraints a salvage restore had to add
+    NOT VALID (rows they point to were lost): hashed as they were in the set."""
     query = _querier(server, dbname)
-    rows = sorted("|".join(v or "" for v in row) for row in query(SCHEMA_QUERY))
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    lines = []
+    for row in query(SCHEMA_QUERY):
+        values = [v or "" for v in row]
+        if values[0] == "constraint" and values[2].split(" ", 1)[0] in not_valid and values[2].endswith(" NOT VALID"):
+            values[2] = values[2][: -len(" NOT VALID")]
+        lines.append("|".join(values))
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
-def table_counts(server, dbname: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def table_counts(server, dbname: Optional[str] = None, skip: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Rows per table, counted from the heap (count(ctid): never through an index, which may be the damaged
+    part); tables in skip (salvaged, counted as they were read) are left out."""
     query = _querier(server, dbname)
     tables = query("SELECT n.nspname, c.relname, c.reltuples::bigint FROM pg_class c JOIN pg_namespace n "
                           "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN "
@@ -66,10 +77,12 @@ def table_counts(server, dbname: Optional[str] = None) -> Dict[str, Dict[str, An
     counts = {}
     for schema, name, estimate in tables:
         key = "%s.%s" % (schema, name)
+        if key in skip:
+            continue
         if int(estimate or 0) > EXACT_COUNT_LIMIT:
             counts[key] = {"rows": int(estimate), "exact": False}
         else:
-            rows = query("SELECT count(*) FROM %s.%s" % (quote_ident(schema), quote_ident(name)))
+            rows = query("SELECT count(ctid) FROM %s.%s" % (quote_ident(schema), quote_ident(name)))
             counts[key] = {"rows": int(rows[0][0]), "exact": True}
     return counts
 
@@ -110,6 +123,12 @@ class BackupSet:
             return "sql"
         raise BadInputError("not a backup: %s (expected .dump[.age], .sql or .sql.gz)" % self.dump)
 
+    @property
+    def salvage_path(self) -> Optional[str]:
+        """The set's salvage file (rows of damaged tables), when it has one."""
+        entry = ((self.load_sidecar() or {}).get("salvage") or {}).get("file")
+        return os.path.join(self.directory, entry["file"]) if entry else None
+
     def load_sidecar(self) -> Optional[Dict[str, Any]]:
         try:
             with open(self.sidecar, encoding="utf-8") as handle:
@@ -134,44 +153,49 @@ def locate_set(path: str) -> BackupSet:
     return BackupSet(path, path + SIDECAR_SUFFIX, os.path.dirname(path))
 
 
-def _update_sums(directory: str, name: str, digest: str) -> None:
+def _update_sums_many(directory: str, digests: Dict[str, str]) -> None:
     from toolkit.evidence.capture import update_sums
 
-    update_sums(directory, {name: digest})
+    update_sums(directory, digests)
 
 
 # --------------------------------------------------------------------------- create
-def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequence[Any] = (),
-                  recipient_names: Sequence[str] = (), progress: Optional[Callable[[int], None]] = None,
-                  prefix: Optional[str] = None) -> Dict[str, Any]:
-    import threading
+class DamagedDatabase(EnvironmentProblem):
+    """pg_dump could not read the database: the server's error, the relation and block it names, what next."""
 
-    os.makedirs(out_dir, exist_ok=True)
-    started = time.time()
-    version = server.server_version()
-    tool = server.tool_record("pg_dump")  # a missing or too old pg_dump stops us before any file exists
-    snapshot = server.export_snapshot(dbname) if hasattr(server, "export_snapshot") else None
-    facts: Dict[str, Any] = {}
-    if snapshot is None:
-        facts["counts"], facts["schema"] = table_counts(server, dbname), schema_sha256(server, dbname)
-        counter = None
-    else:
-        # counts and schema from the very snapshot pg_dump dumps, computed while it dumps
-        def count_in_snapshot() -> None:
-            try:
-                facts["counts"], facts["schema"] = table_counts(snapshot.query), schema_sha256(snapshot.query)
-            except BaseException as error:  # re-raised below
-                facts["error"] = error
 
-        counter = threading.Thread(target=count_in_snapshot, daemon=True)
-        counter.start()
-    base = "%s-%s" % (prefix or dbname, utc.stamp(started))
-    suffix = ".dump" + (".age" if recipients else "")
-    name, serial = base + suffix, 1
-    while os.path.lexists(os.path.join(out_dir, name)) or os.path.lexists(os.path.join(out_dir, name + ".partial")):
+def _damage_error(server: Server, dbname: str, error: str, out_dir: str) -> DamagedDatabase:
+    from toolkit.db import damage
+
+    named = damage.parse(error, lambda sql: server.query(sql, dbname))
+    newest = None
+    try:
+        verified = [s for s in list_backups(out_dir, 1e9)["sets"] if s["verified"] and s["database"] == dbname]
+        newest = verified[-1]["dump"] if verified else None
+    except BadInputError:
+        pass
+    hint = ("`bookgen-kit db check --database %s` lists every damaged page; `bookgen-kit backup create --database %s "
+            "--salvage` saves every row that can be read, and lists the rest" % (dbname, dbname))
+    hint += "; the newest verified set is %s" % newest if newest else "; there is no verified set in %s" % out_dir
+    return DamagedDatabase("pg_dump could not read database %s: %s" % (dbname, named.describe()), hint=hint)
+
+
+def _set_names(out_dir: str, base: str, encrypted: bool) -> Tuple[str, str]:
+    """A dump name and a salvage name that neither exist nor are being written."""
+    age_suffix = ".age" if encrypted else ""
+    serial, stem = 1, base
+    while True:
+        names = (stem + ".dump" + age_suffix, stem + ".salvage.sql" + age_suffix)
+        if not any(os.path.lexists(os.path.join(out_dir, n + extra)) for n in names for extra in ("", ".partial")):
+            return names
         serial += 1
-        name = "%s-%d%s" % (base, serial, suffix)
-    path = os.path.join(os.path.abspath(out_dir), name)
+        stem = "%s-%d" % (base, serial)
+
+
+def _write_stream(path: str, recipients: Sequence[Any], produce: Callable[[Callable[[bytes], None]], None],
+                  progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
+    """produce(write) into path (age-encrypted to recipients when there are any), hashed as it goes; the file
+    appears only when produce returned."""
     with AtomicFile(path, 0o600) as out:
         sink = HashingWriter(out)
         encryptor = None
@@ -189,44 +213,188 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
                 progress(len(data))
 
         try:
-            args = ["-Fc", "-Z", "6"] + (["--snapshot", snapshot.name] if snapshot else [])
-            result = server.run_tool("pg_dump", args, stdout=deliver, dbname=dbname)
-            check_tool(result, "pg_dump")
+            produce(deliver)
             if encryptor is not None:
                 encryptor.close()
-            if counter is not None:
-                counter.join()
-                if "error" in facts:
-                    raise facts["error"]
         finally:
             sink.close()
-            if snapshot is not None:
-                snapshot.close()
         out.commit()
+    return {"file": os.path.basename(path), "size": sink.size, "sha256": sink.hexdigest(),
+            "uncompressed_stream_bytes": written[0]}
+
+
+def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequence[Any] = (),
+                  recipient_names: Sequence[str] = (), progress: Optional[Callable[[int], None]] = None,
+                  prefix: Optional[str] = None, salvage: bool = False) -> Dict[str, Any]:
+    """A set of dbname. A dump that cannot read every row stops with the server's error (DamagedDatabase);
+    with salvage, the set keeps every row that can be read and the sidecar lists what could not."""
+    import threading
+
+    from toolkit.db import properties
+
+    os.makedirs(out_dir, exist_ok=True)
+    started = time.time()
+    version = server.server_version()
+    tool = server.tool_record("pg_dump")  # a missing or too old pg_dump stops us before any file exists
+    database_properties = properties.read(server, dbname)
+    if salvage and not hasattr(server, "export_snapshot"):
+        raise EnvironmentProblem("a salvage reads through the host's libpq in one snapshot, which container "
+                                 "mode cannot hold", hint="give --dsn with an address of the server")
+    snapshot = server.export_snapshot(dbname) if hasattr(server, "export_snapshot") else None
+    base = "%s-%s" % (prefix or dbname, utc.stamp(started))
+    name, salvage_name = _set_names(out_dir, base, bool(recipients))
+    path = os.path.join(os.path.abspath(out_dir), name)
+    facts: Dict[str, Any] = {}
+    salvaged: Dict[str, Any] = {}
+    salvage_file: Optional[Dict[str, Any]] = None
+    try:
+        if salvage:
+            from toolkit.db import salvage as salvaging
+
+            tables = salvaging.user_tables(snapshot)
+            for key, sql_name, blocks in tables:
+                found = salvaging.find_damage(snapshot, key, sql_name, blocks)
+                if found:
+                    salvaged[key] = salvaging.TableSalvage(key, sql_name, blocks, found)
+        counter = None
+        if snapshot is None:
+            facts["counts"], facts["schema"] = table_counts(server, dbname), schema_sha256(server, dbname)
+        elif not salvage:
+            # counts and schema from the very snapshot pg_dump dumps, computed while it dumps
+            def count_in_snapshot() -> None:
+                try:
+                    facts["counts"], facts["schema"] = table_counts(snapshot.query), schema_sha256(snapshot.query)
+                except BaseException as error:  # re-raised below
+                    facts["error"] = error
+
+            counter = threading.Thread(target=count_in_snapshot, daemon=True)
+            counter.start()
+        while True:
+            excluded = sorted(salvaged)
+            args = ["-Fc", "-Z", "6"] + (["--snapshot", snapshot.name] if snapshot else []) + [
+                "--exclude-table-data=%s" % salvaged[key].sql_name for key in excluded]
+
+            def dump(write: Callable[[bytes], None]) -> None:
+                check_tool(server.run_tool("pg_dump", args, stdout=write, dbname=dbname), "pg_dump")
+
+            try:
+                dumped = _write_stream(path, recipients, dump, progress)
+                break
+            except ToolFailed as error:
+                if counter is not None:
+                    counter.join()
+                    if "error" in facts:  # the count read the damage first, and pg_dump lost its snapshot
+                        raise _damage_error(server, dbname, _first_line(facts["error"]), out_dir) from None
+                from toolkit.db import damage
+
+                if not error.server_error or not damage.looks_like_damage(error.server_error):
+                    raise
+                if not salvage:
+                    raise _damage_error(server, dbname, error.server_error, out_dir) from None
+                # damage the heap scan could not see (a TOAST page): the table it belongs to is salvaged too
+                named = damage.parse(error.server_error, snapshot.query)
+                owner = salvaging.owning_table(snapshot, named.relation) if named.relation else None
+                if owner is None or owner[0] in salvaged:
+                    raise _damage_error(server, dbname, error.server_error, out_dir) from None
+                key = owner[0]
+                salvaged[key] = salvaging.TableSalvage(key, owner[1], int(snapshot.query(
+                    "SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int" %
+                    quote_literal(owner[1]))[0][0]), [], found_by="pg_dump: %s" % named.describe())
+        if counter is not None:
+            counter.join()
+            if "error" in facts:
+                if isinstance(facts["error"], KitError):
+                    raise facts["error"]
+                raise _damage_error(server, dbname, _first_line(facts["error"]), out_dir) from None
+        if salvage:
+            facts["counts"] = table_counts(snapshot.attempt, skip=list(salvaged))
+            facts["schema"] = schema_sha256(snapshot.query)
+            if salvaged:
+                salvage_path = os.path.join(os.path.abspath(out_dir), salvage_name)
+
+                def write_salvage(write: Callable[[bytes], None]) -> None:
+                    write(salvaging.HEADER)
+                    for key in sorted(salvaged):
+                        salvaging.salvage_table(snapshot, salvaged[key], write)
+                    write(salvaging.TRAILER)
+
+                try:
+                    salvage_file = _write_stream(salvage_path, recipients, write_salvage)
+                except BaseException:
+                    os.unlink(path)  # a set is both files or neither
+                    raise
+                for key, table in salvaged.items():
+                    facts["counts"][key] = {"rows": table.rows_saved, "exact": True, "salvaged": True}
+    finally:
+        if snapshot is not None:
+            snapshot.close()
     counts, schema = facts["counts"], facts["schema"]
     sidecar = {
         "format": FORMAT, "database": dbname, "created": utc.iso(started),
         "seconds": round(time.time() - started, 2), "server_version": version,
         "source": {"mode": server.mode, "server": server.description},
         "pg_dump": tool,
-        "dump": {"file": name, "size": sink.size, "sha256": sink.hexdigest(), "format": "custom",
-                 "uncompressed_stream_bytes": written[0], "encrypted": bool(recipients),
-                 "recipients": list(recipient_names)},
+        "dump": dict(dumped, format="custom", encrypted=bool(recipients), recipients=list(recipient_names)),
+        "database_properties": database_properties,
         "tables": counts, "schema_sha256": schema, "verified": [], "keep": False,
     }
+    if salvage:
+        sidecar["salvage"] = {
+            "file": dict(salvage_file, encrypted=bool(recipients)) if salvage_file else None,
+            "tables": {key: table.record() for key, table in sorted(salvaged.items())},
+            "rows_saved": sum(t.rows_saved for t in salvaged.values()),
+            "rows_lost_estimate": sum(t.rows_lost_estimate for t in salvaged.values()),
+            "how": "tid-range reads in pg_dump's snapshot, bisected down to the block and the row; "
+                   "the live database unchanged"}
     backup = BackupSet(path, path + SIDECAR_SUFFIX, os.path.dirname(path))
     backup.save_sidecar(sidecar)
-    _update_sums(backup.directory, name, sink.hexdigest())
-    return {"dump": path, "sidecar": backup.sidecar, "size": sink.size, "sha256": sink.hexdigest(),
-            "tables": len(counts), "rows": sum(c["rows"] for c in counts.values()), "seconds": sidecar["seconds"]}
+    sums = {name: dumped["sha256"]}
+    if salvage_file:
+        sums[salvage_file["file"]] = salvage_file["sha256"]
+    _update_sums_many(backup.directory, sums)
+    result = {"dump": path, "sidecar": backup.sidecar, "size": dumped["size"], "sha256": dumped["sha256"],
+              "tables": len(counts), "rows": sum(c["rows"] for c in counts.values()), "seconds": sidecar["seconds"]}
+    if salvage:
+        result["salvage"] = {"file": os.path.join(backup.directory, salvage_file["file"]) if salvage_file else None,
+                             "damaged": [d.describe() for t in salvaged.values() for d in t.damaged] +
+                                        ["%s row %s: %s" % (t.table, r["ctid"], r["error"]) for t in salvaged.values()
+                                         for r in t.lost_rows],
+                             "rows_saved": sidecar["salvage"]["rows_saved"],
+                             "rows_lost_estimate": sidecar["salvage"]["rows_lost_estimate"]}
+    return result
 
 
 # --------------------------------------------------------------------------- reading a set back
-def plaintext_chunks(backup: BackupSet, identities: Sequence[Any]) -> Iterator[bytes]:
-    """The dump's plaintext (decrypted, and for .sql.gz decompressed), chunk by chunk, each authenticated."""
-    handle = open(backup.dump, "rb")
+def plaintext_chunks(backup: BackupSet, identities: Sequence[Any], salvage: bool = False) -> Iterator[bytes]:
+    """The dump's plaintext (decrypted, and for .sql.gz decompressed), chunk by chunk, each authenticated;
+    with salvage, the set's salvage file instead."""
+    if salvage:
+        path = backup.salvage_path
+        if path is None:
+            raise VerificationFailed("the set has no salvage file")
+        yield from _file_chunks(path, path.endswith(".age"), identities)
+        return
+    chunks = _file_chunks(backup.dump, backup.encrypted, identities)
+    if backup.kind == "sql.gz":
+        from toolkit.evidence.bundle import _ChunkReader
+
+        reader = gzip.GzipFile(fileobj=io.BufferedReader(_ChunkReader(chunks)))
+        try:
+            for chunk in iter(lambda: reader.read(1 << 20), b""):
+                yield chunk
+        except (OSError, EOFError) as error:
+            raise VerificationFailed("%s is not a complete gzip stream: %s" % (backup.dump, error)) from None
+    else:
+        yield from chunks
+
+
+def _file_chunks(path: str, encrypted: bool, identities: Sequence[Any]) -> Iterator[bytes]:
     try:
-        if backup.encrypted:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise VerificationFailed("%s is missing" % path) from None
+    try:
+        if encrypted:
             from toolkit.crypto import age
 
             if not identities:
@@ -234,17 +402,7 @@ def plaintext_chunks(backup: BackupSet, identities: Sequence[Any]) -> Iterator[b
             chunks: Iterator[bytes] = age.Decryptor(handle, identities).chunks()
         else:
             chunks = iter(lambda: handle.read(1 << 20), b"")
-        if backup.kind == "sql.gz":
-            from toolkit.evidence.bundle import _ChunkReader
-
-            reader = gzip.GzipFile(fileobj=io.BufferedReader(_ChunkReader(chunks)))
-            try:
-                for chunk in iter(lambda: reader.read(1 << 20), b""):
-                    yield chunk
-            except (OSError, EOFError) as error:
-                raise VerificationFailed("%s is not a complete gzip stream: %s" % (backup.dump, error)) from None
-        else:
-            yield from chunks
+        yield from chunks
     finally:
         handle.close()
 
@@ -315,6 +473,9 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
             result.add("full read", True, "%d bytes of SQL" % total)
         except KitError as error:
             result.add("full read", False, error.message)
+    salvage_entry = ((sidecar or {}).get("salvage") or {}).get("file")
+    if salvage_entry:
+        _verify_salvage_file(backup, salvage_entry, identities, result)
     if result.ok and restore_test:
         if server is None:
             raise UsageError("--restore-test needs a server (--dsn, --container) or --scratch-cluster")
@@ -330,18 +491,47 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
     return result
 
 
+def _verify_salvage_file(backup: BackupSet, entry: Dict[str, Any], identities: Sequence[Any],
+                         result: VerifyResult) -> None:
+    """The salvage file: its checksum against the sidecar, and a full read that ends with the end line."""
+    from toolkit.db.salvage import HEADER, TRAILER
+    from toolkit.errors import KitError
+
+    path = os.path.join(backup.directory, entry["file"])
+    if not os.path.isfile(path):
+        result.add("salvage file", False, "%s is missing" % path)
+        return
+    actual = sha256_path(path)
+    if actual != entry["sha256"]:
+        result.add("salvage file", False, "sha256 %s, the sidecar says %s" % (actual, entry["sha256"]))
+        return
+    try:
+        first, last, size = b"", b"", 0
+        for chunk in plaintext_chunks(backup, identities, salvage=True):
+            first = first or chunk[: len(HEADER)]
+            last = (last + chunk)[-len(TRAILER):]
+            size += len(chunk)
+        whole = first.startswith(HEADER[:40]) and last == TRAILER
+        result.add("salvage file", whole, "%s: %d bytes of rows read around damaged pages, whole" % (
+            entry["file"], size) if whole else "%s is cut short (no end line)" % entry["file"])
+    except KitError as error:
+        result.add("salvage file", False, error.message)
+
+
 def _restore_test(server: Server, backup: BackupSet, sidecar, identities, result: VerifyResult, where: str,
                   portable: bool = False) -> None:
     from toolkit.errors import KitError
 
     scratch = "bookgen_kit_scratch_%s" % uuid.uuid4().hex[:10]
     try:
-        restore_into(server, backup, scratch, identities, owner=None, portable=portable)
-        counts, schema = table_counts(server, scratch), schema_sha256(server, scratch)
-        problems = compare_with_sidecar(sidecar or {}, counts, schema) if sidecar else []
+        restored = restore_into(server, backup, scratch, identities, owner=None, portable=portable)
+        problems = compare_restored(server, scratch, sidecar, restored) if sidecar else []
         result.add("restore test", not problems, "; ".join(problems[:5]) if problems else
-                   "restored into a scratch database on %s: %d tables, row counts and schema hash match" % (
-                       where, len(counts)))
+                   "restored into a scratch database on %s: %d tables, row counts and schema hash match%s%s" % (
+                       where, len(sidecar.get("tables") or {}) if sidecar else 0,
+                       ", and the database's grants, settings and owner" if restored.properties_applied else "",
+                       "; added NOT VALID (rows they point to were lost): %s" % ", ".join(restored.not_valid)
+                       if restored.not_valid else ""))
     except KitError as error:
         result.add("restore test", False, error.message)
     finally:
@@ -362,26 +552,107 @@ def drop_database(server: Server, name: str) -> None:
         server.query("DROP DATABASE IF EXISTS %s WITH (FORCE)" % quote_ident(name), server.admin_database)
 
 
+@dataclass
+class Restored:
+    """What a restore into a new database had to say: constraints added NOT VALID because the rows they point
+    to were lost (a salvage set), and database properties it could not give back."""
+
+    not_valid: List[str] = field(default_factory=list)
+    property_problems: List[str] = field(default_factory=list)
+    properties_applied: bool = False
+
+
+ENTRY = re.compile(r"\n--\n-- (?:Name|Data for Name): ")
+FK_CONSTRAINT = re.compile(r"ADD CONSTRAINT (\"(?:[^\"]|\"\")+\"|\S+) FOREIGN KEY")
+
+
 def restore_into(server: Server, backup: BackupSet, dbname: str, identities: Sequence[Any],
-                 owner: Optional[str], portable: bool = False) -> None:
-    """Create dbname (which must not exist) and restore the set into it; on any failure it is dropped."""
+                 owner: Optional[str], portable: bool = False) -> Restored:
+    """Create dbname (which must not exist) with the set's owner, encoding and locale, restore the set into
+    it (a salvage set: its rows of damaged tables between the schema and the indexes), and give back the
+    database's grants, settings and comment. On any failure dbname is dropped."""
+    from toolkit.db import properties
+
     if database_exists(server, dbname):
         raise UsageError("database %s already exists: restore never writes into an existing database" % dbname)
-    server.query("CREATE DATABASE %s%s TEMPLATE template0" % (
-        quote_ident(dbname), " OWNER %s" % quote_ident(owner) if owner else ""), server.admin_database)
+    sidecar = backup.load_sidecar() or {}
+    recorded = None if portable else sidecar.get("database_properties")
+    if recorded and server.query("SELECT 1 FROM pg_roles WHERE rolname = %s" % quote_literal(recorded["owner"]),
+                                 server.admin_database):
+        owner = recorded["owner"]
+    server.query("CREATE DATABASE %s TEMPLATE template0%s" % (quote_ident(dbname), properties.create_options(
+        recorded, owner)), server.admin_database)
+    restored = Restored()
     try:
-        chunks = plaintext_chunks(backup, identities)
         if backup.kind == "custom":
             args = ["--exit-on-error"] + (["--no-owner", "--no-acl"] if portable else [])
-            done = server.run_tool("pg_restore", args, stdin=chunks, dbname=dbname)
-            check_tool(done, "pg_restore")
+            if backup.salvage_path:
+                restored.not_valid = _restore_salvage_set(server, backup, dbname, identities, args)
+            else:
+                done = server.run_tool("pg_restore", args, stdin=plaintext_chunks(backup, identities), dbname=dbname)
+                check_tool(done, "pg_restore")
         else:
-            done = server.run_tool("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"], stdin=chunks,
-                                   dbname=dbname)
-            check_tool(done, "psql")
+            _psql(server, dbname, plaintext_chunks(backup, identities))
+        if recorded:
+            restored.property_problems = properties.apply(server, dbname, recorded)
+            restored.properties_applied = True
     except BaseException:
         drop_database(server, dbname)
         raise
+    return restored
+
+
+def _psql(server: Server, dbname: str, chunks: Iterable[bytes]) -> None:
+    done = server.run_tool("psql", ["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"], stdin=chunks, dbname=dbname)
+    check_tool(done, "psql")
+
+
+def _restore_salvage_set(server: Server, backup: BackupSet, dbname: str, identities: Sequence[Any],
+                         args: List[str]) -> List[str]:
+    """Schema, then the salvaged rows, then the rest of the data, then indexes and constraints; a foreign key
+    that no longer holds (it points to lost rows) is added NOT VALID, and named."""
+    for section in ("pre-data", "salvage", "data"):
+        if section == "salvage":
+            _psql(server, dbname, plaintext_chunks(backup, identities, salvage=True))
+            continue
+        done = server.run_tool("pg_restore", args + ["--section=%s" % section], dbname=dbname,
+                               stdin=plaintext_chunks(backup, identities))
+        check_tool(done, "pg_restore --section=%s" % section)
+    script: List[bytes] = []
+    done = server.run_tool("pg_restore", [a for a in args if a != "--exit-on-error"] + [
+        "--section=post-data", "-f", "-"], stdin=plaintext_chunks(backup, identities), stdout=script.append)
+    check_tool(done, "pg_restore --section=post-data")
+    parts = ENTRY.split(b"".join(script).decode("utf-8"))
+    preamble, entries = parts[0], ["\n--\n-- Name: " + part for part in parts[1:]]
+    foreign_keys = [e for e in entries if "; Type: FK CONSTRAINT;" in e.split("\n", 3)[2]]
+    rest = [e for e in entries if e not in foreign_keys]
+    _psql(server, dbname, [(preamble + "".join(rest)).encode("utf-8")])
+    not_valid = []
+    for entry in foreign_keys:
+        try:
+            _psql(server, dbname, [(preamble + entry).encode("utf-8")])
+        except ToolFailed:
+            statement = entry.rstrip()
+            if not statement.endswith(";"):
+                raise
+            _psql(server, dbname, [(preamble + statement[:-1] + " NOT VALID;\n").encode("utf-8")])
+            match = FK_CONSTRAINT.search(entry)
+            name = match.group(1) if match else "?"
+            not_valid.append(name[1:-1].replace('""', '"') if name.startswith('"') else name)
+    return not_valid
+
+
+def compare_restored(server: Server, dbname: str, sidecar: Dict[str, Any], restored: Restored) -> List[str]:
+    """Every way the restored database differs from the set: rows, schema, and (when the set recorded them
+    and they were applied) the database's own properties."""
+    from toolkit.db import properties
+
+    counts = table_counts(server, dbname)
+    problems = compare_with_sidecar(sidecar, counts, schema_sha256(server, dbname, restored.not_valid))
+    problems += restored.property_problems
+    if restored.properties_applied:
+        problems += properties.compare(sidecar["database_properties"], properties.read(server, dbname))
+    return problems
 
 
 def list_backups(directory: str, max_age_hours: float = 24.0) -> Dict[str, Any]:
@@ -390,7 +661,8 @@ def list_backups(directory: str, max_age_hours: float = 24.0) -> Dict[str, Any]:
     sets = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if not os.path.isfile(path) or name.endswith((SIDECAR_SUFFIX, ".partial", ".keep")) or name == SUMS:
+        if not os.path.isfile(path) or name.endswith((SIDECAR_SUFFIX, ".partial", ".keep")) or name == SUMS or \
+                ".salvage.sql" in name:  # a salvage file is part of its set, not a set
             continue
         try:
             backup = locate_set(path)
@@ -431,7 +703,10 @@ def plan_prune(directory: str, keep_last: int, keep_days: float) -> Dict[str, An
 def apply_prune(plan: Dict[str, Any]) -> List[str]:
     deleted = []
     for dump in plan["delete"]:
-        for path in (dump, dump + SIDECAR_SUFFIX):
+        salvage = locate_set(dump).salvage_path if os.path.exists(dump) else None
+        for path in (dump, salvage, dump + SIDECAR_SUFFIX):
+            if path is None:
+                continue
             if os.path.exists(path):
                 os.unlink(path)
         deleted.append(dump)

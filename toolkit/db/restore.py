@@ -14,13 +14,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from toolkit import utc
 from toolkit.db.backup import (
     BackupSet,
-    compare_with_sidecar,
+    DamagedDatabase,
+    Restored,
+    compare_restored,
     create_backup,
     database_exists,
     drop_database,
     restore_into,
-    schema_sha256,
-    table_counts,
     verify_backup,
 )
 from toolkit.db.server import Server, quote_ident, quote_literal
@@ -75,10 +75,39 @@ def terminate_sessions(server: Server, database: str) -> int:
     return len(rows)
 
 
-def _docker_services(names: Sequence[str], action: str) -> List[str]:
+def _services_engine(names: Sequence[str]):
+    """The Docker client that can stop these containers, or a refusal naming why (before anything changes)."""
     from toolkit.containers.engine import client
+    from toolkit.db.target import _first_line
 
-    docker_client = client(timeout=60)
+    try:
+        docker_client = client(timeout=60)
+        docker_client.ping()
+    except Exception as error:
+        raise EnvironmentProblem("--stop-services needs the Docker engine, which does not answer (%s): nothing "
+                                 "was changed" % _first_line(error),
+                                 hint="stop the services another way and run restore without --stop-services")
+    missing = []
+    for name in names:
+        try:
+            docker_client.containers.get(name)
+        except Exception:
+            missing.append(name)
+    if missing:
+        raise UsageError("--stop-services: no container %s: nothing was changed" % ", ".join(missing))
+    return docker_client
+
+
+def emergency_backup(server: Server, database: str, backups_dir: str) -> Dict[str, Any]:
+    """The runbook's "backup current state (even if corrupted)": a plain set, or, when pages cannot be read,
+    a salvage set (every readable row, the loss listed)."""
+    try:
+        return create_backup(server, database, backups_dir, prefix="%s-emergency" % database)
+    except DamagedDatabase:
+        return create_backup(server, database, backups_dir, prefix="%s-emergency" % database, salvage=True)
+
+
+def _docker_services(docker_client, names: Sequence[str], action: str) -> List[str]:
     done = []
     for name in names:
         container = docker_client.containers.get(name)
@@ -103,7 +132,8 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         drop_database(server, name)
         report.step("cleanup", "dropped %s, left by an interrupted restore" % name)
 
-    # 1. preflight: the set is proven before anything changes
+    # 1. preflight: the set is proven, and what --stop-services needs is there, before anything changes
+    docker_client = _services_engine(plan.stop_services) if plan.stop_services and not plan.into else None
     say("verifying the set")
     verified = verify_backup(plan.backup, server, identities, restore_test=False)
     failed = [c for c in verified.checks if not c["ok"]]
@@ -116,25 +146,26 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         _space_check(server, database if target_exists else None, plan.backup)))
     if plan.into:
         say("restoring into %s" % plan.into)
-        restore_into(server, plan.backup, plan.into, identities, owner=None)
+        live_owner = _owner(server, database) if target_exists else None
+        restored = restore_into(server, plan.backup, plan.into, identities, owner=live_owner)
         report.restored_database = plan.into
         report.step("restore", "restored into the new database %s; stopped there (--into)" % plan.into)
-        _compare(server, plan, plan.into, report, drop_on_failure=True)
+        _compare(server, plan, plan.into, report, restored)
         return report
     if target_exists:
         listed = sessions(server, database)
         report.step("sessions", "%d sessions on %s: %s" % (len(listed), database, ", ".join(
             "%s/%s" % (s["user"], s["application"] or "-") for s in listed[:10]) or "none"))
-        owner = server.query("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s" %
-                             quote_literal(database), server.admin_database)[0][0]
+        owner = _owner(server, database)
         # 2. the runbook's emergency backup of what is there now, "even if corrupted"
         if plan.emergency_backup:
             if not plan.backups_dir:
                 raise UsageError("an emergency backup needs a backups directory")
             say("emergency backup of %s" % database)
-            emergency = create_backup(server, database, plan.backups_dir, prefix="%s-emergency" % database)
+            emergency = emergency_backup(server, database, plan.backups_dir)
             report.emergency_backup = emergency["dump"]
-            report.step("emergency backup", "%s (%d bytes)" % (emergency["dump"], emergency["size"]))
+            report.step("emergency backup", "%s (%d bytes)%s" % (emergency["dump"], emergency["size"],
+                                                                _salvage_words(emergency)))
         else:
             report.step("emergency backup", "skipped (--no-emergency-backup)")
     else:
@@ -143,15 +174,15 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
     # 3. services and sessions
     stopped = []
     if plan.stop_services:
-        stopped = _docker_services(plan.stop_services, "stop")
+        stopped = _docker_services(docker_client, plan.stop_services, "stop")
         report.step("stop services", "stopped %s" % (", ".join(stopped) or "nothing (not running)"))
     # 4. restore into a new database, then prove it
     stamp = utc.stamp()
     scratch = "%s_restore_%s" % (database, stamp)
     say("restoring into %s" % scratch)
-    restore_into(server, plan.backup, scratch, identities, owner=owner)
+    restored = restore_into(server, plan.backup, scratch, identities, owner=owner)
     report.step("restore", "restored into %s" % scratch)
-    _compare(server, plan, scratch, report, drop_on_failure=True)
+    _compare(server, plan, scratch, report, restored)
     # 5. swap, in one transaction; the old database is kept
     if target_exists:
         old = "%s_pre_restore_%s" % (database, stamp)
@@ -181,7 +212,7 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
     if plan.migrate:
         _migrate(plan.api_container, report)
     if stopped:
-        started = _docker_services(stopped, "start")
+        started = _docker_services(docker_client, stopped, "start")
         report.step("start services", "started %s" % ", ".join(started))
     return report
 
@@ -213,20 +244,39 @@ def _space_check(server: Server, database: Optional[str], backup: BackupSet) -> 
     return "%d MiB free for a copy of about %d MiB" % (free // 1048576, needed // 1048576)
 
 
-def _compare(server: Server, plan: RestorePlan, dbname: str, report: RestoreReport, drop_on_failure: bool) -> None:
+def _owner(server: Server, database: str) -> str:
+    return server.query("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s" %
+                        quote_literal(database), server.admin_database)[0][0]
+
+
+def _salvage_words(result: Dict[str, Any]) -> str:
+    salvage = result.get("salvage")
+    if not salvage:
+        return ""
+    return "; a salvage: %d rows of damaged tables read, about %d lost (%s)" % (
+        salvage["rows_saved"], salvage["rows_lost_estimate"], "; ".join(salvage["damaged"][:5]))
+
+
+def _compare(server: Server, plan: RestorePlan, dbname: str, report: RestoreReport, restored: Restored) -> None:
+    """The restored database against the set's sidecar; on any difference it is dropped, the live one untouched."""
     sidecar = plan.backup.load_sidecar()
     if not sidecar:
         report.step("compare", "no sidecar (a plain SQL set): row counts and schema not compared")
         return
-    counts, schema = table_counts(server, dbname), schema_sha256(server, dbname)
-    problems = compare_with_sidecar(sidecar, counts, schema)
+    problems = compare_restored(server, dbname, sidecar, restored)
     if problems:
         report.step("compare", "; ".join(problems[:5]), ok=False)
-        if drop_on_failure:
-            drop_database(server, dbname)
+        drop_database(server, dbname)
         raise VerificationFailed("the restored database differs from the set's sidecar (%s); it was dropped and "
                                  "the live database is untouched" % problems[0])
-    report.step("compare", "%d tables: row counts and schema hash match the sidecar" % len(counts))
+    said = "%d tables: row counts and schema hash match the sidecar" % len(sidecar.get("tables") or {})
+    if restored.properties_applied:
+        said += "; owner, grants, settings, comment and extension versions match"
+    elif "database_properties" not in sidecar:
+        said += "; the set predates database properties (grants, settings): not compared"
+    if restored.not_valid:
+        said += "; added NOT VALID, as rows they point to were lost: %s" % ", ".join(restored.not_valid)
+    report.step("compare", said)
 
 
 def _migrate(api_container: str, report: RestoreReport) -> None:

@@ -19,11 +19,14 @@ from toolkit.host.hashing import sha256_path
 
 CHUNK = 1 << 20
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
-VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
+VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)((?:\.\d+)*)")
+SERVER_ERROR = re.compile(r"(?:ERROR|FATAL|PANIC):\s+(.*)")
 
 
-class ToolFailed(EnvironmentProblem):
-    """pg_dump, pg_restore or psql exited non-zero (its last stderr line is the message)."""
+def tool_version(output: str) -> Optional[str]:
+    """`pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` -> `15.18`."""
+    match = VERSION.search(output)
+    return match.group(1) + match.group(2) if match else None
 
 
 def quote_ident(name: str) -> str:
@@ -64,7 +67,7 @@ def host_tools(name: str) -> List[Tool]:
             continue
         match = VERSION.search(output)
         if match:
-            found.append(Tool(name, path, int(match.group(1)), output.strip().split()[-1], sha256_path(
+            found.append(Tool(name, path, int(match.group(1)), tool_version(output) or "?", sha256_path(
                 os.path.realpath(path))))
     return found
 
@@ -107,6 +110,10 @@ class Server:
     def admin_database(self) -> str:
         return "postgres"
 
+    def description_of(self, database: str) -> str:
+        """Where a database other than the default one is: the server, without the default's name."""
+        return self.description
+
 
 class HostServer(Server):
     mode = "host"
@@ -115,6 +122,9 @@ class HostServer(Server):
         self.params = params
         self.description = params.describe()
         self._tools: Dict[str, Tool] = {}
+
+    def description_of(self, database: str) -> str:
+        return "%s@%s:%d/%s" % (self.params.user, self.params.host, self.params.port, database)
 
     def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
         import psycopg
@@ -222,6 +232,10 @@ class HostServer(Server):
         return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
 
 
+class ReadFailed(Exception):
+    """A read inside a snapshot failed; the message is the server's."""
+
+
 class Snapshot:
     """An open transaction holding an exported snapshot; query() runs in it."""
 
@@ -234,6 +248,37 @@ class Snapshot:
             cur.execute(sql)
             return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] if cur.description \
                 else []
+
+    def attempt(self, sql: str) -> List[List[Optional[str]]]:
+        """query() under a savepoint: a read that fails (a damaged page) raises ReadFailed with the server's
+        words and leaves the transaction, and its snapshot, as they were."""
+        import psycopg
+
+        self.conn.execute("SAVEPOINT bookgen_kit_read")
+        try:
+            rows = self.query(sql)
+        except psycopg.Error as error:
+            self.conn.execute("ROLLBACK TO SAVEPOINT bookgen_kit_read")
+            raise ReadFailed(_first_line(error)) from None
+        self.conn.execute("RELEASE SAVEPOINT bookgen_kit_read")
+        return rows
+
+    def copy_out(self, sql: str) -> bytes:
+        """`COPY (...) TO STDOUT` under a savepoint, whole or not at all (ReadFailed)."""
+        import psycopg
+
+        self.conn.execute("SAVEPOINT bookgen_kit_read")
+        parts: List[bytes] = []
+        try:
+            with self.conn.cursor() as cur:
+                with cur.copy(sql) as copy:
+                    for data in copy:
+                        parts.append(bytes(data))
+        except psycopg.Error as error:
+            self.conn.execute("ROLLBACK TO SAVEPOINT bookgen_kit_read")
+            raise ReadFailed(_first_line(error)) from None
+        self.conn.execute("RELEASE SAVEPOINT bookgen_kit_read")
+        return b"".join(parts)
 
     def close(self) -> None:
         try:
@@ -293,7 +338,7 @@ class ContainerServer(Server):
     def tool_record(self, tool: str) -> Dict[str, Any]:
         result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
         lines = result[1].decode("utf-8", "replace").splitlines()
-        return {"name": tool, "path": lines[0] if lines else None, "version": lines[1].split()[-1] if len(lines) > 1
+        return {"name": tool, "path": lines[0] if lines else None, "version": tool_version(lines[1]) if len(lines) > 1
                 else None, "sha256": lines[2].split()[0] if len(lines) > 2 else None,
                 "inside_container": self.container_name}
 
@@ -385,10 +430,30 @@ class ContainerServer(Server):
             pass
 
 
+class ToolFailed(EnvironmentProblem):
+    """pg_dump, pg_restore or psql exited non-zero. The message is the server's own error when there is one
+    (`invalid page in block 40 of relation base/16386/16399`), else the tool's last line; server_error keeps it."""
+
+    def __init__(self, message: str, hint: Optional[str] = None, server_error: Optional[str] = None) -> None:
+        super().__init__(message, hint)
+        self.server_error = server_error
+
+
+def server_error(stderr: str) -> Optional[str]:
+    """The first ERROR/FATAL the server sent, as pg_dump, pg_restore and psql print it."""
+    for line in stderr.splitlines():
+        match = SERVER_ERROR.search(line)
+        if match:
+            return match.group(1).strip()
+    return None
+
+
 def check_tool(result: Dict[str, Any], what: str) -> None:
     if result["exit_code"] != 0:
         lines = [line for line in result["stderr"].strip().splitlines() if line.strip()]
-        raise ToolFailed("%s failed (exit %s): %s" % (what, result["exit_code"], lines[-1] if lines else "no message"))
+        cause = server_error(result["stderr"])
+        raise ToolFailed("%s failed (exit %s): %s" % (what, result["exit_code"], cause or (
+            lines[-1] if lines else "no message")), server_error=cause)
 
 
 def resolve_server(deployment, dsn: Optional[str], container: Optional[str]) -> Server:
