@@ -32,15 +32,13 @@ def damaged(tmp_path_factory):
         lost, totals = {}, {}
         for name in ("drill", "drill_repair"):
             drill.build(cluster, name, JOBS)
+            lost[name] = drill.ids_in_blocks(cluster, name, HEAP_BLOCKS)
             with cluster.connect(name) as conn:
-                lost[name] = sorted(str(row[0]) for row in conn.execute(
-                    "SELECT job_id FROM biography_jobs WHERE %s" % " OR ".join(
-                        "(ctid >= '(%d,0)' AND ctid < '(%d,0)')" % (b, b + 1) for b in HEAP_BLOCKS)))
                 totals[name] = conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0]
         assert all(len(ids) > 100 for ids in lost.values())
         files = {name: {"biography_jobs": HEAP_BLOCKS, "biography_jobs_status": [3], "chapters_pkey": [4]}
                  for name in ("drill", "drill_repair")}
-        drill.damage_many(cluster, files)
+        drill.damage_cluster(cluster, files)
         host = make_host_tree(tmp_path_factory.mktemp("drill") / "host")
         env = {"PGPASSWORD": cluster.password, "BOOKGEN_KIT_APP_DIR": str(host.app_dir),
                "DOCKER_HOST": "unix:///nonexistent.sock"}
@@ -248,3 +246,67 @@ def test_stop_services_without_docker_refuses_before_anything_changes(damaged):
     with cluster.connect() as conn:
         assert sorted(r[0] for r in conn.execute("SELECT datname FROM pg_database")) == names
     assert sorted(p.name for p in (host.app_dir / "backups").iterdir()) == backups  # no emergency backup either
+
+
+class StackCluster:
+    """The bookgen-db container's cluster, seen the way tests.world.drill sees a cluster."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.datadir = stack.root / "pgdata"
+
+    def connect(self, dbname: str = "postgres"):
+        return self.stack.db_connect(dbname, "postgres")
+
+    def stop(self) -> None:
+        container = self.stack.container("db")
+        container.kill(signal="SIGINT")  # a fast shutdown: a checkpoint, then exit
+        container.wait(timeout=60)
+
+    def start(self) -> None:
+        self.stack.ensure_running()
+
+
+def test_container_mode_salvage_check_and_restore(running_stack, tmp_path):
+    """The same drill where BookGen runs it: the cluster in bookgen-db, the kit through the Docker exec API
+    (the snapshot is held by one psql session in the container)."""
+    cluster = StackCluster(running_stack)
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    try:
+        drill.build(cluster, "drillc", 12000)
+        lost = drill.ids_in_blocks(cluster, "drillc", [20])
+        with cluster.connect("drillc") as conn:
+            total = conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0]
+        drill.damage_many(cluster, {"drillc": {"biography_jobs": [20], "chapters_pkey": [2]}}, cluster.stop,
+                          cluster.start)
+        checked = kit("--json", "db", "check", "--database", "drillc", "--yes", env=env)
+        assert checked.returncode == 5, checked.stdout + checked.stderr
+        found = places(json.loads(checked.stdout))
+        assert ("public.biography_jobs", "heap", 20) in found and ("public.chapters_pkey", "index", 2) in found
+
+        plain = kit("backup", "create", "--database", "drillc", env=env)
+        assert plain.returncode == 4 and "public.biography_jobs block 20: invalid page" in plain.stderr, plain.stderr
+        created = kit("--json", "backup", "create", "--database", "drillc", "--salvage", env=env)
+        assert created.returncode == 0, created.stdout + created.stderr
+        result = json.loads(created.stdout)
+        sidecar = json.loads(Path(result["sidecar"]).read_text())
+        assert sidecar["source"]["mode"] == "container"
+        table = sidecar["salvage"]["tables"]["public.biography_jobs"]
+        assert [d["block"] for d in table["damaged_blocks"]] == [20]
+        assert table["rows_saved"] == total - len(lost)
+
+        restored = kit("--json", "restore", result["dump"], "--database", "drillc", "--into", "drillc_restored",
+                       env=env)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        with cluster.connect("drillc_restored") as conn:
+            ids = {str(r[0]) for r in conn.execute("SELECT job_id FROM biography_jobs")}
+            assert len(ids) == total - len(lost) and not ids & set(lost)
+            assert conn.execute("SELECT count(*) FROM chapters").fetchone()[0] == total
+        with cluster.connect() as conn:
+            assert conn.execute("SELECT has_database_privilege('public', 'drillc_restored', 'CONNECT')"
+                                ).fetchone()[0] is False
+    finally:
+        with cluster.connect() as conn:
+            for name in ("drillc", "drillc_restored"):
+                conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)

@@ -3,7 +3,7 @@ pages damaged the way a failing disk damages them (cluster stopped, bytes overwr
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from tests.world import bookgen
 from tests.world.services import PgCluster, launch
@@ -46,32 +46,39 @@ def build(cluster: PgCluster, name: str, jobs: int) -> Dict[str, object]:
     return {"jobs": jobs}
 
 
-def relation_file(cluster: PgCluster, database: str, relation: str) -> str:
+def relation_file(cluster, database: str, relation: str) -> str:
     with cluster.connect(database) as conn:
         path = conn.execute("SELECT pg_relation_filepath(%s::regclass)", (relation,)).fetchone()[0]
     return os.path.join(str(cluster.datadir), path)
 
 
-def blocks_of(cluster: PgCluster, database: str, relation: str) -> int:
+def blocks_of(cluster, database: str, relation: str) -> int:
     with cluster.connect(database) as conn:
         return conn.execute("SELECT pg_relation_size(%s::regclass) / 8192", (relation,)).fetchone()[0]
 
 
-def rows_in_block(cluster: PgCluster, database: str, table: str, block: int) -> int:
+def ids_in_blocks(cluster, database: str, blocks: List[int]) -> List[str]:
+    """The job ids on these heap blocks of biography_jobs (what damaging them will lose)."""
     with cluster.connect(database) as conn:
-        return conn.execute("SELECT count(*) FROM %s WHERE ctid >= '(%d,0)' AND ctid < '(%d,0)'" % (
-            table, block, block + 1)).fetchone()[0]
+        return sorted(str(row[0]) for row in conn.execute(
+            "SELECT job_id FROM biography_jobs WHERE %s" % " OR ".join(
+                "(ctid >= '(%d,0)' AND ctid < '(%d,0)')" % (b, b + 1) for b in blocks)))
 
 
-def damage_many(cluster: PgCluster, pages: Dict[str, Dict[str, List[int]]]) -> None:
-    """{database: {relation: [block, ...]}}: stop the cluster, overwrite the start of each page (its header
-    and line pointers) with bytes no page has, start it again."""
+def damage_many(cluster, pages: Dict[str, Dict[str, List[int]]], stop: Callable[[], None],
+                start: Callable[[], None]) -> None:
+    """{database: {relation: [block, ...]}}: stop the server, overwrite the start of each page (its header and
+    line pointers) with bytes no page has, start it again."""
     files = [(relation_file(cluster, database, relation), blocks) for database, relations in pages.items()
              for relation, blocks in relations.items()]
-    cluster.stop()
+    stop()
     for path, blocks in files:
         with open(path, "r+b") as handle:
             for block in blocks:
                 handle.seek(block * BLOCK)
                 handle.write(b"\xde\xad\xbe\xef" * 64)
-    launch(cluster)
+    start()
+
+
+def damage_cluster(cluster: PgCluster, pages: Dict[str, Dict[str, List[int]]]) -> None:
+    damage_many(cluster, pages, cluster.stop, lambda: launch(cluster))

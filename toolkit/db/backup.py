@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from toolkit import utc
-from toolkit.db.server import Server, ToolFailed, check_tool, quote_ident, quote_literal
+from toolkit.db.server import ReadFailed, Server, ToolFailed, check_tool, quote_ident, quote_literal
 from toolkit.db.target import _first_line
 from toolkit.errors import BadInputError, EnvironmentProblem, KitError, UsageError, VerificationFailed
 from toolkit.host.atomic import AtomicFile
@@ -237,10 +237,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
     version = server.server_version()
     tool = server.tool_record("pg_dump")  # a missing or too old pg_dump stops us before any file exists
     database_properties = properties.read(server, dbname)
-    if salvage and not hasattr(server, "export_snapshot"):
-        raise EnvironmentProblem("a salvage reads through the host's libpq in one snapshot, which container "
-                                 "mode cannot hold", hint="give --dsn with an address of the server")
-    snapshot = server.export_snapshot(dbname) if hasattr(server, "export_snapshot") else None
+    snapshot = server.export_snapshot(dbname)
     base = "%s-%s" % (prefix or dbname, utc.stamp(started))
     name, salvage_name = _set_names(out_dir, base, bool(recipients))
     path = os.path.join(os.path.abspath(out_dir), name)
@@ -257,9 +254,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
                 if found:
                     salvaged[key] = salvaging.TableSalvage(key, sql_name, blocks, found)
         counter = None
-        if snapshot is None:
-            facts["counts"], facts["schema"] = table_counts(server, dbname), schema_sha256(server, dbname)
-        elif not salvage:
+        if not salvage:
             # counts and schema from the very snapshot pg_dump dumps, computed while it dumps
             def count_in_snapshot() -> None:
                 try:
@@ -271,7 +266,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
             counter.start()
         while True:
             excluded = sorted(salvaged)
-            args = ["-Fc", "-Z", "6"] + (["--snapshot", snapshot.name] if snapshot else []) + [
+            args = ["-Fc", "-Z", "6", "--snapshot", snapshot.name] + [
                 "--exclude-table-data=%s" % salvaged[key].sql_name for key in excluded]
 
             def dump(write: Callable[[bytes], None]) -> None:
@@ -303,7 +298,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
         if counter is not None:
             counter.join()
             if "error" in facts:
-                if isinstance(facts["error"], KitError):
+                if isinstance(facts["error"], KitError) and not isinstance(facts["error"], ReadFailed):
                     raise facts["error"]
                 raise _damage_error(server, dbname, _first_line(facts["error"]), out_dir) from None
         if salvage:
@@ -326,8 +321,7 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
                 for key, table in salvaged.items():
                     facts["counts"][key] = {"rows": table.rows_saved, "exact": True, "salvaged": True}
     finally:
-        if snapshot is not None:
-            snapshot.close()
+        snapshot.close()
     counts, schema = facts["counts"], facts["schema"]
     sidecar = {
         "format": FORMAT, "database": dbname, "created": utc.iso(started),

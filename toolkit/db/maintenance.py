@@ -12,10 +12,10 @@ Invariants:
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from toolkit.db import damage
-from toolkit.db.server import Server, quote_literal
+from toolkit.db.server import ReadFailed, Server, quote_literal
 from toolkit.errors import KitError
 
 QUALIFIED = "(SELECT n.nspname || '.' || c.relname FROM pg_namespace n WHERE n.oid = c.relnamespace)"
@@ -25,23 +25,23 @@ HEAPS = ("SELECT c.oid, %s, pg_relation_size(c.oid) / current_setting('block_siz
 BTREES = ("SELECT c.oid, %s, i.indrelid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
           "JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'btree' AND c.relpersistence <> 't' AND i.indisready "
           "AND i.indisvalid ORDER BY 2" % QUALIFIED)
+Query = Callable[[str], List[List[Optional[str]]]]
 OTHER_INDEXES = ("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a "
                  "ON a.oid = c.relam WHERE a.amname <> 'btree'")
 
 
-def check_heap(server: Server, database: str, oid: str, name: str, blocks: int) -> List[Dict[str, Any]]:
+def check_heap(query: Query, oid: str, name: str, blocks: int) -> List[Dict[str, Any]]:
     """verify_heapam over the whole relation: its findings, and each block it could not read at all."""
     found: List[Dict[str, Any]] = []
     start = 0
     while start < max(blocks, 1):
         try:
-            rows = server.query("SELECT blkno, offnum, attnum, msg FROM verify_heapam(%s::oid::regclass, "
-                                "on_error_stop => false, check_toast => true, skip => 'none', startblock => %d)"
-                                % (quote_literal(oid), start) if blocks else
-                                "SELECT blkno, offnum, attnum, msg FROM verify_heapam(%s::oid::regclass)" %
-                                quote_literal(oid), database)
-        except KitError as error:
-            named = damage.parse(_server_words(error.message), lambda sql: server.query(sql, database))
+            rows = query("SELECT blkno, offnum, attnum, msg FROM verify_heapam(%s::oid::regclass, "
+                         "on_error_stop => false, check_toast => true, skip => 'none', startblock => %d)"
+                         % (quote_literal(oid), start) if blocks else
+                         "SELECT blkno, offnum, attnum, msg FROM verify_heapam(%s::oid::regclass)" % quote_literal(oid))
+        except ReadFailed as error:
+            named = damage.parse(error.message, query)
             found.append({"relation": name, "kind": "heap", "block": named.block, "offset": None,
                           "error": named.error})
             if named.block is None or named.block < start:
@@ -55,43 +55,62 @@ def check_heap(server: Server, database: str, oid: str, name: str, blocks: int) 
     return found
 
 
-def check_btree(server: Server, database: str, oid: str, name: str, with_heap: bool) -> Optional[Dict[str, Any]]:
+def check_btree(query: Query, oid: str, name: str, with_heap: bool) -> Optional[Dict[str, Any]]:
     try:
-        server.query("SELECT bt_index_check(%s::oid::regclass, %s)" % (quote_literal(oid), "true" if with_heap
-                                                                      else "false"), database)
+        query("SELECT bt_index_check(%s::oid::regclass, %s)" % (quote_literal(oid), "true" if with_heap else "false"))
         return None
-    except KitError as error:
-        named = damage.parse(_server_words(error.message), lambda sql: server.query(sql, database))
+    except ReadFailed as error:
+        named = damage.parse(error.message, query)
         return {"relation": name, "kind": "index", "block": named.block, "offset": None, "error": named.error}
 
 
-def _server_words(message: str) -> str:
-    """A query error as Server.query words it (`<server>: ERROR:  ...`): the server's part."""
-    return message.split("ERROR:", 1)[-1].strip() if "ERROR:" in message else message.split(": ", 1)[-1]
+def _find(query: Query, items: List[Any], check: Callable[[List[Any]], None]) -> List[Any]:
+    """The items whose check fails: the whole list in one statement, halves of a failing list in turn."""
+    if not items:
+        return []
+    try:
+        check(items)
+        return []
+    except ReadFailed:
+        if len(items) == 1:
+            return items
+        middle = len(items) // 2
+        return _find(query, items[:middle], check) + _find(query, items[middle:], check)
 
 
-def _amcheck(server: Server, database: str) -> Tuple[List[Dict[str, Any]], str]:
-    heaps = server.query(HEAPS, database)
+def _oids(items: List[Any]) -> str:
+    return ", ".join(quote_literal(item[0]) + "::oid" for item in items)
+
+
+def _amcheck(query: Query) -> Tuple[List[Dict[str, Any]], str]:
+    """One statement checks every heap (and one every index); only the relations in a statement that fails
+    (a page that cannot be read at all) are checked one by one."""
+    heaps = query(HEAPS)
     damaged: List[Dict[str, Any]] = []
-    try:  # one query for the whole database; relation by relation only when a page cannot be read
-        rows = server.query("SELECT %s, v.blkno, v.offnum, v.msg FROM pg_class c, "
-                            "verify_heapam(c.oid, check_toast => true) v WHERE c.oid IN (%s)" % (QUALIFIED, ", ".join(
-                                quote_literal(oid) + "::oid" for oid, _n, _b in heaps)), database) if heaps else []
-        for name, block, offset, message in rows:
+
+    def heaps_at_once(items: List[Any]) -> None:
+        for name, block, offset, message in query(
+                "SELECT %s, v.blkno, v.offnum, v.msg FROM pg_class c, verify_heapam(c.oid, check_toast => true) v "
+                "WHERE c.oid IN (%s)" % (QUALIFIED, _oids(items))):
             damaged.append({"relation": name, "kind": "heap", "block": int(block) if block is not None else None,
                             "offset": int(offset) if offset is not None else None, "error": message})
-    except KitError:
-        damaged = []
-        for oid, name, blocks in heaps:
-            damaged += check_heap(server, database, oid, name, int(blocks))
+
+    for oid, name, blocks in _find(query, heaps, heaps_at_once):
+        damaged += check_heap(query, oid, name, int(blocks))
     oids = {name: oid for oid, name, _b in heaps}
     dirty_tables = {oids.get(d["relation"]) for d in damaged}
-    indexes = server.query(BTREES, database)
-    for oid, name, table in indexes:
-        problem = check_btree(server, database, oid, name, table not in dirty_tables)
+    indexes = query(BTREES)
+
+    def indexes_at_once(items: List[Any]) -> None:
+        query("SELECT bool_and(bt_index_check(c.oid, i.indrelid::text NOT IN (%s))) FROM pg_class c "
+              "JOIN pg_index i ON i.indexrelid = c.oid WHERE c.oid IN (%s)" % (
+                  ", ".join(quote_literal(t) for t in sorted(t for t in dirty_tables if t)) or "''", _oids(items)))
+
+    for oid, name, table in _find(query, indexes, indexes_at_once):
+        problem = check_btree(query, oid, name, table not in dirty_tables)
         if problem:
             damaged.append(problem)
-    others = int(server.query(OTHER_INDEXES, database)[0][0])
+    others = int(query(OTHER_INDEXES)[0][0])
     said = "%d heaps (verify_heapam, with TOAST) and %d btree indexes (bt_index_check)" % (len(heaps), len(indexes))
     if others:
         said += "; %d indexes of other kinds (GIN, GiST, BRIN, hash) amcheck cannot check" % others
@@ -139,7 +158,11 @@ def check_database(server: Server, database: str, allow_extension: bool = False)
         return verdict([])
     if not installed:
         server.query("CREATE EXTENSION IF NOT EXISTS amcheck", database)
-    damaged, said = _amcheck(server, database)
+    session = server.session(database)
+    try:
+        damaged, said = _amcheck(session.query)
+    finally:
+        session.close()
     heap = [d for d in damaged if d["kind"] == "heap"]
     index = [d for d in damaged if d["kind"] == "index"]
     add("heap", not heap, "; ".join(_place(d) for d in heap[:10]) + (" (and %d more)" % (len(heap) - 10)
@@ -163,16 +186,20 @@ def reindex_each(server: Server, database: str) -> Tuple[List[str], List[str]]:
     """REINDEX INDEX, one index at a time (the runbook's REINDEX DATABASE stops at the first index whose table
     has a damaged page; the others are still rebuilt)."""
     rebuilt, failed = [], []
-    for name, sql_name in server.query(
-            "SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname) FROM pg_index i "
-            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname <> 'pg_catalog' AND n.nspname NOT LIKE 'pg\\_temp%' AND c.relpersistence <> 't' "
-            "ORDER BY 1", database):
-        try:
-            server.query("REINDEX INDEX %s" % sql_name, database)
-            rebuilt.append(name)
-        except KitError as error:
-            failed.append("%s: %s" % (name, damage.parse(_server_words(error.message)).error))
+    session = server.session(database)
+    try:
+        for name, sql_name in session.query(
+                "SELECT n.nspname || '.' || c.relname, format('%I.%I', n.nspname, c.relname) FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname <> 'pg_catalog' AND n.nspname NOT LIKE 'pg\\_temp%' AND c.relpersistence <> 't' "
+                "ORDER BY 1"):
+            try:
+                session.query("REINDEX INDEX %s" % sql_name)
+                rebuilt.append(name)
+            except ReadFailed as error:
+                failed.append("%s: %s" % (name, error.message))
+    finally:
+        session.close()
     return rebuilt, failed
 
 

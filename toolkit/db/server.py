@@ -106,6 +106,16 @@ class Server:
     def tool_record(self, tool: str) -> Dict[str, Any]:
         raise NotImplementedError
 
+    def export_snapshot(self, dbname: str):
+        """An open REPEATABLE READ transaction on dbname whose snapshot pg_dump --snapshot shares: name,
+        query(), attempt() and copy_out() (the last two under a savepoint), close()."""
+        raise NotImplementedError
+
+    def session(self, dbname: str):
+        """One connection to dbname for many statements (autocommit): query(sql) -> rows, raising ReadFailed
+        with the server's words; close()."""
+        raise NotImplementedError
+
     @property
     def admin_database(self) -> str:
         return "postgres"
@@ -154,6 +164,17 @@ class HostServer(Server):
                         conn.execute(statement)
         except psycopg.Error as error:
             raise BadInputError("%s: %s" % (self.description, _first_line(error))) from None
+
+    def session(self, dbname: str) -> "HostSession":
+        import psycopg
+
+        try:
+            conn = psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname, user=self.params.user,
+                                   password=self.params.password or None, connect_timeout=5,
+                                   application_name="bookgen-kit", autocommit=True)
+        except psycopg.Error as error:
+            raise DatabaseUnreachable("%s: %s" % (self.description, _first_line(error))) from None
+        return HostSession(conn)
 
     def export_snapshot(self, dbname: str) -> "Snapshot":
         """A REPEATABLE READ transaction whose snapshot pg_dump --snapshot shares."""
@@ -232,8 +253,27 @@ class HostServer(Server):
         return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
 
 
-class ReadFailed(Exception):
-    """A read inside a snapshot failed; the message is the server's."""
+class ReadFailed(BadInputError):
+    """A statement in a session or snapshot failed; the message is the server's own words."""
+
+
+class HostSession:
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def query(self, sql: str) -> List[List[Optional[str]]]:
+        import psycopg
+
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql)
+                return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] \
+                    if cur.description else []
+        except psycopg.Error as error:
+            raise ReadFailed(_first_line(error)) from None
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 class Snapshot:
@@ -244,22 +284,25 @@ class Snapshot:
         self.name = name
 
     def query(self, sql: str) -> List[List[Optional[str]]]:
-        with self.conn.cursor() as cur:
-            cur.execute(sql)
-            return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] if cur.description \
-                else []
+        import psycopg
+
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql)
+                return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] \
+                    if cur.description else []
+        except psycopg.Error as error:
+            raise ReadFailed(_first_line(error)) from None
 
     def attempt(self, sql: str) -> List[List[Optional[str]]]:
         """query() under a savepoint: a read that fails (a damaged page) raises ReadFailed with the server's
         words and leaves the transaction, and its snapshot, as they were."""
-        import psycopg
-
         self.conn.execute("SAVEPOINT bookgen_kit_read")
         try:
             rows = self.query(sql)
-        except psycopg.Error as error:
+        except ReadFailed:
             self.conn.execute("ROLLBACK TO SAVEPOINT bookgen_kit_read")
-            raise ReadFailed(_first_line(error)) from None
+            raise
         self.conn.execute("RELEASE SAVEPOINT bookgen_kit_read")
         return rows
 
@@ -335,6 +378,21 @@ class ContainerServer(Server):
         if result["exit_code"] != 0:
             raise BadInputError("%s: %s" % (self.description, result["stderr"].strip().splitlines()[-1:]))
 
+    def export_snapshot(self, dbname: str):
+        """A psql session in the container holding a REPEATABLE READ transaction whose snapshot pg_dump
+        --snapshot shares (toolkit.db.session)."""
+        from toolkit.db.session import ContainerSnapshot
+
+        try:
+            return ContainerSnapshot(self, dbname)
+        except ReadFailed as error:
+            raise DatabaseUnreachable("%s: %s" % (self.description, error)) from None
+
+    def session(self, dbname: str):
+        from toolkit.db.session import PsqlSession
+
+        return PsqlSession(self, dbname)
+
     def tool_record(self, tool: str) -> Dict[str, Any]:
         result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
         lines = result[1].decode("utf-8", "replace").splitlines()
@@ -399,14 +457,28 @@ class ContainerServer(Server):
                         (sink if kind == 1 else errors.append)(payload)
             except BaseException as error:
                 failure.append(error)
+            finally:
+                # the output ended, so has the process: a writer still blocked on stdin nobody reads (pg_restore
+                # --section reads only the part it needs) is woken up rather than left waiting on the engine
+                ended.set()
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
+        ended = threading.Event()
         reader = threading.Thread(target=read_frames, daemon=True)
         reader.start()
         try:
             for chunk in stdin:
+                if ended.is_set():
+                    break
                 sock.sendall(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except OSError:
+            if not ended.is_set():
+                raise
         finally:
             try:
                 sock.shutdown(socket.SHUT_WR)
