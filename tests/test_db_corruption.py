@@ -17,6 +17,7 @@ from tests.world.services import start_cluster
 
 JOBS = 30000
 HEAP_BLOCKS = [40, 171]  # of biography_jobs
+TOAST_BLOCK = 5  # of manuscripts' TOAST table: the heap scan cannot see it, pg_dump and the row reads do
 PG_RESTORE = "/usr/lib/postgresql/15/bin/pg_restore"
 
 
@@ -36,7 +37,8 @@ def damaged(tmp_path_factory):
             with cluster.connect(name) as conn:
                 totals[name] = conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0]
         assert all(len(ids) > 100 for ids in lost.values())
-        files = {name: {"biography_jobs": HEAP_BLOCKS, "biography_jobs_status": [3], "chapters_pkey": [4]}
+        files = {name: {"biography_jobs": HEAP_BLOCKS, "biography_jobs_status": [3], "chapters_pkey": [4],
+                        drill.toast_of(cluster, name, "manuscripts"): [TOAST_BLOCK]}
                  for name in ("drill", "drill_repair")}
         drill.damage_cluster(cluster, files)
         host = make_host_tree(tmp_path_factory.mktemp("drill") / "host")
@@ -70,6 +72,8 @@ def test_db_check_names_every_damaged_relation_and_block_and_never_says_ok_unche
     found = places(report)
     assert {("public.biography_jobs", "heap", b) for b in HEAP_BLOCKS} <= found
     assert ("public.biography_jobs_status", "index", 3) in found and ("public.chapters_pkey", "index", 4) in found
+    toast = [d for d in report["damage"] if d["relation"].startswith("pg_toast.")]
+    assert [(d["kind"], d["block"]) for d in toast] == [("heap", TOAST_BLOCK)]
     # heap damage is the table's, not reported again under each index of the table
     assert not [d for d in report["damage"] if d["relation"] == "public.biography_jobs_pkey"]
     assert all("invalid page" in d["error"] for d in report["damage"])
@@ -101,7 +105,13 @@ def test_salvage_set_keeps_every_readable_row_lists_the_loss_and_restores(damage
     assert all(d["relation"] == "public.biography_jobs" for d in table["damaged_blocks"])
     assert table["rows_saved"] == totals["drill"] - len(lost["drill"])
     assert abs(table["rows_lost_estimate"] - len(lost["drill"])) <= 0.1 * len(lost["drill"])
-    assert list(salvage["tables"]) == ["public.biography_jobs"]  # index damage costs no rows
+    assert sorted(salvage["tables"]) == ["public.biography_jobs", "public.manuscripts"]  # index damage costs none
+    manuscripts = salvage["tables"]["public.manuscripts"]
+    assert manuscripts["found_by"].startswith("pg_dump: pg_toast.") and "block %d" % TOAST_BLOCK in \
+        manuscripts["found_by"]
+    assert 1 <= len(manuscripts["lost_rows"]) <= 3 and manuscripts["damaged_blocks"] == []
+    assert manuscripts["rows_saved"] + len(manuscripts["lost_rows"]) == drill.MANUSCRIPTS
+    assert all("invalid page in block %d" % TOAST_BLOCK in r["error"] for r in manuscripts["lost_rows"])
     assert sidecar["tables"]["public.biography_jobs"]["rows"] == table["rows_saved"]
     # the outside judges: sha256sum over both files, pg_restore reads the dump, the salvage file is SQL
     sums = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=Path(result["dump"]).parent, capture_output=True,
@@ -130,6 +140,8 @@ def test_salvage_set_keeps_every_readable_row_lists_the_loss_and_restores(damage
         jobs = {str(r[0]) for r in conn.execute("SELECT job_id FROM biography_jobs")}
         assert len(jobs) == totals["drill"] - len(lost["drill"]) and not jobs & set(lost["drill"])
         assert conn.execute("SELECT count(*) FROM chapters").fetchone()[0] == totals["drill"]  # every healthy row
+        assert conn.execute("SELECT count(*) FROM manuscripts WHERE length(body) = 6400").fetchone()[0] == \
+            manuscripts["rows_saved"]
         assert conn.execute("SELECT last_value FROM invoice_numbers").fetchone()[0] == 4242
         assert conn.execute("SELECT count(*) FROM failed_jobs").fetchone()[0] > 0
         assert conn.execute("SELECT count(*) FROM pg_largeobject_metadata").fetchone()[0] == 5

@@ -18,7 +18,12 @@ SELECT setval('invoice_numbers', 4242);
 CREATE VIEW failed_jobs AS SELECT job_id, error_message FROM biography_jobs WHERE status = 'failed';
 CREATE TABLE covers (job_id uuid PRIMARY KEY REFERENCES biography_jobs(job_id), image oid NOT NULL,
                      secret bytea NOT NULL);
+CREATE TABLE manuscripts (id integer PRIMARY KEY, body text NOT NULL);
+ALTER TABLE manuscripts ALTER body SET STORAGE EXTERNAL;
+INSERT INTO manuscripts SELECT i, (SELECT string_agg(md5(i::text || ':' || n), '') FROM generate_series(1, 200) n)
+  FROM generate_series(1, 40) i;
 """
+MANUSCRIPTS = 40
 
 
 def build(cluster: PgCluster, name: str, jobs: int) -> Dict[str, object]:
@@ -50,6 +55,12 @@ def relation_file(cluster, database: str, relation: str) -> str:
     with cluster.connect(database) as conn:
         path = conn.execute("SELECT pg_relation_filepath(%s::regclass)", (relation,)).fetchone()[0]
     return os.path.join(str(cluster.datadir), path)
+
+
+def toast_of(cluster, database: str, table: str) -> str:
+    with cluster.connect(database) as conn:
+        return conn.execute("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = %s::regclass",
+                            (table,)).fetchone()[0]
 
 
 def blocks_of(cluster, database: str, relation: str) -> int:
