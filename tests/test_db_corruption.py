@@ -3,9 +3,11 @@ then check, salvage backup, restore and repair, judged through the server's own 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +159,33 @@ def test_salvage_set_keeps_every_readable_row_lists_the_loss_and_restores(damage
     checked = kit("--json", "db", "check", "--database", "drill", "--dsn", dsn, "--yes", env=env)
     assert checked.returncode == 0, checked.stdout  # the restored database is whole
     assert kit("db", "drop-old", report["old_database"], "--yes", "--dsn", dsn, env=env).returncode == 0
+
+
+def test_encrypted_salvage_set_opens_with_age_and_restores_in_a_throwaway_cluster(damaged, tmp_path):
+    cluster, dsn, env, host, lost, totals = damaged
+    key = tmp_path / "dba.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(key)], capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "sets"
+    created = kit("--json", "backup", "create", "--database", "drill_repair", "--dsn", dsn, "--salvage", "-r",
+                  recipient, "--out", str(out), env=env)
+    assert created.returncode == 0, created.stdout + created.stderr
+    salvage_file = Path(json.loads(created.stdout)["salvage"]["file"])
+    assert salvage_file.name.endswith(".salvage.sql.age")
+    plain = subprocess.run(["age", "-d", "-i", str(key), str(salvage_file)], capture_output=True, check=True).stdout
+    assert plain.startswith(b"-- bookgen-kit salvage") and plain.endswith(b"-- end of salvage\n")
+    verified = kit("--json", "backup", "verify", json.loads(created.stdout)["dump"], "-i", str(key),
+                   "--restore-test", "--scratch-cluster", env=env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    second = json.loads(kit("--json", "backup", "create", "--database", "drill_repair", "--dsn", dsn, "--salvage",
+                            "--out", str(out), env=env).stdout)
+    listed = json.loads(kit("--json", "backup", "list", str(out), env=env).stdout)
+    assert [s["dump"] for s in listed["sets"]] == [json.loads(created.stdout)["dump"], second["dump"]]
+    os.utime(second["dump"], (time.time() - 3 * 86400,) * 2)
+    plan = json.loads(kit("--json", "backup", "prune", str(out), "--keep-last", "0", "--keep-days", "0", "--apply",
+                          env=env).stdout)
+    assert plan["deleted"] == [second["dump"]]  # the verified one is kept
+    assert not Path(second["salvage"]["file"]).exists() and salvage_file.exists()  # a set goes with its salvage
 
 
 def test_repair_reindexes_what_it_can_after_a_salvage_backup(damaged):

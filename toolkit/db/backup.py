@@ -1,9 +1,14 @@
-"""Backup sets: `<db>-<UTC>.dump[.age]` (pg_dump custom format), a `.backup.json` sidecar, SHA256SUMS.
+"""Backup sets: `<db>-<UTC>.dump[.age]` (pg_dump custom format), a `.backup.json` sidecar, SHA256SUMS; a
+salvage set of a damaged database also `<db>-<UTC>.salvage.sql[.age]`, its damaged tables' readable rows.
 
 A set is proven, not trusted: by its checksum, by its archive header, by a full read
 of every entry (`pg_restore -f /dev/null`; `--list` alone passes a truncated file),
 and on demand by a restore into a scratch database compared with the sidecar's row
-counts and schema hash.
+counts, schema hash and the database's own properties (owner, grants, settings).
+
+Invariants: the counts are taken in the snapshot pg_dump dumps; a set is both its files or neither (the
+dump is removed when its salvage file cannot be written); a dump that cannot read a page is never a set
+unless it is a salvage, whose sidecar lists every lost block and row.
 """
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
 The live database is never dropped: it is renamed to `<db>_pre_restore_<UTC>` in the
 same transaction that renames the restored one to `<db>`, and stays until `db drop-old`.
 A run killed before the swap leaves at most a `<db>_restore_<UTC>` database, which the
-next run names and drops.
+next run names and drops. The new database gets the set's owner, encoding, locale,
+grants, settings and comment before the swap, and the comparison covers them. Every
+refusal (a set that does not verify, --stop-services without a Docker engine, no room)
+comes before the first change.
 """
 from __future__ import annotations
 

@@ -276,23 +276,12 @@ class HostSession:
         self.conn.close()
 
 
-class Snapshot:
+class Snapshot(HostSession):
     """An open transaction holding an exported snapshot; query() runs in it."""
 
     def __init__(self, conn, name: str) -> None:
-        self.conn = conn
+        super().__init__(conn)
         self.name = name
-
-    def query(self, sql: str) -> List[List[Optional[str]]]:
-        import psycopg
-
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql)
-                return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] \
-                    if cur.description else []
-        except psycopg.Error as error:
-            raise ReadFailed(_first_line(error)) from None
 
     def attempt(self, sql: str) -> List[List[Optional[str]]]:
         """query() under a savepoint: a read that fails (a damaged page) raises ReadFailed with the server's
@@ -442,19 +431,8 @@ class ContainerServer(Server):
         failure: List[BaseException] = []
 
         def read_frames() -> None:
-            buffer = b""
             try:
-                while True:
-                    data = sock.recv(CHUNK)
-                    if not data:
-                        break
-                    buffer += data
-                    while len(buffer) >= 8:
-                        kind, size = buffer[0], struct.unpack(">I", buffer[4:8])[0]
-                        if len(buffer) < 8 + size:
-                            break
-                        payload, buffer = buffer[8:8 + size], buffer[8 + size:]
-                        (sink if kind == 1 else errors.append)(payload)
+                read_exec_frames(sock, sink, errors.append)
             except BaseException as error:
                 failure.append(error)
             finally:
@@ -518,6 +496,22 @@ def server_error(stderr: str) -> Optional[str]:
         if match:
             return match.group(1).strip()
     return None
+
+
+def read_exec_frames(sock, stdout: Callable[[bytes], None], stderr: Callable[[bytes], None]) -> None:
+    """Docker's multiplexed exec stream (an 8-byte header per frame: stream, size) until it ends."""
+    buffer = b""
+    while True:
+        data = sock.recv(CHUNK)
+        if not data:
+            return
+        buffer += data
+        while len(buffer) >= 8:
+            kind, size = buffer[0], struct.unpack(">I", buffer[4:8])[0]
+            if len(buffer) < 8 + size:
+                break
+            payload, buffer = buffer[8:8 + size], buffer[8 + size:]
+            (stdout if kind == 1 else stderr)(payload)
 
 
 def check_tool(result: Dict[str, Any], what: str) -> None:

@@ -16,14 +16,11 @@ import csv
 import io
 import secrets
 import socket
-import struct
 import threading
 from typing import List, Optional
 
-from toolkit.db.server import ReadFailed
+from toolkit.db.server import ReadFailed, read_exec_frames
 from toolkit.errors import EnvironmentProblem
-
-CHUNK = 1 << 20
 
 
 class SessionLost(EnvironmentProblem):
@@ -52,22 +49,13 @@ class PsqlSession:
         self._reader.start()
 
     def _read_frames(self) -> None:
-        buffer = b""
+        def deliver(payload: bytes) -> None:
+            with self._ready:
+                self._out += payload
+                self._ready.notify_all()
+
         try:
-            while True:
-                data = self._sock.recv(CHUNK)
-                if not data:
-                    break
-                buffer += data
-                while len(buffer) >= 8:
-                    kind, size = buffer[0], struct.unpack(">I", buffer[4:8])[0]
-                    if len(buffer) < 8 + size:
-                        break
-                    payload, buffer = buffer[8:8 + size], buffer[8 + size:]
-                    if kind == 1:
-                        with self._ready:
-                            self._out += payload
-                            self._ready.notify_all()
+            read_exec_frames(self._sock, deliver, lambda payload: None)  # errors: psql's ERROR variables say them
         except OSError:
             pass
         finally:
