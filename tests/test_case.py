@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_contain import topology  # noqa: F401 (a fixture)
+from tests.test_harden import default_tree  # noqa: F401 (a fixture)
 from tests.world.bookgen import make_host_tree
 from toolkit.secrets import dotenv
 
@@ -97,7 +99,10 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         checklist = json.loads(kit("--json", "case", "checklist").stdout)
         breach = {i["item"]: i for i in checklist["security-breach"]}
         assert breach["Preserve evidence"]["status"] == "done" and "capture" in breach["Preserve evidence"]["by"]
-        assert breach["Change all credentials"]["status"] == "done"
+        # rotated, but OPENROUTER_API_KEY can only be revoked at its provider: open until checked by hand
+        credentials = breach["Change all credentials"]
+        assert credentials["status"] == "pending" and "OPENROUTER_API_KEY" in credentials["by"], credentials
+        assert "OPENROUTER_API_KEY" in rotation["changes"]["revoke_at_provider"][0]["name"]
         assert breach["Notify security team"]["status"] == "marked"
         assert breach["File incident report"]["status"] == "done"
         assert breach["Isolate system"]["status"] == "pending"
@@ -145,3 +150,60 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         values = dotenv.read(str(host.env_file)).values()
         running_stack.db_password = values["DATABASE_PASSWORD"]
         running_stack.redis_password = values["REDIS_PASSWORD"]
+
+
+def test_the_journal_records_what_ran_and_the_checklist_what_is_in_force(topology, default_tree, medium, tmp_path):
+    """--help, a refused command line and reading a key are not actions; a released containment and a
+    rolled-back hardening are not in force; a secret key is named as one, never hashed."""
+    case_dir = medium / "INC-2026-043"
+    host = default_tree
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent",
+           "DOCKER_HOST": "unix:///nonexistent.sock", "BOOKGEN_KIT_CASE": str(case_dir),
+           "BOOKGEN_KIT_STATE_DIR": str(topology["state"]), "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+
+    def kit(*args):
+        return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, env=env,
+                              timeout=300, stdin=subprocess.DEVNULL)
+
+    assert kit("case", "open", "--id", "INC-2026-043", "--dir", str(case_dir), "--examiner", "bob").returncode == 0
+    for help_call in (("rotate", "run", "--help"), ("contain", "apply", "--help"), ("harden", "apply", "-h"),
+                      ("backup", "create", "--no-such-option"), ("restore", "--no-emergency-backup", "x.dump")):
+        assert kit(*help_call).returncode in (0, 2)
+    team = medium / "team.key"
+    assert kit("keygen", "-o", str(team)).returncode == 0
+    assert kit("keygen", "-y", str(team)).returncode == 0
+    harden = ("--root", str(host.root), "--app-dir", "/opt/bookgen")
+    applied = kit("--json", "harden", "apply", "--yes", *harden)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    contained = subprocess.run(["ip", "netns", "exec", topology["target"], sys.executable, "-m", "toolkit", "contain",
+                                "apply", "--allow-ssh-from", "10.231.11.1/32"], capture_output=True, text=True,
+                               env=env, timeout=120)
+    assert contained.returncode == 0, contained.stderr
+    checklist = json.loads(kit("--json", "case", "checklist").stdout)
+    breach = {i["item"]: i for i in checklist["security-breach"]}
+    assert breach["Isolate system"]["status"] == "done"
+    assert breach["Implement additional security"]["status"] == "done"
+
+    released = subprocess.run(["ip", "netns", "exec", topology["target"], sys.executable, "-m", "toolkit", "contain",
+                               "release"], capture_output=True, text=True, env=env, timeout=120)
+    assert released.returncode == 0, released.stderr
+    assert kit("harden", "rollback", json.loads(applied.stdout)["bundle"], *harden).returncode == 0
+
+    entries = [json.loads(line) for line in (case_dir / "journal.jsonl").read_text().splitlines()]
+    names = [e["command_name"] for e in entries if e["kind"] == "command"]
+    assert names == ["keygen", "keygen", "harden apply", "contain apply", "case checklist", "contain release",
+                     "harden rollback"], names
+    made, read = [e for e in entries if e.get("command_name") == "keygen"]
+    assert made["outputs"] == [{"path": str(team), "kind": "secret key"}]  # named, never hashed
+    assert read["outputs"] == []  # reading a key produces nothing
+
+    checklist = json.loads(kit("--json", "case", "checklist").stdout)
+    breach = {i["item"]: i for i in checklist["security-breach"]}
+    assert breach["Isolate system"]["status"] == "pending"
+    assert breach["Implement additional security"]["status"] == "pending"
+    assert breach["Change all credentials"]["status"] == "pending"
+    report = Path(json.loads(kit("--json", "case", "report", "--format", "md").stdout)["report"]).read_text()
+    changes = report.split("## Changes made to the host", 1)[1].split("\n## ", 1)[0]
+    assert "--help" not in report and "no-such-option" not in report
+    assert changes.count("(undone)") == 2 and "undone by #" in changes and "contain release" in changes
+    assert "undo: `bookgen-kit contain release`" not in changes

@@ -26,30 +26,92 @@ def _restore_compared(entry: Dict[str, Any]) -> bool:
                                           (entry.get("argv") or []))
 
 
-Rule = Optional[Callable[[Dict[str, Any]], bool]]
+# what undoes what: a later successful undo command takes back the most recent effect of its kind still in force
+UNDONE_BY = {"contain apply": ("contain release",), "harden apply": ("harden rollback",),
+             "rotate run": ("rotate rollback",), "rotate resume": ("rotate rollback",)}
+
+
+def undone(entries: List[Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
+    """seq of a change -> the journal entry that undid it."""
+    done: Dict[int, Dict[str, Any]] = {}
+    in_force: List[Dict[str, Any]] = []
+    for entry in entries:
+        name = entry.get("command_name") or ""
+        if entry.get("kind") != "command" or entry.get("exit_code") not in (0, 6):
+            continue
+        if name in UNDONE_BY:
+            in_force.append(entry)
+            continue
+        for earlier in reversed(in_force):
+            if name in UNDONE_BY[earlier["command_name"]]:
+                done[earlier["seq"]] = entry
+                in_force.remove(earlier)
+                break
+    return done
+
+
+def _in_force(*names: str) -> Callable[[List[Dict[str, Any]]], Optional[Dict[str, Any]]]:
+    """The latest successful `names` whose effect has not been undone since (containment released, hardening
+    rolled back): an item done only while its effect lasts."""
+    def rule(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        taken_back = undone(entries)
+        active = [e for e in entries if _command(*names, exit_ok=False)(e) and e.get("exit_code") == 0
+                  and e["seq"] not in taken_back]
+        return {"entry": active[-1]} if active else None
+    return rule
+
+
+def _credentials(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """A rotation that finished every secret it could, not rolled back; keys only their provider can revoke
+    keep the item open (a check by hand closes it) and are named."""
+    taken_back = undone(entries)
+    finished = [e for e in entries if _command("rotate run", "rotate resume", exit_ok=False)(e)
+                and e.get("exit_code") == 0 and (e.get("changes") or {}).get("state") == "finished"
+                and e["seq"] not in taken_back]
+    if not finished:
+        return None
+    entry = finished[-1]
+    provider = (entry.get("changes") or {}).get("revoke_at_provider") or []
+    if provider:
+        return {"entry": entry, "open": "rotated; still to revoke at their provider: %s" % ", ".join(
+            "%s (%s)" % (k.get("name"), k.get("fingerprint")) for k in provider)}
+    return {"entry": entry}
+
+
+def _first(matches: Callable[[Dict[str, Any]], bool]) -> Callable[[List[Dict[str, Any]]], Optional[Dict[str, Any]]]:
+    def rule(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+        entry = next((e for e in entries if matches(e)), None)
+        return {"entry": entry} if entry else None
+    return rule
+
+
+Rule = Optional[Callable[[List[Dict[str, Any]]], Optional[Dict[str, Any]]]]
 CHECKLISTS: Dict[str, List[tuple]] = {
     "system-down": [
-        ("Verify outage confirmed", _command("triage")), ("Check service status", _command("triage")),
-        ("Notify stakeholders", None), ("Review recent changes", _command("capture")),
-        ("Check system resources", _command("triage")), ("Review error logs", _command("capture")),
+        ("Verify outage confirmed", _first(_command("triage"))),
+        ("Check service status", _first(_command("triage"))),
+        ("Notify stakeholders", None), ("Review recent changes", _first(_command("capture"))),
+        ("Check system resources", _first(_command("triage"))), ("Review error logs", _first(_command("capture"))),
         ("Attempt quick restart", None), ("Full restart if needed", None),
-        ("Rollback if recent deployment", _command("restore")), ("Verify recovery", None),
-        ("Document incident", _command("case report")),
+        ("Rollback if recent deployment", _first(_command("restore"))), ("Verify recovery", None),
+        ("Document incident", _first(_command("case report"))),
     ],
     "data-loss-prevention": [
-        ("Stop all writes immediately", _command("contain apply")), ("Create emergency backup", _emergency_backup),
-        ("Assess data integrity", _command("db check")), ("Document corruption extent", _note),
-        ("Notify DBA", None), ("Attempt repair", _command("db repair")),
-        ("Restore from backup if needed", _command("restore")), ("Verify data consistency", _restore_compared),
-        ("Resume operations", None), ("Post-incident review", _command("case report")),
+        ("Stop all writes immediately", _first(_command("contain apply"))),
+        ("Create emergency backup", _first(_emergency_backup)),
+        ("Assess data integrity", _first(_command("db check"))), ("Document corruption extent", _first(_note)),
+        ("Notify DBA", None), ("Attempt repair", _first(_command("db repair"))),
+        ("Restore from backup if needed", _first(_command("restore"))),
+        ("Verify data consistency", _first(_restore_compared)),
+        ("Resume operations", None), ("Post-incident review", _first(_command("case report"))),
     ],
     "security-breach": [
-        ("Isolate system", _command("contain apply")), ("Preserve evidence", _command("capture")),
-        ("Notify security team", None), ("Document everything", _note), ("Begin investigation", None),
-        ("Change all credentials", _command("rotate run", "rotate resume")),
-        ("Rebuild from clean images", None), ("Restore from backup", _command("restore")),
-        ("Implement additional security", _command("harden apply")), ("Monitor for reinfection", None),
-        ("Notify affected users", None), ("File incident report", _command("case report")),
+        ("Isolate system", _in_force("contain apply")), ("Preserve evidence", _first(_command("capture"))),
+        ("Notify security team", None), ("Document everything", _first(_note)), ("Begin investigation", None),
+        ("Change all credentials", _credentials),
+        ("Rebuild from clean images", None), ("Restore from backup", _first(_command("restore"))),
+        ("Implement additional security", _in_force("harden apply")), ("Monitor for reinfection", None),
+        ("Notify affected users", None), ("File incident report", _first(_command("case report"))),
     ],
 }
 TITLES = {"system-down": "System Down", "data-loss-prevention": "Data Loss Prevention",
@@ -74,10 +136,14 @@ def status(entries: List[Dict[str, Any]], names: Optional[List[str]] = None) -> 
     for name in names or list(CHECKLISTS):
         items = []
         for title, rule in CHECKLISTS[name]:
-            done_by = next((e for e in entries if rule is not None and rule(e)), None)
+            found = rule(entries) if rule is not None else None
             marked = manual.get((name, title)) or manual.get((None, title))
-            if done_by:
+            if found and not found.get("open"):
+                done_by = found["entry"]
                 items.append({"item": title, "status": "done", "by": _describe(done_by), "seq": done_by["seq"]})
+            elif found and not marked:
+                items.append({"item": title, "status": "pending", "by": "%s: %s" % (
+                    _describe(found["entry"]), found["open"]), "seq": found["entry"]["seq"]})
             elif marked:
                 items.append({"item": title, "status": "marked", "by": marked.get("note") or "marked by hand",
                               "seq": marked["seq"]})
@@ -90,7 +156,7 @@ def status(entries: List[Dict[str, Any]], names: Optional[List[str]] = None) -> 
 def _describe(entry: Dict[str, Any]) -> str:
     if entry.get("kind") == "note":
         return "note #%d: %s" % (entry["seq"], entry.get("text", "")[:60])
-    outputs = entry.get("outputs") or []
+    outputs = [o for o in entry.get("outputs") or [] if o.get("sha256")]
     first = outputs[0] if outputs else None
     return "#%d `%s`%s" % (entry["seq"], entry.get("command_name"), " -> %s (sha256 %s)" % (
         first["path"].rsplit("/", 1)[-1], first["sha256"][:16]) if first else "")

@@ -168,13 +168,24 @@ def verify(directory: str) -> List[Dict[str, Any]]:
     return entries
 
 
+SECRET_KEY_MARKS = (b"AGE-SECRET-KEY-", b"AGE-PLUGIN-", b"-----BEGIN OPENSSH PRIVATE KEY", b"-----BEGIN PRIVATE KEY",
+                    b"-----BEGIN RSA PRIVATE KEY", b"-----BEGIN EC PRIVATE KEY", b"-----BEGIN ENCRYPTED PRIVATE KEY")
+
+
 def _file_facts(path: str) -> Optional[Dict[str, Any]]:
+    """What the journal says of a file a command produced: its size and sha256, or, for a secret key, only
+    that it is one (a hash of a key is a way to confirm a guess of it, and says nothing a responder needs)."""
     from toolkit.host.hashing import sha256_path
 
     if not isinstance(path, str) or not os.path.isfile(path):
         return None
     try:
-        return {"path": os.path.abspath(path), "size": os.path.getsize(path), "sha256": sha256_path(path)}
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+        if any(mark in head for mark in SECRET_KEY_MARKS):
+            return {"path": os.path.abspath(path), "kind": "secret key"}
+        return {"path": os.path.abspath(path), "kind": "file", "size": os.path.getsize(path),
+                "sha256": sha256_path(path)}
     except OSError:
         return None
 
@@ -206,6 +217,9 @@ def changes_of(document: Any) -> Dict[str, Any]:
     if isinstance(document.get("secrets"), dict):  # a rotation: fingerprints only
         changes["rotated"] = {name: {"new_fingerprint": entry.get("new_fingerprint"), "state": entry.get("state")}
                               for name, entry in document["secrets"].items()}
+    if isinstance(document.get("revoke_at_provider"), list) and "secrets" in document:
+        changes["revoke_at_provider"] = [{"name": k.get("name"), "fingerprint": k.get("fingerprint")}
+                                         for k in document["revoke_at_provider"] if isinstance(k, dict)]
     if isinstance(document.get("findings"), list):
         changes["findings"] = [{"id": f.get("id"), "severity": f.get("severity"), "title": f.get("title")}
                                for f in document["findings"][:100] if isinstance(f, dict)]

@@ -51,6 +51,7 @@ def gather(directory: str) -> Dict[str, Any]:
                                  "custody": status, "seq": entry["seq"],
                                  "degraded": (entry.get("changes") or {}).get("degraded") or []})
     changes = []
+    taken_back = checklists.undone(entries)
     for entry in commands:
         name = entry.get("command_name") or ""
         key = next((k for k in UNDO if name == k or name.startswith(k + " ")), None)
@@ -58,9 +59,12 @@ def gather(directory: str) -> Dict[str, Any]:
             continue
         found = entry.get("changes", {})
         bundle = found.get("bundle") or "BUNDLE"
+        undo = UNDO[key].format(old=found.get("old_database") or "<db>_pre_restore_<UTC>", bundle=bundle)
+        by = taken_back.get(entry["seq"])
         changes.append({"seq": entry["seq"], "command": " ".join(entry.get("argv", [])), "what": found,
-                        "undo": UNDO[key].format(old=found.get("old_database") or "<db>_pre_restore_<UTC>",
-                                                 bundle=bundle)})
+                        "in_force": by is None,
+                        "undo": undo if by is None else "undone by #%d `%s` at %s" % (
+                            by["seq"], " ".join(by.get("argv", [])), by.get("ended") or by.get("time"))})
     findings = []
     for entry in commands:
         for finding in (entry.get("changes") or {}).get("findings", []):
@@ -80,7 +84,8 @@ def gather(directory: str) -> Dict[str, Any]:
 def _entry_text(entry: Dict[str, Any]) -> str:
     kind = entry.get("kind")
     if kind == "command":
-        outputs = ", ".join("%s (sha256 %s)" % (o["path"].rsplit("/", 1)[-1], o["sha256"][:16])
+        outputs = ", ".join("%s (%s)" % (o["path"].rsplit("/", 1)[-1], "sha256 %s" % o["sha256"][:16] if
+                                         o.get("sha256") else o.get("kind", "file"))
                             for o in entry.get("outputs", []))
         return "`%s` exit %s%s" % (" ".join(entry.get("argv", [])), entry.get("exit_code"),
                                    " -> " + outputs if outputs else "")
@@ -113,8 +118,9 @@ def markdown(data: Dict[str, Any]) -> str:
         "".join("  \n  **degraded:** %s" % line for line in e.get("degraded") or []))
         for e in data["evidence"]] or ["- none"]
     lines += ["", "## Changes made to the host, and how to undo each", ""]
-    lines += ["- #%d `%s`: %s  \n  undo: %s" % (c["seq"], c["command"], ", ".join(
-        "%s=%s" % (k, v) for k, v in sorted(c["what"].items()) if k not in ("findings",))[:400], c["undo"])
+    lines += ["- #%d `%s`%s: %s  \n  %s: %s" % (c["seq"], c["command"], "" if c["in_force"] else " (undone)", ", ".join(
+        "%s=%s" % (k, v) for k, v in sorted(c["what"].items()) if k not in ("findings",))[:400],
+        "undo" if c["in_force"] else "no longer in force", c["undo"])
         for c in data["changes"]] or ["- none"]
     lines += ["", "## Findings from the capture", ""]
     lines += ["- [%s] %s (#%d)" % (f["severity"], f["title"], f["seq"]) for f in data["findings"]] or ["- none"]

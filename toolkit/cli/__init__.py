@@ -69,13 +69,33 @@ class LazyGroup(click.Group):
         import importlib
 
         module_name, attribute, _ = entry
-        return getattr(importlib.import_module(module_name), attribute)
+        return _marking_runs(getattr(importlib.import_module(module_name), attribute))
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def _marking_runs(command: click.Command) -> click.Command:
+    """Each command's own callback notes, before it starts, that a command really ran: the journal records
+    that, and not a `--help` or an option click refused while parsing (neither reaches a callback)."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _marking_runs(sub)
+        return command
+    callback = command.callback
+    if callback is None or getattr(callback, "_marks_runs", False):
+        return command
+
+    def running(*args, **kwargs):
+        current_output().ran = True
+        return callback(*args, **kwargs)
+
+    running._marks_runs = True  # type: ignore[attr-defined]
+    command.callback = running
+    return command
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -136,9 +156,9 @@ def command_name(args: List[str]) -> str:
 def _journal(args: List[str], code: int, started: float) -> None:
     """One entry in the current case's journal for this command: done here, once, for every command."""
     name = command_name(args)
-    if not name or name in SELF_JOURNALING:
-        return
     output = current_output()
+    if not name or name in SELF_JOURNALING or not output.ran or code == EXIT_USAGE:
+        return  # help, a refused command line, or a usage refusal: nothing was done
     try:
         from toolkit.case import journal
 

@@ -24,7 +24,7 @@ def keygen_command(output, identity_file) -> None:
         raise UsageError("-o and -y do not go together")
     if identity_file:
         recipients = age.recipients_of(load_identities([identity_file], None))
-        out.remember({"identity_file": identity_file, "recipients": recipients})
+        out.remember({"read_identity": identity_file, "recipients": recipients})  # an input, not an output
         if out.json:
             out.emit_json(out.document)
         else:

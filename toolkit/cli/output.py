@@ -23,6 +23,7 @@ class Output:
         self.emitted = False  # one JSON document per run: an error after it goes to stderr only
         self.document = None  # the command's result, also without --json (the case journal reads it)
         self.case_dir = None  # --case-dir
+        self.ran = False  # a command's own code started (not --help, not a command line click refused)
         self._console = None
         self._err_console = None
 

@@ -113,6 +113,15 @@ def plan(options: RotationOptions) -> Dict[str, Any]:
     }
 
 
+def revoke_at_provider(options: RotationOptions) -> Dict[str, Any]:
+    """The keys no rotation here can change (only their provider can revoke them), with fingerprints: said
+    with every rotation outcome, so that none is taken for done."""
+    values = dotenv.read(options.env_file).values()
+    return {"revoke_at_provider": [{"name": k, "fingerprint": fingerprint(values[k])} for k in provider_keys(values)],
+            "provider_note": "nothing offline can rotate these: revoke and reissue them at their provider, set them "
+                             "in the .env, then `bookgen-kit case check \"Change all credentials\"`"}
+
+
 def _pending_path(options: RotationOptions) -> str:
     return options.env_file + ".pending"
 
