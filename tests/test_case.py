@@ -57,7 +57,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
                      "Suspicious logins on the BookGen API host", "--examiner", "alice", case=False)
         assert opened.returncode == 0, opened.stderr
         steps = [("triage",), ("capture", "-r", recipient, "--root", str(host.root), "--skip", "timeline",
-                               "--skip", "tmp-executables", "--case", "INC-2026-042"),
+                               "--skip", "tmp-executables"),
                  ("backup", "create"), ("rotate", "run", "--yes"),
                  ("harden", "plan", "--root", str(host.root), "--app-dir", "/opt/bookgen")]
         for step in steps:
@@ -80,6 +80,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         capture = next(e for e in entries if e.get("command_name") == "capture")
         payload = next(o for o in capture["outputs"] if o["path"].endswith(".tar.zst.age"))
         assert Path(payload["path"]).parent == case_dir / "evidence"  # outputs default into the case
+        assert Path(payload["path"]).name.startswith("INC-2026-042-")  # named after the open case, unasked
         assert payload["sha256"] == hashlib.sha256(Path(payload["path"]).read_bytes()).hexdigest()
         backup = next(e for e in entries if e.get("command_name") == "backup create")
         assert any(Path(o["path"]).parent == case_dir / "backups" for o in backup["outputs"])

@@ -149,8 +149,25 @@ def test_hung_docker_daemon_answers_within_ten_seconds(deployment_env, running_s
     assert elapsed < 10
     containers = report["probes"]["containers"]
     assert not containers["ok"] or not containers["result"]["reachable"]
-    unreachable = incidents(report)["Database unreachable"]
-    assert any("Docker" in e or "hung" in e for e in unreachable["evidence"])
+    # the database was not tried (its address is Docker's to tell), the API answers: say exactly that
+    found = incidents(report)
+    assert "Database unreachable" not in found, found
+    docker = found["Docker does not answer"]
+    assert any(e.startswith("dockerd does not answer within") for e in docker["evidence"]), docker
+    assert any("the database was not checked" in e for e in docker["evidence"])
+    assert any("the API answers" in e for e in docker["evidence"])
+    assert report["probes"]["database"]["result"]["checked"] is False
+
+
+def test_no_docker_socket_is_said_in_words(deployment_env):
+    _, env = deployment_env
+    env = dict(env, DOCKER_HOST="unix:///nonexistent/docker.sock")
+    done = kit("triage", env=env)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout + done.stderr
+    assert "no Docker socket at /nonexistent/docker.sock" in text
+    for python_words in ("Errno", "Error(", "Traceback", "Connection aborted"):
+        assert python_words not in text, text
 
 
 def test_docker_stopped_and_database_given_directly(deployment_env, running_stack):

@@ -49,3 +49,21 @@ class PartialFailure(KitError):
     """The work was done, but some parts of it failed (listed in the message)."""
 
     exit_code = EXIT_PARTIAL
+
+
+def describe(error: BaseException) -> str:
+    """An error in words for a person: a KitError's message, an OSError's reason and path (never the
+    `[Errno 2]` form or a wrapped exception's repr)."""
+    if isinstance(error, KitError):
+        return error.message
+    reason = getattr(error, "reason", None)  # urllib's URLError wraps the socket's own error
+    if isinstance(reason, BaseException) and reason is not error:
+        return describe(reason)
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if isinstance(error.filename, str) else None
+        return "%s%s" % (error.strerror.lower(), ": %s" % where if where else "")
+    text = str(error).strip().splitlines()
+    first = text[0] if text else ""
+    if not first or "Errno" in first or "Error(" in first or first.startswith("("):
+        return "failed (%s)" % type(error).__name__
+    return first

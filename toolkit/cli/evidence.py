@@ -103,7 +103,8 @@ class _Progress:
 @click.option("--include", "includes", multiple=True, metavar="PATH", help="Also collect this path (recursively).")
 @click.option("--only", multiple=True, metavar="COLLECTOR", help="Run only these collectors.")
 @click.option("--skip", "skip_collectors", multiple=True, metavar="COLLECTOR", help="Do not run these collectors.")
-@click.option("--case", "case_id", default="case", show_default=True, help="Case id (in names and the manifest).")
+@click.option("--case", "case_id", help="Case id (in names and the manifest; default: the open case's, else "
+                                        "\"case\").")
 @click.option("--evidence-id", help="Evidence item id (default: the bundle's name).")
 @click.option("--examiner", help="Who collects (default: the login name).")
 @click.option("--purpose", help="Why this is collected.")
@@ -135,16 +136,24 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
     """Collect evidence into one encrypted, hashed bundle with a manifest and a custody log."""
     from toolkit.evidence.capture import CaptureOptions, capture, redacted_command_line
 
-    out = current_output()
-    if not out_dir:
-        from toolkit.case.journal import current_case
+    import os
 
-        case = current_case(out.case_dir)
+    from toolkit.case.journal import current_case, load_case
+
+    out = current_output()
+    case = current_case(out.case_dir)
+    if case is not None:
+        opened = load_case(case)
+        if case_id and case_id != opened["id"]:
+            raise UsageError("--case %s is not the open case %s" % (case_id, opened["id"]),
+                             hint="leave --case out under an open case, or give --case-dir of that case")
+        case_id = opened["id"]
+        examiner = examiner or opened.get("examiner")
+    if not out_dir:
         if case is None:
             raise UsageError("give --out DIR (the responder's medium), or open a case first")
-        import os
-
         out_dir = os.path.join(case, "evidence")
+    case_id = case_id or "case"
     chosen, names = _recipients(recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt)
     if not chosen and not no_encrypt:
         raise UsageError("no recipients: capture refuses to write plaintext evidence",

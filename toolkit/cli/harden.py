@@ -8,7 +8,13 @@ from toolkit.cli.output import current_output, json_option
 
 
 def _context(root, deployment, allow_ports, packages_dir=None):
+    import os
+
+    from toolkit.errors import BadInputError
     from toolkit.hardening.base import HardenContext
+
+    if not os.path.isdir(root):
+        raise BadInputError("--root %s is not a directory: there is no system there to audit" % root)
 
     return HardenContext(root=root, deployment=deployment, allowed_ports=list(allow_ports) or [22, 80, 443],
                          packages_dir=packages_dir)

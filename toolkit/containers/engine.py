@@ -23,6 +23,41 @@ def docker_url() -> str:
                      hint="unset DOCKER_HOST or point it at unix:///var/run/docker.sock")
 
 
+def explain(error: BaseException, timeout: Optional[float] = None) -> str:
+    """What a failed call to the Docker engine means, in words (never a Python exception's text): the one
+    wording of "dockerd does not answer" for every command."""
+    import socket as socket_module
+
+    url = os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:  # requests wraps urllib3 wraps the socket's own error
+        chain.append(seen)
+        nested = [a for a in getattr(seen, "args", ()) if isinstance(a, BaseException)]
+        seen = seen.__cause__ or seen.__context__ or (nested[0] if nested else None)
+        reason = getattr(chain[-1], "reason", None)
+        if isinstance(reason, BaseException) and seen is None:
+            seen = reason
+    names = " ".join(type(e).__name__ for e in chain) + " " + " ".join(str(e) for e in chain)
+    waited = " within %.0f s" % timeout if timeout else ""
+    if any(isinstance(e, (socket_module.timeout, TimeoutError)) for e in chain) or "Timeout" in names or \
+            "timed out" in names:
+        return "dockerd does not answer%s (at %s)" % (waited, url)
+    if any(isinstance(e, FileNotFoundError) for e in chain) or "No such file" in names:
+        return "no Docker socket at %s (dockerd is not running?)" % url.replace("unix://", "")
+    if any(isinstance(e, ConnectionRefusedError) for e in chain) or "Connection refused" in names:
+        return "dockerd refuses connections at %s (not running?)" % url
+    if any(isinstance(e, PermissionError) for e in chain) or "Permission denied" in names:
+        return "no permission to use the Docker socket at %s (root or the docker group needed)" % url
+    if type(error).__name__ == "NotFound":
+        return "dockerd: %s" % (getattr(error, "explanation", None) or "not found")
+    if type(error).__name__ == "APIError":
+        return "dockerd refused: %s" % (getattr(error, "explanation", None) or "an API error")
+    if any(isinstance(e, (ConnectionError, OSError)) for e in chain) or "Connection" in names:
+        return "the connection to dockerd at %s broke off" % url
+    text = str(error).strip().splitlines()
+    return "Docker: %s" % (text[0] if text and "(" not in text[0] else type(error).__name__)
+
+
 def client(timeout: float = 5.0):
     """A DockerClient for the local engine; every request times out after `timeout` seconds."""
     import docker
@@ -30,7 +65,7 @@ def client(timeout: float = 5.0):
     try:
         return docker.DockerClient(base_url=docker_url(), timeout=timeout, version="1.41")
     except docker.errors.DockerException as error:
-        raise EnvironmentProblem("Docker is not reachable at %s: %s" % (docker_url(), error)) from None
+        raise EnvironmentProblem(explain(error, timeout)) from None
 
 
 def bookgen_containers(docker_client, project: str, names: List[str]):
@@ -47,10 +82,15 @@ def bookgen_containers(docker_client, project: str, names: List[str]):
 
 
 def container_address(docker_client, name_or_service: str, project: str) -> Optional[str]:
-    """The IP address of a container, found by name or by compose service name."""
-    candidates = docker_client.containers.list(
-        filters={"label": ["com.docker.compose.project=%s" % project,
-                           "com.docker.compose.service=%s" % name_or_service]})
+    """The IP address of a container, found by name or by compose service name; an engine that does not
+    answer is an EnvironmentProblem in words."""
+    try:
+        candidates = docker_client.containers.list(
+            filters={"label": ["com.docker.compose.project=%s" % project,
+                               "com.docker.compose.service=%s" % name_or_service]})
+    except Exception as error:
+        raise EnvironmentProblem("the address of %r is Docker's to tell, and %s" % (
+            name_or_service, explain(error))) from None
     if not candidates:
         try:
             candidates = [docker_client.containers.get(name_or_service)]

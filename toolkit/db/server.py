@@ -337,7 +337,9 @@ class ContainerServer(Server):
         try:
             self._container = self._client.containers.get(container)
         except Exception as error:
-            raise DatabaseUnreachable("container %s: %s" % (container, _first_line(error))) from None
+            from toolkit.containers.engine import explain
+
+            raise DatabaseUnreachable("container %s: %s" % (container, explain(error))) from None
 
     def _environment(self) -> Dict[str, str]:
         env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "bookgen-kit", "LC_ALL": "C"}

@@ -29,6 +29,11 @@ class DatabaseUnreachable(EnvironmentProblem):
     """The server does not answer, refuses us, or the container cannot run psql."""
 
 
+class AddressUnknown(DatabaseUnreachable):
+    """The database's address is a compose service name and Docker, which knows it, does not answer: the
+    database itself was not tried."""
+
+
 @dataclass
 class ConnectionParams:
     host: str
@@ -114,7 +119,9 @@ class ContainerTarget(Target):
         try:
             container = docker_client.containers.get(self.container)
         except Exception as error:
-            raise DatabaseUnreachable("container %s: %s" % (self.container, _first_line(error))) from None
+            from toolkit.containers.engine import explain
+
+            raise DatabaseUnreachable("container %s: %s" % (self.container, explain(error))) from None
         environment = {"PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT), "PGOPTIONS": "-c statement_timeout=%d"
                        % STATEMENT_TIMEOUT_MS, "PGAPPNAME": "bookgen-kit"}
         if self.password:
@@ -123,7 +130,9 @@ class ContainerTarget(Target):
         try:
             result = container.exec_run(argv, environment=environment, demux=True, stdin=False, tty=False)
         except Exception as error:
-            raise DatabaseUnreachable("cannot run psql in %s: %s" % (self.container, _first_line(error))) from None
+            from toolkit.containers.engine import explain
+
+            raise DatabaseUnreachable("cannot run psql in %s: %s" % (self.container, explain(error))) from None
         stdout, stderr = result.output
         if result.exit_code != 0:
             message = (stderr or b"").decode("utf-8", "replace").strip().splitlines()
@@ -172,16 +181,16 @@ def resolve(deployment: Deployment, dsn: Optional[str] = None, container: Option
     if container:
         return ContainerTarget(container, params.dbname, params.user, params.password)
     if not _is_local_literal(params.host):
-        from toolkit.containers.engine import client, container_address
+        from toolkit.containers.engine import client, container_address, explain
 
         try:
             address = container_address(client(timeout=3), params.host, deployment.compose_project)
-        except EnvironmentProblem:
-            raise
+        except EnvironmentProblem as error:
+            raise AddressUnknown("not checked: the database's host %r is a compose service, and %s" % (
+                params.host, error.message), hint="give --dsn with its IP address, or --container NAME") from None
         except Exception as error:
-            raise DatabaseUnreachable("database host %r is a compose service, but Docker does not answer: %s"
-                                      % (params.host, _first_line(error)),
-                                      hint="give --dsn with an IP address, or --container NAME") from None
+            raise AddressUnknown("not checked: the database's host %r is a compose service, and %s" % (
+                params.host, explain(error, 3)), hint="give --dsn with its IP address, or --container NAME") from None
         if address is None:
             raise DatabaseUnreachable("database host %r is neither an address nor a running compose service"
                                       % params.host, hint="give --dsn or --container")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from toolkit import utc
-from toolkit.errors import EnvironmentProblem, UsageError
+from toolkit.errors import EnvironmentProblem, UsageError, describe
 from toolkit.evidence import archive, custody
 from toolkit.evidence.collectors import select
 from toolkit.evidence.collectors.base import (
@@ -146,7 +146,13 @@ def _estimate_bytes(fs, logicals: Sequence[str], max_file_size: int, budget: flo
 
 def preflight(options: CaptureOptions, deployment) -> Dict[str, Any]:
     """Refuse to write onto the collected filesystem, or without room for the bundle (unless told to)."""
-    os.makedirs(options.out_dir, exist_ok=True)
+    try:
+        os.makedirs(options.out_dir, exist_ok=True)
+    except FileExistsError:
+        raise UsageError("--out %s is a file, not a directory" % options.out_dir) from None
+    except OSError as error:
+        raise EnvironmentProblem("cannot make the output directory %s: %s" % (options.out_dir, describe(error))
+                                 ) from None
     out_device = os.stat(options.out_dir).st_dev
     same = [logical for logical, device in _source_devices(options, deployment).items() if device == out_device]
     if same and not options.allow_same_disk:

@@ -155,7 +155,10 @@ def run(options: RotationOptions) -> Dict[str, Any]:
     rotators = _rotators(values, options)
     if not rotators:
         raise UsageError("nothing to rotate in %s" % options.env_file)
-    # every state location is checked before any value is made or any service touched
+    # every refusal before the first write: each service can be found, every state location is usable
+    for rotator in rotators:
+        if hasattr(rotator, "endpoint"):
+            rotator.endpoint()
     journal.prepare()
     check_state_path(_pending_path(options))
     # 1. create: new values into .env.pending (0600), states and fingerprints into the journal

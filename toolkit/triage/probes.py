@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
 from toolkit.config import Deployment
-from toolkit.errors import UsageError
+from toolkit.errors import UsageError, describe
 
 PSEUDO_FILESYSTEMS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs", "securityfs",
                       "pstore", "bpf", "configfs", "fusectl", "hugetlbfs", "autofs", "binfmt_misc", "rpc_pipefs",
@@ -48,7 +48,7 @@ def probe_api(url: str, timeout: float) -> Dict[str, Any]:
                 "body_excerpt": body[:BODY_EXCERPT].decode("utf-8", "replace")}
     except (OSError, http.client.HTTPException) as error:
         return {"url": url, "reachable": False, "status": None, "ok": False,
-                "latency_ms": round((time.monotonic() - started) * 1000, 1), "error": str(error) or type(error).__name__}
+                "latency_ms": round((time.monotonic() - started) * 1000, 1), "error": describe(error)}
     finally:
         connection.close()
 
@@ -96,19 +96,20 @@ def _container_facts(container, take_stats: bool) -> Dict[str, Any]:
             facts["memory_limit_bytes"] = memory.get("limit")
             facts["cpu_percent"] = _cpu_percent(stats)
         except Exception as error:  # stats are a bonus; the state above is what matters
-            facts["stats_error"] = str(error)
+            from toolkit.containers.engine import explain
+
+            facts["stats_error"] = explain(error)
     return facts
 
 
 def probe_containers(deployment: Deployment, timeout: float) -> Dict[str, Any]:
-    from toolkit.containers.engine import bookgen_containers, client, docker_url
+    from toolkit.containers.engine import bookgen_containers, client, docker_url, explain
 
     docker_client = client(timeout=timeout)
     try:
         docker_client.ping()
     except Exception as error:
-        return {"engine": docker_url(), "reachable": False, "error": "Docker does not answer: %s" % error,
-                "containers": []}
+        return {"engine": docker_url(), "reachable": False, "error": explain(error, timeout), "containers": []}
     found = bookgen_containers(docker_client, deployment.compose_project, list(deployment.containers.values()))
     results: Dict[str, Dict[str, Any]] = {}
     threads = []
@@ -271,8 +272,12 @@ def probe_database(target_factory, stuck_after_seconds: int = 3600) -> Dict[str,
     from toolkit.db.jobs import count_stuck
     from toolkit.errors import KitError
 
+    from toolkit.db.target import AddressUnknown
+
     try:
         target = target_factory()
+    except AddressUnknown as error:  # the database was not tried: its address is Docker's to tell
+        return {"reachable": None, "checked": False, "target": None, "error": error.message}
     except KitError as error:
         return {"reachable": False, "target": None, "error": error.message}
     try:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from toolkit import utc
 from toolkit.config import Deployment
+from toolkit.errors import describe
 from toolkit.triage import probes
 
 TOTAL_BUDGET = 9.0  # seconds; `triage` answers in under 10 s whatever hangs
@@ -58,7 +59,7 @@ def _run_with_deadline(named: Dict[str, Callable[[], Dict[str, Any]]], budget: f
             result = probe()
             outcomes[name] = ProbeOutcome(name, True, round(time.monotonic() - start, 3), result)
         except Exception as error:  # a probe's failure is itself a finding
-            message = getattr(error, "message", None) or str(error) or type(error).__name__
+            message = describe(error)
             outcomes[name] = ProbeOutcome(name, False, round(time.monotonic() - start, 3), None, message)
 
     threads = []
@@ -132,12 +133,27 @@ def diagnose(outcomes: Dict[str, ProbeOutcome], deployment: Deployment) -> List[
             evidence.append(containers.get("error", "Docker does not answer"))
         elif outcomes["containers"].error:
             evidence.append("Docker: %s" % outcomes["containers"].error)
+        docker_hung = containers is not None and not containers.get("reachable")
         incidents.append(Incident("System Down", "critical", evidence, [
             "bookgen-kit capture --out /media/usb   (before restarting, if a compromise is possible)",
+            ("systemctl restart docker, then " if docker_hung else "") +
             "docker compose -f %s/docker-compose.yml restart   (runbook: quick restart)" % deployment.app_dir]))
 
-    # Database unreachable.
-    if database is None or not database.get("reachable"):
+    # Docker does not answer: what depends on it was not seen, and its own commands would hang too.
+    if containers is not None and not containers.get("reachable"):
+        evidence = [containers.get("error", "dockerd does not answer")]
+        if database and database.get("checked") is False:
+            evidence.append("the database was not checked: %s" % database.get("error"))
+        if api and api.get("ok"):
+            evidence.append("the API answers (GET %s: HTTP %s): the containers run without dockerd" % (
+                api["url"], api["status"]))
+        incidents.append(Incident("Docker does not answer", "high", evidence, [
+            "systemctl status docker containerd   (a hung dockerd: docker commands would hang too)",
+            "bookgen-kit triage --dsn postgresql://USER@ADDRESS/bookgen   (the database without Docker)",
+            "bookgen-kit capture --out /media/usb   (reads Docker's data root when the daemon does not answer)"]))
+
+    # Database unreachable (tried and failed; not when it could not be tried).
+    if database is None or database.get("reachable") is False:
         reason = outcomes["database"].error if database is None else database.get("error")
         evidence = ["database: %s" % reason]
         db_container = by_service.get("db")
