@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,20 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
                               env=environment, timeout=600, stdin=subprocess.DEVNULL)
 
     secrets = dict(host.secrets)
+    # something to find: a deleted binary running from /dev/shm on the host, and one in the worker container
+    handle, name = tempfile.mkstemp(prefix="bk-implant-", dir="/dev/shm")
+    os.close(handle)
+    implant = Path(name)
+    shutil.copy("/usr/bin/sleep", implant)
+    implant.chmod(0o755)
+    sleeper = subprocess.Popen([str(implant), "600"])
+    implant.unlink()
+    worker = running_stack.container("worker")
+    # busybox runs the applet its name says; the file goes only once the process runs it (polled, 10 s at most)
+    planted = worker.exec_run(["sh", "-c", "cp /bin/busybox /tmp/sleep || exit 1; /tmp/sleep 600 >/dev/null 2>&1 & "
+                                           "p=$!; i=0; while [ \"$(readlink /proc/$p/exe)\" != /tmp/sleep ]; do "
+                                           "i=$((i+1)); [ $i -gt 200 ] && exit 1; usleep 50000; done; rm /tmp/sleep"])
+    assert planted.exit_code == 0
     try:
         on_host = kit("case", "open", "--id", "X", "--dir", str(tmp_path / "x"), case=False)
         assert on_host.returncode == 2 and "host's own disk" in on_host.stderr
@@ -70,6 +85,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
             done = kit("--json", "case", "report", "--format", fmt)
             assert done.returncode == 0, done.stderr
             reports.append(Path(json.loads(done.stdout)["report"]))
+            made = json.loads(done.stdout)
         assert reports[0].parent == case_dir / "reports"
 
         # the journal: every command once, with its outputs' hashes
@@ -117,6 +133,25 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
             assert section in markdown
         assert payload["sha256"] in markdown and "14:05 notified DBA" in markdown
         assert "rotate rollback" in markdown  # how to undo the rotation
+        state = markdown.split("## State of the host", 1)[1].split("\n## ", 1)[0]
+        assert "containment: never applied" in state and "OPENROUTER_API_KEY" in state
+        assert "## Collection gaps" in markdown
+        tree = markdown.split("## Process tree of the suspicious processes", 1)[1].split("\n## ", 1)[0]
+        assert "pid %d" % sleeper.pid in tree and "[container bookgen-worker]" in tree, tree
+        assert "### On the host" in markdown and "### On container bookgen-worker" in markdown
+
+        # the indicators: CSV, and STIX 2.1 that the stix2 library parses (patterns checked)
+        import csv
+
+        import stix2
+
+        rows = list(csv.DictReader(open(made["indicators_csv"])))
+        sleep_sha256 = hashlib.sha256(Path("/usr/bin/sleep").read_bytes()).hexdigest()
+        assert any(r["type"] == "sha256" and r["value"] == sleep_sha256 for r in rows), rows
+        bundle = stix2.parse(Path(made["indicators_stix"]).read_text(), allow_custom=False)
+        patterns = [o.pattern for o in bundle.objects if o.type == "indicator"]
+        assert "[file:hashes.'SHA-256' = '%s']" % sleep_sha256 in patterns
+        assert len(patterns) == len([r for r in rows if r["type"] != "ssh-key"])
 
         # the HTML report: self-contained, and it renders with no network at all
         page = reports[1].read_text()
@@ -132,6 +167,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         dom = subprocess.run(["unshare", "-n", CHROMIUM, *flags, "--dump-dom", "file://%s" % reports[1]],
                              capture_output=True, text=True, timeout=120).stdout
         assert "<title>Incident report: INC-2026-042</title>" in dom and "Evidence inventory" in dom
+        assert "Process tree of the suspicious processes" in dom and 'class="boundary"' in dom
 
         # closing seals it, signed; a flipped byte anywhere in the journal is caught
         key = tmp_path / "id_ed25519"
@@ -148,6 +184,9 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         broken = kit("case", "verify")
         assert broken.returncode == 5, broken.stdout + broken.stderr
     finally:
+        sleeper.kill()
+        sleeper.wait()
+        worker.exec_run(["sh", "-c", "kill $(pidof sleep) 2>/dev/null; true"])
         values = dotenv.read(str(host.env_file)).values()
         running_stack.db_password = values["DATABASE_PASSWORD"]
         running_stack.redis_password = values["REDIS_PASSWORD"]

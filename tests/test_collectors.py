@@ -30,8 +30,10 @@ def kit(*args, env=None, timeout=300, user=None):
 
 
 def only_environ_denials(errors) -> bool:
-    """On this machine kind even root may not read PID 1's environment; that alone is an accepted exit 6."""
-    return all(e["source"] == "/proc/PID/environ" for e in errors if e["kind"] == "error")
+    """Even root may not read a sandboxed process's environment: that is a limit of the host (kind "limited",
+    no exit 6), never an error."""
+    return not [e for e in errors if e["kind"] == "error"] and all(
+        e["kind"] in ("skip", "limited") for e in errors)
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def test_triage_capture_finds_every_plant(plants, running_stack, out_dir, team_k
     elapsed = time.monotonic() - started
     assert done.returncode in (0, 6), done.stderr
     result = json.loads(done.stdout)
-    assert done.returncode == 0 or only_environ_denials(result["errors"]), result["errors"]
+    assert done.returncode == 0 and only_environ_denials(result["errors"]), result["errors"]
     findings = {}
     for finding in result["findings"]:
         findings.setdefault(finding["id"], []).append(finding)

@@ -52,7 +52,7 @@ def _capture(stack, out, recipient, *extra) -> dict:
                env={"DOCKER_HOST": stack.engine.url}, timeout=300)
     assert done.returncode in (0, 6), done.stderr
     result = json.loads(done.stdout)
-    assert done.returncode == 0 or only_environ_denials(result["errors"]), result["errors"]
+    assert done.returncode == 0 and only_environ_denials(result["errors"]), result["errors"]
     return result
 
 

@@ -175,7 +175,6 @@ CHAINS = {
                           symlink("c", ".")], {"a", "e"}, {"c"}),
     # q -> p is harmless when made (p -> q, q not there yet); once both exist they loop: p goes, q then stays
     "loop": ([symlink("p", "q"), symlink("q", "p")], {"p"}, {"q"}),
-    "absolute": ([symlink("abs", "/etc"), symlink("via-abs", "abs/passwd")], {"abs"}, {"via-abs"}),
     "up-from-a-subdirectory": ([directory("s"), symlink("s/t", "../../outside")], {"s/t"}, set()),
 }
 
@@ -200,6 +199,23 @@ def test_chained_symlinks_never_resolve_outside(tmp_path, shape):
     assert_everything_inside(target)
     assert list(outside.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
         "bundle", "outside", "work"]
+
+
+def test_an_absolute_link_is_recorded_not_created_and_raises_no_alarm(tmp_path):
+    """/etc/systemd/system/x.wants/y -> /lib/systemd/system/y is how a host is, not an attack: no exit 6."""
+    payload = make_bundle(tmp_path / "bundle", [directory("persistence"), symlink("persistence/sshd.service",
+                                                                                   "/lib/systemd/system/ssh.service"),
+                                                symlink("abs", "/etc"), symlink("via-abs", "abs/passwd"),
+                                                regular("ok.txt", b"fine")])
+    target = tmp_path / "target"
+    done, report = extract(payload, target)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report["refused"] == []
+    assert {(r["member"], r["target"]) for r in report["recorded"]} == {
+        ("persistence/sshd.service", "/lib/systemd/system/ssh.service"), ("abs", "/etc")}
+    assert not os.path.lexists(target / "abs") and not os.path.lexists(target / "persistence/sshd.service")
+    assert (target / "via-abs").is_symlink()  # it points to abs/passwd, inside, which is not there
+    assert_everything_inside(target)
 
 
 def test_a_later_link_that_changes_an_earlier_one_is_named_with_its_reason(tmp_path):
@@ -448,7 +464,7 @@ def test_a_schema_1_bundle_whose_detached_artifacts_disagree_is_refused(tmp_path
 
 def test_absolute_links_of_the_host_tree_are_made_relative_to_it(tmp_path):
     """Under fs/$rootfs$/ (schema 3) an absolute link means the host's root: it is created relative to the tree,
-    as a chroot sees it, and `..` cannot climb out of it. Anywhere else an absolute link is still refused."""
+    as a chroot sees it, and `..` cannot climb out of it. Anywhere else an absolute link is recorded, not made."""
     root = "fs/$rootfs$/"
     members = [regular(root + "usr/share/zoneinfo/Europe/Amsterdam", b"TZif2"),
                symlink(root + "etc/localtime", "/usr/share/zoneinfo/Europe/Amsterdam"),
@@ -461,8 +477,9 @@ def test_absolute_links_of_the_host_tree_are_made_relative_to_it(tmp_path):
     payload = make_bundle(tmp_path / "bundle", members)
     target = tmp_path / "target"
     done, report = extract(payload, target)
-    assert done.returncode == 6, done.stdout + done.stderr  # for volatile/escape alone
-    assert [r["member"] for r in report["refused"]] == ["volatile/escape"]
+    assert done.returncode == 0, done.stdout + done.stderr  # volatile/escape is recorded, without alarm
+    assert report["refused"] == [] and [r["member"] for r in report["recorded"]] == ["volatile/escape"]
+    assert not os.path.lexists(target / "volatile/escape")
     tree = target / "fs" / "$rootfs$"
     assert os.readlink(tree / "etc/localtime") == "../usr/share/zoneinfo/Europe/Amsterdam"
     assert (tree / "etc/localtime").read_bytes() == b"TZif2"

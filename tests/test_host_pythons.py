@@ -112,15 +112,15 @@ def test_capture_on_the_hosts_python_is_accepted_by_verify(debian_roots, pyz, tm
     captured = kit(root, pyz, version, tmp_path, "--json", "capture", "-r", recipient, "--only", "system", "--only",
                    "processes", "--out", WORK_INSIDE + "/out", "--allow-same-disk", "--case", "host-pythons",
                    timeout=timeout)
-    assert captured.returncode in (0, 6), explain(captured)  # 6: a /proc/PID/environ that could not be read
+    assert captured.returncode == 0, explain(captured)  # an environ the kernel keeps from root is no error
     result = json.loads(captured.stdout)
-    errors = [e for e in result["errors"] if e["kind"] == "error"]
-    assert all(e["source"] == "/proc/PID/environ" and "ermission" in e["reason"] for e in errors), errors
-    assert (captured.returncode == 6) == bool(errors)
+    assert not [e for e in result["errors"] if e["kind"] == "error"], result["errors"]
+    limited = [e for e in result["errors"] if e["kind"] == "limited"]
+    assert all(e["source"] == "/proc/PID/environ" and "ermission" in e["reason"] for e in limited), limited
     assert result["encrypted"] and result["payload"].startswith(WORK_INSIDE + "/out/")
     payload = tmp_path / "out" / Path(result["payload"]).name
     detached = json.loads(Path(str(payload) + ".manifest.json").read_text())
-    assert [e for e in detached["errors"] if e["kind"] == "error"] == errors
+    assert [e for e in detached["errors"] if e["kind"] == "limited"] == limited  # the manifest says them
     assert detached["tool"]["interpreter"]["version"].startswith(version + ".")  # made by the root's Python
     assert detached["tool"]["platform"]["machine"] == spec.machine
     if version == "3.15":  # PyPI has no cp315 zstandard wheel: capture degrades to gzip and says so

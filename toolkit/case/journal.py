@@ -19,9 +19,11 @@ POINTER = "bookgen-kit.case"  # beside the pyz, on the responder's medium: which
 GENESIS = "0" * 64
 SUBDIRS = ("evidence", "backups", "reports")
 OUTPUT_KEYS = ("payload", "manifest", "custody", "signature", "sums", "dump", "sidecar", "archive", "output",
-               "emergency_backup", "bundle", "identity_file", "previous_env", "report")
+               "emergency_backup", "bundle", "identity_file", "previous_env", "report", "indicators_csv",
+               "indicators_stix")
 CHANGE_KEYS = ("old_database", "restored_database", "database", "reset", "deleted", "paused", "unpaused",
-               "released", "allow_ssh_from", "restored", "confirmed", "index", "healthy", "state", "bundle")
+               "released", "allow_ssh_from", "restored", "confirmed", "index", "healthy", "state", "bundle",
+               "dropped")
 
 
 def canonical(entry: Dict[str, Any]) -> bytes:
@@ -221,8 +223,14 @@ def changes_of(document: Any) -> Dict[str, Any]:
         changes["revoke_at_provider"] = [{"name": k.get("name"), "fingerprint": k.get("fingerprint")}
                                          for k in document["revoke_at_provider"] if isinstance(k, dict)]
     if isinstance(document.get("findings"), list):
-        changes["findings"] = [{"id": f.get("id"), "severity": f.get("severity"), "title": f.get("title")}
-                               for f in document["findings"][:100] if isinstance(f, dict)]
+        changes["findings"] = [_finding_summary(f) for f in document["findings"][:100] if isinstance(f, dict)]
+    if isinstance(document.get("collectors"), list):  # a capture: what it could not do
+        changes["gaps"] = [{"collector": c.get("name"), "status": c.get("status"), "errors": c.get("errors")}
+                           for c in document["collectors"] if isinstance(c, dict) and
+                           (c.get("status") != "ok" or c.get("errors"))]
+        changes["unread"] = [{"collector": e.get("collector"), "source": e.get("source"),
+                              "reason": str(e.get("reason"))[:300]} for e in document.get("errors") or []
+                             if isinstance(e, dict) and e.get("kind") == "error"][:50]
     if isinstance(document.get("degraded"), list) and document["degraded"]:
         changes["degraded"] = [str(line)[:500] for line in document["degraded"][:20]]
     if isinstance(document.get("incidents"), list):
@@ -230,6 +238,23 @@ def changes_of(document: Any) -> Dict[str, Any]:
     if isinstance(document.get("plans"), list):
         changes["planned"] = {p["id"]: len(p.get("changes", [])) for p in document["plans"] if isinstance(p, dict)}
     return changes
+
+
+FINDING_DETAILS = ("container", "container_id", "service", "image", "runtime", "pids", "names", "exe", "sha256",
+                   "path_in_container", "host_path", "paths", "path", "remote", "remote_port", "port", "address",
+                   "fingerprint", "fingerprints", "user", "ancestry")
+
+
+def _finding_summary(finding: Dict[str, Any]) -> Dict[str, Any]:
+    """A finding as the journal keeps it: enough for the report's grouping, process tree and indicators
+    (the bundle itself is encrypted), bounded."""
+    details = finding.get("details") if isinstance(finding.get("details"), dict) else {}
+    kept = {k: details[k] for k in FINDING_DETAILS if k in details}
+    for key in ("pids", "paths", "sha256", "fingerprints", "names"):
+        if isinstance(kept.get(key), list):
+            kept[key] = kept[key][:20]
+    return {"id": finding.get("id"), "severity": finding.get("severity"), "title": finding.get("title"),
+            "evidence": list(finding.get("evidence") or [])[:20], "details": kept}
 
 
 def redact(argv: List[str]) -> List[str]:

@@ -218,6 +218,10 @@ def _render_capture(out, result) -> None:
     if result.signature:
         table.add_row("signature", result.signature)
     table.add_row("errors", str(len([e for e in result.errors if e["kind"] == "error"])))
+    quiet = [e for e in result.errors if e["kind"] != "error"]
+    if quiet:
+        table.add_row("noted", "%d left out on purpose or limited by the host (the manifest's errors list "
+                               "each, with kind skip or limited)" % len(quiet))
     table.add_row("time", "%.1f s" % result.seconds)
     console.print(table)
     for error in result.errors:
@@ -309,6 +313,9 @@ def extract_command(bundle, identity_files, passphrase_file, target, max_bytes, 
         if report.rebased:
             out.console.print("%d absolute links of the host's tree made relative to it (fs/$rootfs$), as a "
                               "chroot sees them: `rebased` in --json" % len(report.rebased))
+        if report.recorded:
+            out.console.print("%d other absolute links recorded, not created (they would point out of the target; "
+                              "`recorded` in --json)" % len(report.recorded))
         for item in report.refused:  # member names come from the bundle: never markup
             out.console.print("[yellow]refused[/yellow] %s: %s" % (escape(item["member"]), escape(item["reason"])))
     if report.refused:

@@ -12,9 +12,10 @@ this run created is removed and VerificationFailed names the first problems.
 
 An absolute symlink of the host's tree (under fs/$rootfs$/) is created relative
 to that tree, as a chroot would see it (the report lists each under `rebased`;
-the manifest keeps the host's target). Refused (recorded in the report, the rest
-goes on): absolute names, `..`, names below a symlink or a file, other symlinks
-whose target is absolute, symlinks that resolve outside
+the manifest keeps the host's target); any other absolute symlink is not created
+but listed under `recorded`, without alarm (a systemd link is not an attack).
+Refused (recorded in the report, the rest goes on, exit 6): absolute names, `..`,
+names below a symlink or a file, symlinks that resolve outside
 --to (component by component through the links extract made, and again once
 every member is in place), hard links, device nodes, FIFOs, members larger than
 the per-member limit (sparse or not). setuid, setgid and sticky bits are never
@@ -63,6 +64,8 @@ class ExtractReport:
     refused: List[dict] = field(default_factory=list)
     # absolute links of the host's tree (fs/$rootfs$/...) created relative to that tree: {member, target, created}
     rebased: List[dict] = field(default_factory=list)
+    # absolute links elsewhere, kept as the host had them in the report only: {member, target, reason}
+    recorded: List[dict] = field(default_factory=list)
     members: int = 0
     bytes_written: int = 0
     limits: Dict[str, int] = field(default_factory=dict)
@@ -80,6 +83,11 @@ class _Seen:
 
 class _Refused(Exception):
     """This member is not created (the reason goes into the report); extraction goes on."""
+
+
+class _Recorded(_Refused):
+    """A link that is what it is on the host, not an attack (an absolute target outside the host's tree:
+    /etc/systemd/system/x.wants/y -> /lib/systemd/system/y): not created, listed under `recorded`, no alarm."""
 
 
 def rebase_in_rootfs(relative: str, target: str) -> Optional[str]:
@@ -319,6 +327,8 @@ class _Extraction:
         rebased = rebase_in_rootfs(relative, target)
         if rebased is not None:
             target = rebased
+        elif target.startswith("/"):
+            raise _Recorded("absolute link to %s: recorded, not created (it would point out of --to)" % target)
         resolved, why = self.tree.resolve(relative.split("/")[:-1], target)
         if resolved is None:
             raise _Refused("symlink to %s: %s" % (member.linkname, why))
@@ -667,6 +677,9 @@ def _extract(run: _Extraction, paths, manifest: Dict[str, Any], identities: Sequ
             run.seen.append(item)
             try:
                 item.sha256 = _one_member(run, member, relative)
+            except _Recorded as why:
+                report.recorded.append({"member": member.name, "target": member.linkname, "reason": str(why)})
+                item.sha256 = run.read_through(member)
             except _Refused as why:
                 report.refused.append({"member": member.name, "reason": str(why)})
                 item.sha256 = run.read_through(member)  # keeps the stream aligned, and checkable

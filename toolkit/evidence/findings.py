@@ -253,7 +253,35 @@ def process_indicators(facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str,
             indicators.setdefault("process-ld-preload", []).append((fact, {("ld_preload", process["ld_preload"])}))
     found = []
     containers = containers_by_id(facts)
+    everyone = {fact["data"]["pid"]: fact["data"] for fact in facts.get("process", [])}
     for finding_id, entries in sorted(indicators.items()):
         for group in _group(entries):
-            found.append(_process_finding(finding_id, group, containers))
+            made = _process_finding(finding_id, group, containers)
+            made["details"]["ancestry"] = {pid: ancestry(pid, everyone, containers)
+                                           for pid in made["details"]["pids"][:10]}
+            found.append(made)
     return found
+
+
+MAX_ANCESTRY = 64
+
+
+def ancestry(pid: int, everyone: Dict[int, Dict[str, Any]], containers: Dict[str, Dict[str, Any]]
+             ) -> List[Dict[str, Any]]:
+    """The process and its parents up to PID 1 (or the first one gone), each with its name, exe and the
+    container it runs in (None on the host): what the report draws as a process tree."""
+    chain: List[Dict[str, Any]] = []
+    seen: Set[int] = set()
+    current: Optional[int] = pid
+    while current and current not in seen and len(chain) < MAX_ANCESTRY:
+        seen.add(current)
+        process = everyone.get(current)
+        if process is None:
+            chain.append({"pid": current, "name": None, "exe": None, "container": None, "gone": True})
+            break
+        container_id = process.get("container_id") or _container_by_cgroup(process, containers)
+        container = containers.get(container_id) if container_id else None
+        chain.append({"pid": current, "name": process.get("name"), "exe": process.get("exe"),
+                      "container": (container or {}).get("name") or (container_id[:12] if container_id else None)})
+        current = process.get("ppid")
+    return chain

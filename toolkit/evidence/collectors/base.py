@@ -96,7 +96,8 @@ class MemberEnd:
 class Skip:
     source: str
     reason: str
-    kind: str = "error"  # "error" (could not read) or "skip" (left out on purpose)
+    kind: str = "error"  # "error" (should have been read and was not: exit 6), "skip" (left out on purpose),
+    # "limited" (the host allows no more: a sandboxed process's environ; recorded, no alarm)
 
 
 @dataclass

@@ -410,13 +410,16 @@ class ProcessCollector(Collector):
         emit.json("volatile/processes.json", document, "/proc/PID/{status,stat,cmdline,environ,exe,cwd,root,fd,"
                   "maps,cgroup,ns}")
         if denied:
+            # the kernel's ptrace rules (another user namespace, a sandbox) keep some environ from every reader:
+            # a limit of the host, recorded, not a source the collector failed to read
             emit.skip("/proc/PID/environ", "%d processes only partly readable (permission denied: %s)" % (
-                denied, ", ".join(str(r["pid"]) for r in records if r["access"] != "full")[:200]))
+                denied, ", ".join(str(r["pid"]) for r in records if r["access"] != "full")[:200]), "limited")
         for record in records:
             if record["exe_deleted"] or (record["exe"] or "").startswith(SUSPICIOUS_DIRS):
                 record["binary_member"] = binary_member(record)
         for record in records:
-            fact = {k: record.get(k) for k in ("pid", "name", "exe", "exe_deleted", "exe_sha256", "cwd", "cmdline",
+            fact = {k: record.get(k) for k in ("pid", "ppid", "name", "exe", "exe_deleted", "exe_sha256", "cwd",
+                                               "cmdline",
                                                "maps", "container_id", "binary_member", "start_time", "uids",
                                                "cgroup", "namespaces")}
             fact.update(ld_preload=(record["environ"] or {}).get("LD_PRELOAD"), is_self=record["pid"] == os.getpid())
