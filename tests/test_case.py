@@ -71,13 +71,17 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         opened = kit("case", "open", "--id", "INC-2026-042", "--dir", str(case_dir), "--title",
                      "Suspicious logins on the BookGen API host", "--examiner", "alice", case=False)
         assert opened.returncode == 0, opened.stderr
-        steps = [("triage",), ("capture", "-r", recipient, "--root", str(host.root), "--skip", "timeline",
-                               "--skip", "tmp-executables"),
+        (host.root / "etc" / "cron.d").mkdir(parents=True, exist_ok=True)
+        (host.root / "etc" / "cron.d" / "backdoor").write_text("* * * * * root /dev/shm/.x\n")  # a recent change
+        steps = [("triage",), ("capture", "-r", recipient, "--root", str(host.root), "--skip", "tmp-executables"),
                  ("backup", "create"), ("rotate", "run", "--yes"),
                  ("harden", "plan", "--root", str(host.root), "--app-dir", "/opt/bookgen")]
         for step in steps:
             done = kit(*step)
             assert done.returncode in (0, 6), (step, done.stdout[-2000:], done.stderr)
+        for asked in (("rotate", "run", "--help"), ("contain", "apply", "--help"), ("harden", "apply", "--help"),
+                      ("keygen", "-y", str(identity))):
+            assert kit(*asked).returncode == 0
         assert kit("case", "note", "14:05 notified DBA").returncode == 0
         assert kit("case", "check", "Notify security team", "--note", "phoned the CISO at 14:10").returncode == 0
         reports = []
@@ -91,8 +95,9 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         # the journal: every command once, with its outputs' hashes
         entries = [json.loads(line) for line in (case_dir / "journal.jsonl").read_text().splitlines()]
         names = [e.get("command_name") for e in entries if e["kind"] == "command"]
-        assert names == ["triage", "capture", "backup create", "rotate run", "harden plan", "case report",
-                         "case report"]
+        assert names == ["triage", "capture", "backup create", "rotate run", "harden plan", "keygen", "case report",
+                         "case report"]  # no --help; reading a key ran, and made nothing:
+        assert next(e for e in entries if e.get("command_name") == "keygen")["outputs"] == []
         capture = next(e for e in entries if e.get("command_name") == "capture")
         payload = next(o for o in capture["outputs"] if o["path"].endswith(".tar.zst.age"))
         assert Path(payload["path"]).parent == case_dir / "evidence"  # outputs default into the case
@@ -139,6 +144,8 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         tree = markdown.split("## Process tree of the suspicious processes", 1)[1].split("\n## ", 1)[0]
         assert "pid %d" % sleeper.pid in tree and "[container bookgen-worker]" in tree, tree
         assert "### On the host" in markdown and "### On container bookgen-worker" in markdown
+        walk = markdown.split("## Timeline of the captured filesystem", 1)[1].split("\n## ", 1)[0]
+        assert "pid %d" % sleeper.pid in walk and "/etc/cron.d/backdoor" in walk, walk
 
         # the indicators: CSV, and STIX 2.1 that the stix2 library parses (patterns checked)
         import csv
@@ -160,7 +167,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         profile = tmp_path / "chromium-profile"
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--user-data-dir=%s" % profile, "--window-size=1200,1600"]
+                 "--user-data-dir=%s" % profile, "--window-size=1200,2600"]
         rendered = subprocess.run(["unshare", "-n", CHROMIUM, *flags, "--screenshot=%s" % shot,
                                    "file://%s" % reports[1]], capture_output=True, timeout=120)
         assert shot.exists() and shot.stat().st_size > 20000, rendered.stderr[-2000:]
@@ -168,6 +175,7 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
                              capture_output=True, text=True, timeout=120).stdout
         assert "<title>Incident report: INC-2026-042</title>" in dom and "Evidence inventory" in dom
         assert "Process tree of the suspicious processes" in dom and 'class="boundary"' in dom
+        assert '<svg class="timeline"' in dom and 'stroke="#c00"' in dom
 
         # closing seals it, signed; a flipped byte anywhere in the journal is caught
         key = tmp_path / "id_ed25519"

@@ -156,10 +156,40 @@ def indicators(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 add("path", path, "file", finding)
         for key in ("remote", "address"):
             address = _ip(details.get(key))
-            if address and not ipaddress.ip_address(address).is_unspecified:
+            if address and not (ipaddress.ip_address(address).is_unspecified or
+                                ipaddress.ip_address(address).is_loopback):
                 add("ip", address, "%s%s" % (key, ":%s" % details.get("remote_port") if key == "remote" and
                                               details.get("remote_port") else ""), finding)
         for fingerprint in details.get("fingerprints") or ([details["fingerprint"]] if details.get("fingerprint")
                                                            else []):
             add("ssh-key", fingerprint, "key fingerprint", finding)
     return sorted(seen.values(), key=lambda i: (i["type"], i["value"]))
+
+
+NEAR_SECONDS = 86400  # recent changes this close to a suspicious process's start are notable
+
+
+def timeline(entries: List[Dict[str, Any]], findings: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The newest capture's walk as a plot (changes per hour), the suspicious processes' starts marked on it,
+    and the notable events: files under /etc and the app changed near those starts (else the latest ones)."""
+    from toolkit.case import plot
+
+    walked = [e for e in _commands(entries) if (e.get("changes") or {}).get("timeline")]
+    if not walked:
+        return None
+    summary = walked[-1]["changes"]["timeline"]
+    marks = []
+    for finding in findings:
+        for chain in ((finding.get("details") or {}).get("ancestry") or {}).values():
+            if chain and chain[0].get("start_time"):
+                marks.append({"time": float(chain[0]["start_time"]), "label": "pid %s %s started: %s" % (
+                    chain[0].get("pid"), chain[0].get("name") or "", finding.get("title"))})
+    marks.sort(key=lambda m: m["time"])
+    for number, mark in enumerate(marks, 1):
+        mark["number"] = number
+    changes = summary.get("recent_changes") or []
+    near = [c for c in changes if any(abs(max(c["mtime"], c["ctime"]) - m["time"]) <= NEAR_SECONDS for m in marks)]
+    events = sorted(near or changes[:15], key=lambda c: max(c["mtime"], c["ctime"]))
+    drawn = plot.svg(summary.get("changes_per_hour") or {}, float(summary.get("until") or 0),
+                     int(summary.get("days") or 14), marks)
+    return {"svg": drawn, "marks": marks, "events": events, "seq": walked[-1]["seq"], "near": bool(near)}

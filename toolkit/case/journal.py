@@ -224,6 +224,11 @@ def changes_of(document: Any) -> Dict[str, Any]:
                                          for k in document["revoke_at_provider"] if isinstance(k, dict)]
     if isinstance(document.get("findings"), list):
         changes["findings"] = [_finding_summary(f) for f in document["findings"][:100] if isinstance(f, dict)]
+    if isinstance(document.get("timeline"), dict):  # a capture's walk: changes per hour, recent changes
+        timeline = document["timeline"]
+        changes["timeline"] = {"changes_per_hour": timeline.get("changes_per_hour") or {},
+                               "until": timeline.get("until"), "days": timeline.get("days"),
+                               "recent_changes": (timeline.get("recent_changes") or [])[:40]}
     if isinstance(document.get("collectors"), list):  # a capture: what it could not do
         changes["gaps"] = [{"collector": c.get("name"), "status": c.get("status"), "errors": c.get("errors")}
                            for c in document["collectors"] if isinstance(c, dict) and

@@ -79,7 +79,7 @@ def gather(directory: str) -> Dict[str, Any]:
             "findings": grouped, "incidents": incidents, "checklists": checklists.status(entries),
             "post_incident": post, "generated": utc.iso(), "state": analysis.host_state(entries),
             "gaps": analysis.capture_gaps(entries), "tree": analysis.process_tree(grouped),
-            "indicators": analysis.indicators(grouped)}
+            "indicators": analysis.indicators(grouped), "timeline": analysis.timeline(entries, grouped)}
 
 
 def _entry_text(entry: Dict[str, Any]) -> str:
@@ -158,6 +158,17 @@ def markdown(data: Dict[str, Any]) -> str:
         lines.append("- none")
     lines += ["", "## Process tree of the suspicious processes", ""]
     lines += _tree_lines(data["tree"]) or ["- none"]
+    plotted = data["timeline"]
+    lines += ["", "## Timeline of the captured filesystem", ""]
+    if plotted and plotted["svg"]:
+        lines += ["Capture #%d's walk; the plot is in the HTML report. The suspicious processes started:" %
+                  plotted["seq"], ""]
+        lines += ["%d. %s %s" % (m["number"], utc.iso(m["time"]), m["label"]) for m in plotted["marks"]] or ["- -"]
+        lines += ["", "Notable events%s:" % (" near those starts" if plotted["near"] else " (the latest changes)"), ""]
+        lines += ["- %s `%s`" % (utc.iso(max(c["mtime"], c["ctime"])), c["path"]) for c in plotted["events"]] or \
+            ["- none"]
+    else:
+        lines.append("No capture walked the filesystem (the timeline collector did not run).")
     lines += ["", "## Indicators", "", "| type | value | context | finding |", "|---|---|---|---|"]
     lines += ["| %s | `%s` | %s | %s |" % (i["type"], i["value"], i["context"], i["finding"].replace("|", "/"))
               for i in data["indicators"]] or ["| - | - | - | - |"]
@@ -235,6 +246,22 @@ def html_report(data: Dict[str, Any]) -> str:
     findings.append("</table>")
     tree = ["<h2>Process tree of the suspicious processes</h2>",
             _tree_html(data["tree"]) if data["tree"] else "<p>none</p>"]
+    plotted = data["timeline"]
+    walk = ["<h2>Timeline of the captured filesystem</h2>"]
+    if plotted and plotted["svg"]:
+        walk.append("<p>File changes per hour from capture #%d's walk (its bodyfile is in the bundle, for mactime "
+                    "and plaso).</p>%s" % (plotted["seq"], plotted["svg"]))
+        walk += ["<ol>"] + ["<li>%s %s</li>" % (_e(utc.iso(m["time"])), _e(m["label"])) for m in plotted["marks"]] + \
+            ["</ol>"]
+        walk.append("<h3>Notable events%s</h3><table><tr><th>changed (UTC)</th><th>path</th></tr>" % (
+            " near the suspicious processes' starts" if plotted["near"] else ": the latest changes under /etc and "
+                                                                             "the app"))
+        walk += ["<tr><td>%s</td><td><code>%s</code></td></tr>" % (
+            _e(utc.iso(max(c["mtime"], c["ctime"]))), _e(c["path"])) for c in plotted["events"]] or \
+            ["<tr><td colspan=2>none</td></tr>"]
+        walk.append("</table>")
+    else:
+        walk.append("<p>No capture walked the filesystem (the timeline collector did not run).</p>")
     found = ["<h2>Indicators</h2><p>Also as CSV and as a STIX 2.1 bundle beside this report (SSH key fingerprints: "
              "CSV only).</p><table><tr><th>type</th><th>value</th><th>context</th><th>finding</th></tr>"]
     found += ["<tr><td>%s</td><td><code>%s</code></td><td>%s</td><td>%s</td></tr>" % (
@@ -277,7 +304,7 @@ def html_report(data: Dict[str, Any]) -> str:
             "<li>%s %s</li>" % ("&#9745;" if i["done"] else "&#9744;", _e(i["item"])) for i in items)))
     tail = ["<p><small>Generated %s by bookgen-kit from the case journal.</small></p></body></html>" %
             _e(data["generated"])]
-    out = head + state + findings + tree + found + gaps + changes + checks + evidence + timeline + post + tail
+    out = head + state + findings + tree + walk + found + gaps + changes + checks + evidence + timeline + post + tail
     return "\n".join(out) + "\n"
 
 

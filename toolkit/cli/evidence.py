@@ -187,7 +187,7 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
                        "payload_sha256": result.payload_sha256, "members": result.members,
                        "artifacts": result.artifacts, "errors": result.errors, "collectors": result.collectors,
                        "seconds": result.seconds, "encrypted": result.encrypted, "findings": result.findings,
-                       "degraded": result.degraded})
+                       "degraded": result.degraded, "timeline": result.timeline})
     if out.json:
         out.emit_json(out.document)
     else:

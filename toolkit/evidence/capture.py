@@ -94,6 +94,7 @@ class CaptureResult:
     encrypted: bool
     findings: List[Dict[str, Any]]
     degraded: List[str]  # what ran in a lesser way (manifest: collection.degraded)
+    timeline: Optional[Dict[str, Any]] = None  # changes per hour and recent changes (the case report's plot)
 
 
 
@@ -475,7 +476,8 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
             out.commit()
     return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
                          payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
-                         collector_stats, round(time.time() - started, 2), options.encrypt, findings, degraded)
+                         collector_stats, round(time.time() - started, 2), options.encrypt, findings, degraded,
+                         (recorder.facts.get("timeline_summary") or [{}])[0].get("data"))
 
 
 CONTAINER_MODE_ENV = "BOOKGEN_KIT_CONTAINER_MODE"

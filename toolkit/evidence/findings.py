@@ -282,6 +282,7 @@ def ancestry(pid: int, everyone: Dict[int, Dict[str, Any]], containers: Dict[str
         container_id = process.get("container_id") or _container_by_cgroup(process, containers)
         container = containers.get(container_id) if container_id else None
         chain.append({"pid": current, "name": process.get("name"), "exe": process.get("exe"),
-                      "container": (container or {}).get("name") or (container_id[:12] if container_id else None)})
+                      "container": (container or {}).get("name") or (container_id[:12] if container_id else None),
+                      "start_time": process.get("start_time")})
         current = process.get("ppid")
     return chain

@@ -22,6 +22,7 @@ SKIPPED_FS = {0x9FA0: "proc", 0x62656572: "sysfs", 0x27E0EB: "cgroup", 0x6367727
               0x564C: "ncp", 0x1373: "devfs", 0x42494E4D: "binfmt_misc", 0x19800202: "mqueue",
               0x958458F6: "hugetlbfs", 0x187: "autofs", 0x73717368: "squashfs"}
 RECENT_DAYS = 7
+HISTOGRAM_DAYS = 14  # changes per hour over this many days: the case report's timeline plot
 AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BTIME = 0x800
 STATX_ATTR_IMMUTABLE = 0x10
@@ -282,6 +283,11 @@ class TimelineCollector(Collector):
                       "the timeline walk")
             for entry in state["notable"]["suid_sgid"]:
                 emit.fact("suid", entry, "timeline/notable.json")
+            recent = sorted(state["notable"]["recent_changes"], key=lambda r: -max(r["mtime"], r["ctime"]))
+            emit.fact("timeline_summary", {
+                "bucket_seconds": 3600, "days": HISTOGRAM_DAYS, "until": time.time(),
+                "changes_per_hour": {str(k): v for k, v in sorted(state.get("histogram", {}).items())},
+                "recent_changes": recent[:40], "entries": state["entries"]}, BODYFILE)
             copied = set()
             for kind in ("capabilities", "immutable", "append_only", "unpackaged_system_executables", "no_owner",
                          "suid_sgid"):
@@ -327,6 +333,8 @@ class TimelineCollector(Collector):
     def _walk(context: CollectionContext, roots: List[str], state: Dict, emit: Emitter):
         births = BirthTimes()
         recent = time.time() - RECENT_DAYS * 86400
+        histogram_since = time.time() - HISTOGRAM_DAYS * 86400
+        histogram = state.setdefault("histogram", {})
         watch = ("/etc/", context.deployment.app_dir.rstrip("/") + "/")
         notable = state["notable"]
         lists = state["lists"]
@@ -407,7 +415,11 @@ class TimelineCollector(Collector):
                 notable["suid_sgid"].append({"path": logical, "mode": "%o" % mode, "uid": info.st_uid})
             if mode & stat.S_IWOTH and not stat.S_ISLNK(mode) and not (stat.S_ISDIR(mode) and mode & stat.S_ISVTX):
                 notable["world_writable"].append({"path": logical, "mode": "%o" % mode})
-            if stat.S_ISREG(mode) and max(info.st_mtime, info.st_ctime) >= recent and logical.startswith(watch):
+            changed = max(info.st_mtime, info.st_ctime)
+            if changed >= histogram_since:  # the report's plot: changes per hour, the last HISTOGRAM_DAYS
+                hour = int(changed // 3600 * 3600)
+                histogram[hour] = histogram.get(hour, 0) + 1
+            if stat.S_ISREG(mode) and changed >= recent and logical.startswith(watch):
                 notable["recent_changes"].append({"path": logical, "mtime": info.st_mtime, "ctime": info.st_ctime})
             state["entries"] += 1
             return "0|%s|%d|%s|%d|%d|%d|%d|%d|%d|%d\n" % (
