@@ -75,7 +75,8 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         (host.root / "etc" / "cron.d" / "backdoor").write_text("* * * * * root /dev/shm/.x\n")  # a recent change
         steps = [("triage",), ("capture", "-r", recipient, "--root", str(host.root), "--skip", "tmp-executables"),
                  ("backup", "create"), ("rotate", "run", "--yes"),
-                 ("harden", "plan", "--root", str(host.root), "--app-dir", "/opt/bookgen")]
+                 ("harden", "plan", "--root", str(host.root), "--app-dir", "/opt/bookgen"),
+                 ("capture", "-r", recipient, "--only", "processes")]  # a second look: the same findings again
         for step in steps:
             done = kit(*step)
             assert done.returncode in (0, 6), (step, done.stdout[-2000:], done.stderr)
@@ -95,8 +96,8 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         # the journal: every command once, with its outputs' hashes
         entries = [json.loads(line) for line in (case_dir / "journal.jsonl").read_text().splitlines()]
         names = [e.get("command_name") for e in entries if e["kind"] == "command"]
-        assert names == ["triage", "capture", "backup create", "rotate run", "harden plan", "keygen", "case report",
-                         "case report"]  # no --help; reading a key ran, and made nothing:
+        assert names == ["triage", "capture", "backup create", "rotate run", "harden plan", "capture", "keygen",
+                         "case report", "case report"]  # no --help; reading a key ran, and made nothing:
         assert next(e for e in entries if e.get("command_name") == "keygen")["outputs"] == []
         capture = next(e for e in entries if e.get("command_name") == "capture")
         payload = next(o for o in capture["outputs"] if o["path"].endswith(".tar.zst.age"))
@@ -144,6 +145,11 @@ def test_a_whole_incident(running_stack, medium, tmp_path):
         tree = markdown.split("## Process tree of the suspicious processes", 1)[1].split("\n## ", 1)[0]
         assert "pid %d" % sleeper.pid in tree and "[container bookgen-worker]" in tree, tree
         assert "### On the host" in markdown and "### On container bookgen-worker" in markdown
+        implant_rows = [line for line in markdown.splitlines() if "runs a deleted binary" in line and
+                        "pid %d " % sleeper.pid in line]
+        assert len(implant_rows) == 1, implant_rows  # one row for two captures, which it names
+        seen = markdown.split(implant_rows[0], 1)[1].splitlines()[1]
+        assert "seen by #3" in seen and ", #7 " in seen, seen
         walk = markdown.split("## Timeline of the captured filesystem", 1)[1].split("\n## ", 1)[0]
         assert "pid %d" % sleeper.pid in walk and "/etc/cron.d/backdoor" in walk, walk
 

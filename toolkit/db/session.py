@@ -7,8 +7,8 @@ Invariants:
   rows, COPY data and the end of a request are never confused; the verdict comes from psql's own ERROR
   and LAST_ERROR_MESSAGE variables, not from parsing stderr;
 - attempt() and copy_out() run under a savepoint: a failed read (a damaged page) costs that read only;
-- a psql that dies or stops answering ends the session with an error, never a hang (the read waits on data
-  or end of stream, and close() kills what is left).
+- a psql that dies ends the session with an error (SessionLost), not a wait for output that cannot come;
+  a query the server takes long over is waited for, as psql itself would; close() kills what is left.
 """
 from __future__ import annotations
 
