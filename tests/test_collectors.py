@@ -31,9 +31,9 @@ def kit(*args, env=None, timeout=300, user=None):
 
 def only_environ_denials(errors) -> bool:
     """Even root may not read a sandboxed process's environment: that is a limit of the host (kind "limited",
-    no exit 6), never an error."""
-    return not [e for e in errors if e["kind"] == "error"] and all(
-        e["kind"] in ("skip", "limited") for e in errors)
+    no exit 6), never an error; what is left out on purpose (skip) or refused by design (a symlinked path
+    component on a live host) is recorded too. Nothing of kind "error"."""
+    return not [e for e in errors if e["kind"] == "error"]
 
 
 @pytest.fixture
