@@ -107,6 +107,9 @@ def process_tree(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 pid = int(link["pid"])
                 node = nodes.setdefault(pid, {"pid": pid, "name": link.get("name"), "exe": link.get("exe"),
                                               "container": link.get("container"), "findings": [], "children": []})
+                named = link.get("container")
+                if named and (not node["container"] or _is_short_id(node["container"])) and not _is_short_id(named):
+                    node["container"] = named  # a capture that knew the container's name says it best
                 if index == 0 and finding.get("title") not in node["findings"]:
                     node["findings"].append(finding.get("title"))
                 if index + 1 < len(chain):
@@ -121,6 +124,10 @@ def process_tree(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             parent["children"].append(node)
         node["boundary"] = parent is not None and parent.get("container") != node.get("container")
     return roots
+
+
+def _is_short_id(text: str) -> bool:
+    return len(text) == 12 and all(c in "0123456789abcdef" for c in text)
 
 
 def _ip(value: Any) -> Optional[str]:
