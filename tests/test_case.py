@@ -233,10 +233,15 @@ def test_the_journal_records_what_ran_and_the_checklist_what_is_in_force(topolog
                                 "apply", "--allow-ssh-from", "10.231.11.1/32"], capture_output=True, text=True,
                                env=env, timeout=120)
     assert contained.returncode == 0, contained.stderr
+    rotated = kit("--json", "rotate", "run", "--only", "SECRET_KEY", "--yes")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     checklist = json.loads(kit("--json", "case", "checklist").stdout)
     breach = {i["item"]: i for i in checklist["security-breach"]}
     assert breach["Isolate system"]["status"] == "done"
     assert breach["Implement additional security"]["status"] == "done"
+    credentials = breach["Change all credentials"]  # one secret of three rotated: not done, and it says which
+    assert credentials["status"] == "pending" and "not rotated yet: DATABASE_PASSWORD, REDIS_PASSWORD" in \
+        credentials["by"], credentials
 
     released = subprocess.run(["ip", "netns", "exec", topology["target"], sys.executable, "-m", "toolkit", "contain",
                                "release"], capture_output=True, text=True, env=env, timeout=120)
@@ -245,8 +250,8 @@ def test_the_journal_records_what_ran_and_the_checklist_what_is_in_force(topolog
 
     entries = [json.loads(line) for line in (case_dir / "journal.jsonl").read_text().splitlines()]
     names = [e["command_name"] for e in entries if e["kind"] == "command"]
-    assert names == ["keygen", "keygen", "harden apply", "contain apply", "case checklist", "contain release",
-                     "harden rollback"], names
+    assert names == ["keygen", "keygen", "harden apply", "contain apply", "rotate run", "case checklist",
+                     "contain release", "harden rollback"], names
     made, read = [e for e in entries if e.get("command_name") == "keygen"]
     assert made["outputs"] == [{"path": str(team), "kind": "secret key"}]  # named, never hashed
     assert read["outputs"] == []  # reading a key produces nothing

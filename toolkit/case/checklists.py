@@ -71,6 +71,10 @@ def _credentials(entries: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     if not finished:
         return None
     entry = finished[-1]
+    rotated = {name for e in finished for name in ((e.get("changes") or {}).get("rotated") or {})}
+    missing = sorted(set((entry.get("changes") or {}).get("rotatable") or []) - rotated)
+    if missing:  # a run with --only: the others are still the old values
+        return {"entry": entry, "open": "not rotated yet: %s" % ", ".join(missing)}
     provider = (entry.get("changes") or {}).get("revoke_at_provider") or []
     if provider:
         return {"entry": entry, "open": "rotated; still to revoke at their provider: %s" % ", ".join(

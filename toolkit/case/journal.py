@@ -219,6 +219,8 @@ def changes_of(document: Any) -> Dict[str, Any]:
     if isinstance(document.get("secrets"), dict):  # a rotation: fingerprints only
         changes["rotated"] = {name: {"new_fingerprint": entry.get("new_fingerprint"), "state": entry.get("state")}
                               for name, entry in document["secrets"].items()}
+    if isinstance(document.get("rotatable"), list) and "secrets" in document:
+        changes["rotatable"] = [str(name) for name in document["rotatable"]]
     if isinstance(document.get("revoke_at_provider"), list) and "secrets" in document:
         changes["revoke_at_provider"] = [{"name": k.get("name"), "fingerprint": k.get("fingerprint")}
                                          for k in document["revoke_at_provider"] if isinstance(k, dict)]

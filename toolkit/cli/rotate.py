@@ -88,14 +88,14 @@ def plan_command(only, deployment) -> None:
 @json_option
 def run_command(only, yes, recreate, db_container, admin_dsn, deployment) -> None:
     """Rotate now."""
-    from toolkit.secrets.rotation import recreate_command, revoke_at_provider, run
+    from toolkit.secrets.rotation import recreate_command, outcome_notes, run
 
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError("rotation changes live credentials and no terminal can confirm it", hint="add --yes")
         click.confirm("Rotate the secrets of %s on the live services?" % deployment.env_path, abort=True, err=True)
     options = _options(deployment, only, db_container, admin_dsn)
-    document = dict(run(options), **revoke_at_provider(options))
+    document = dict(run(options), **outcome_notes(options))
     document["recreate"] = recreate_command(deployment.app_dir) if recreate else {
         "ran": False, "note": "containers read the .env only when created: recreate api and worker "
                               "(`--recreate`, or docker compose up -d --force-recreate api worker); a restart is "
@@ -112,10 +112,10 @@ def run_command(only, yes, recreate, db_container, admin_dsn, deployment) -> Non
 @json_option
 def resume_command(db_container, admin_dsn, deployment) -> None:
     """Continue an interrupted rotation from its recorded state."""
-    from toolkit.secrets.rotation import resume, revoke_at_provider
+    from toolkit.secrets.rotation import outcome_notes, resume
 
     options = _options(deployment, (), db_container, admin_dsn)
-    _render(dict(resume(options), **revoke_at_provider(options)))
+    _render(dict(resume(options), **outcome_notes(options)))
 
 
 @rotate_group.command("rollback")
@@ -124,10 +124,10 @@ def resume_command(db_container, admin_dsn, deployment) -> None:
 @json_option
 def rollback_command(db_container, admin_dsn, deployment) -> None:
     """Before finish: put the old values back on the services and drop .env.pending."""
-    from toolkit.secrets.rotation import revoke_at_provider, rollback
+    from toolkit.secrets.rotation import outcome_notes, rollback
 
     options = _options(deployment, (), db_container, admin_dsn)
-    _render(dict(rollback(options), **revoke_at_provider(options)))
+    _render(dict(rollback(options), **outcome_notes(options)))
 
 
 @rotate_group.command("status")

@@ -11,6 +11,7 @@ directory that others can write anywhere on the way is refused (exit 4) before a
 from __future__ import annotations
 
 import json
+import dataclasses
 import os
 import signal
 import socket
@@ -113,11 +114,13 @@ def plan(options: RotationOptions) -> Dict[str, Any]:
     }
 
 
-def revoke_at_provider(options: RotationOptions) -> Dict[str, Any]:
-    """The keys no rotation here can change (only their provider can revoke them), with fingerprints: said
-    with every rotation outcome, so that none is taken for done."""
+def outcome_notes(options: RotationOptions) -> Dict[str, Any]:
+    """What a rotation outcome must also say, so that nothing is taken for done: every secret this .env has a
+    rotator for (`rotatable`; a run with --only covers some), and the keys no rotation here can change (only
+    their provider can revoke them), with fingerprints."""
     values = dotenv.read(options.env_file).values()
-    return {"revoke_at_provider": [{"name": k, "fingerprint": fingerprint(values[k])} for k in provider_keys(values)],
+    return {"rotatable": sorted(r.name for r in _rotators(values, dataclasses.replace(options, only=[]))),
+            "revoke_at_provider": [{"name": k, "fingerprint": fingerprint(values[k])} for k in provider_keys(values)],
             "provider_note": "nothing offline can rotate these: revoke and reissue them at their provider, set them "
                              "in the .env, then `bookgen-kit case check \"Change all credentials\"`"}
 
