@@ -186,6 +186,19 @@ def test_encrypted_salvage_set_opens_with_age_and_restores_in_a_throwaway_cluste
                           env=env).stdout)
     assert plan["deleted"] == [second["dump"]]  # the verified one is kept
     assert not Path(second["salvage"]["file"]).exists() and salvage_file.exists()  # a set goes with its salvage
+    # a sidecar edited to name another file as its salvage file: refused by verify, never touched by prune
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    sidecar_path = Path(json.loads(created.stdout)["sidecar"])
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["salvage"]["file"]["file"] = "../precious.txt"
+    sidecar_path.write_text(json.dumps(sidecar))
+    tampered = kit("--json", "backup", "verify", json.loads(created.stdout)["dump"], "-i", str(key), "--dsn", dsn,
+                   env=env)
+    assert tampered.returncode == 5 and "not this set's salvage file" in tampered.stdout, tampered.stdout
+    os.utime(json.loads(created.stdout)["dump"], (time.time() - 3 * 86400,) * 2)
+    kit("backup", "prune", str(out), "--keep-last", "0", "--keep-days", "0", "--apply", env=env)
+    assert precious.read_text() == "keep me"
 
 
 def test_repair_reindexes_what_it_can_after_a_salvage_backup(damaged):

@@ -150,8 +150,8 @@ def indicators(findings: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
     for finding in findings:
         details = finding.get("details") or {}
-        for digest in details.get("sha256") or [] if isinstance(details.get("sha256"), list) else \
-                [details.get("sha256")]:
+        digests = details.get("sha256")
+        for digest in digests if isinstance(digests, list) else [digests]:
             add("sha256", digest, "binary %s" % (details.get("exe") or ""), finding)
         for key in ("exe", "host_path", "path_in_container", "path"):
             if isinstance(details.get(key), str) and details[key].startswith("/") and \

@@ -129,10 +129,18 @@ class BackupSet:
         raise BadInputError("not a backup: %s (expected .dump[.age], .sql or .sql.gz)" % self.dump)
 
     @property
+    def salvage_name(self) -> str:
+        """The one name this set's salvage file can have: beside the dump, `.salvage.sql` for `.dump`."""
+        return os.path.basename(self.dump).replace(".dump", ".salvage.sql", 1)
+
+    @property
     def salvage_path(self) -> Optional[str]:
-        """The set's salvage file (rows of damaged tables), when it has one."""
+        """The set's salvage file (rows of damaged tables), when its sidecar names one. Only by the set's own
+        name: a sidecar edited to name another file (../../etc/passwd) never makes prune or restore touch it."""
         entry = ((self.load_sidecar() or {}).get("salvage") or {}).get("file")
-        return os.path.join(self.directory, entry["file"]) if entry else None
+        if not entry or entry.get("file") != self.salvage_name:
+            return None
+        return os.path.join(self.directory, self.salvage_name)
 
     def load_sidecar(self) -> Optional[Dict[str, Any]]:
         try:
@@ -156,12 +164,6 @@ def locate_set(path: str) -> BackupSet:
     if not os.path.isfile(path):
         raise BadInputError("no backup at %s" % path)
     return BackupSet(path, path + SIDECAR_SUFFIX, os.path.dirname(path))
-
-
-def _update_sums_many(directory: str, digests: Dict[str, str]) -> None:
-    from toolkit.evidence.capture import update_sums
-
-    update_sums(directory, digests)
 
 
 # --------------------------------------------------------------------------- create
@@ -350,7 +352,9 @@ def create_backup(server: Server, dbname: str, out_dir: str, recipients: Sequenc
     sums = {name: dumped["sha256"]}
     if salvage_file:
         sums[salvage_file["file"]] = salvage_file["sha256"]
-    _update_sums_many(backup.directory, sums)
+    from toolkit.evidence.capture import update_sums
+
+    update_sums(backup.directory, sums)
     result = {"dump": path, "sidecar": backup.sidecar, "size": dumped["size"], "sha256": dumped["sha256"],
               "tables": len(counts), "rows": sum(c["rows"] for c in counts.values()), "seconds": sidecar["seconds"]}
     if salvage:
@@ -494,9 +498,12 @@ def _verify_salvage_file(backup: BackupSet, entry: Dict[str, Any], identities: S
                          result: VerifyResult) -> None:
     """The salvage file: its checksum against the sidecar, and a full read that ends with the end line."""
     from toolkit.db.salvage import HEADER, TRAILER
-    from toolkit.errors import KitError
 
-    path = os.path.join(backup.directory, entry["file"])
+    if entry.get("file") != backup.salvage_name:
+        result.add("salvage file", False, "the sidecar names %r, not this set's salvage file %s" % (
+            entry.get("file"), backup.salvage_name))
+        return
+    path = os.path.join(backup.directory, backup.salvage_name)
     if not os.path.isfile(path):
         result.add("salvage file", False, "%s is missing" % path)
         return
@@ -610,13 +617,14 @@ def _restore_salvage_set(server: Server, backup: BackupSet, dbname: str, identit
                          args: List[str]) -> List[str]:
     """Schema, then the salvaged rows, then the rest of the data, then indexes and constraints; a foreign key
     that no longer holds (it points to lost rows) is added NOT VALID, and named."""
-    for section in ("pre-data", "salvage", "data"):
-        if section == "salvage":
-            _psql(server, dbname, plaintext_chunks(backup, identities, salvage=True))
-            continue
-        done = server.run_tool("pg_restore", args + ["--section=%s" % section], dbname=dbname,
+    def section(name: str) -> None:
+        done = server.run_tool("pg_restore", args + ["--section=%s" % name], dbname=dbname,
                                stdin=plaintext_chunks(backup, identities))
-        check_tool(done, "pg_restore --section=%s" % section)
+        check_tool(done, "pg_restore --section=%s" % name)
+
+    section("pre-data")
+    _psql(server, dbname, plaintext_chunks(backup, identities, salvage=True))
+    section("data")
     script: List[bytes] = []
     done = server.run_tool("pg_restore", [a for a in args if a != "--exit-on-error"] + [
         "--section=post-data", "-f", "-"], stdin=plaintext_chunks(backup, identities), stdout=script.append)

@@ -64,7 +64,7 @@ def check_btree(query: Query, oid: str, name: str, with_heap: bool) -> Optional[
         return {"relation": name, "kind": "index", "block": named.block, "offset": None, "error": named.error}
 
 
-def _find(query: Query, items: List[Any], check: Callable[[List[Any]], None]) -> List[Any]:
+def _find(items: List[Any], check: Callable[[List[Any]], None]) -> List[Any]:
     """The items whose check fails: the whole list in one statement, halves of a failing list in turn."""
     if not items:
         return []
@@ -75,7 +75,7 @@ def _find(query: Query, items: List[Any], check: Callable[[List[Any]], None]) ->
         if len(items) == 1:
             return items
         middle = len(items) // 2
-        return _find(query, items[:middle], check) + _find(query, items[middle:], check)
+        return _find(items[:middle], check) + _find(items[middle:], check)
 
 
 def _oids(items: List[Any]) -> str:
@@ -95,7 +95,7 @@ def _amcheck(query: Query) -> Tuple[List[Dict[str, Any]], str]:
             damaged.append({"relation": name, "kind": "heap", "block": int(block) if block is not None else None,
                             "offset": int(offset) if offset is not None else None, "error": message})
 
-    for oid, name, blocks in _find(query, heaps, heaps_at_once):
+    for oid, name, blocks in _find(heaps, heaps_at_once):
         damaged += check_heap(query, oid, name, int(blocks))
     oids = {name: oid for oid, name, _b in heaps}
     dirty_tables = {oids.get(d["relation"]) for d in damaged}
@@ -106,7 +106,7 @@ def _amcheck(query: Query) -> Tuple[List[Dict[str, Any]], str]:
               "JOIN pg_index i ON i.indexrelid = c.oid WHERE c.oid IN (%s)" % (
                   ", ".join(quote_literal(t) for t in sorted(t for t in dirty_tables if t)) or "''", _oids(items)))
 
-    for oid, name, table in _find(query, indexes, indexes_at_once):
+    for oid, name, table in _find(indexes, indexes_at_once):
         problem = check_btree(query, oid, name, table not in dirty_tables)
         if problem:
             damaged.append(problem)

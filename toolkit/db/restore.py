@@ -80,15 +80,15 @@ def terminate_sessions(server: Server, database: str) -> int:
 
 def _services_engine(names: Sequence[str]):
     """The Docker client that can stop these containers, or a refusal naming why (before anything changes)."""
-    from toolkit.containers.engine import client
-    from toolkit.db.target import _first_line
+    from toolkit.containers.engine import client, explain
+    from toolkit.errors import KitError
 
     try:
         docker_client = client(timeout=60)
         docker_client.ping()
     except Exception as error:
-        raise EnvironmentProblem("--stop-services needs the Docker engine, which does not answer (%s): nothing "
-                                 "was changed" % _first_line(error),
+        reason = error.message if isinstance(error, KitError) else explain(error, 60)
+        raise EnvironmentProblem("--stop-services needs the Docker engine, and %s: nothing was changed" % reason,
                                  hint="stop the services another way and run restore without --stop-services")
     missing = []
     for name in names:

@@ -136,13 +136,18 @@ class HostServer(Server):
     def description_of(self, database: str) -> str:
         return "%s@%s:%d/%s" % (self.params.user, self.params.host, self.params.port, database)
 
+    def _connect(self, dbname: str, autocommit: bool):
+        import psycopg
+
+        return psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname, user=self.params.user,
+                               password=self.params.password or None, connect_timeout=5,
+                               application_name="bookgen-kit", autocommit=autocommit)
+
     def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
         import psycopg
 
         try:
-            with psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname or self.params.dbname,
-                                 user=self.params.user, password=self.params.password or None, connect_timeout=5,
-                                 application_name="bookgen-kit", autocommit=True) as conn:
+            with self._connect(dbname or self.params.dbname, autocommit=True) as conn:
                 with conn.cursor() as cur:
                     cur.execute(sql)
                     return [[None if v is None else str(v) for v in row] for row in cur.fetchall()] \
@@ -156,9 +161,7 @@ class HostServer(Server):
         import psycopg
 
         try:
-            with psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname or self.admin_database,
-                                 user=self.params.user, password=self.params.password or None, connect_timeout=5,
-                                 application_name="bookgen-kit") as conn:
+            with self._connect(dbname or self.admin_database, autocommit=False) as conn:
                 with conn.transaction():
                     for statement in statements:
                         conn.execute(statement)
@@ -169,9 +172,7 @@ class HostServer(Server):
         import psycopg
 
         try:
-            conn = psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname, user=self.params.user,
-                                   password=self.params.password or None, connect_timeout=5,
-                                   application_name="bookgen-kit", autocommit=True)
+            conn = self._connect(dbname, autocommit=True)
         except psycopg.Error as error:
             raise DatabaseUnreachable("%s: %s" % (self.description, _first_line(error))) from None
         return HostSession(conn)
@@ -181,9 +182,7 @@ class HostServer(Server):
         import psycopg
 
         try:
-            conn = psycopg.connect(host=self.params.host, port=self.params.port, dbname=dbname, user=self.params.user,
-                                   password=self.params.password or None, connect_timeout=5,
-                                   application_name="bookgen-kit")
+            conn = self._connect(dbname, autocommit=False)
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             name = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
         except psycopg.Error as error:

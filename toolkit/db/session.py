@@ -17,7 +17,7 @@ import io
 import secrets
 import socket
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from toolkit.db.server import ReadFailed, read_exec_frames
 from toolkit.errors import EnvironmentProblem
@@ -63,9 +63,9 @@ class PsqlSession:
                 self._ended = True
                 self._ready.notify_all()
 
-    def _request(self, script: str) -> bytes:
+    def _request(self, script: str) -> Tuple[bytes, str]:
         """Send script (which must print the marker line last); return what it printed before the marker,
-        and the marker's status word and message."""
+        and the rest of the marker's line (its status word and message)."""
         self._serial += 1
         marker = ("__bookgen_kit_%s_%d__" % (self._nonce, self._serial)).encode()
         try:
@@ -84,7 +84,7 @@ class PsqlSession:
                 self._ready.wait(1.0)
             output, line = bytes(self._out[:at]), bytes(self._out[at + len(marker):end])
             del self._out[:end + 1]
-        return output + b"\0" + line
+        return output, line.decode("utf-8", "replace")
 
     def _run(self, sql: str, savepoint: bool) -> bytes:
         statement = sql.strip().rstrip(";") + ";\n"
@@ -96,8 +96,7 @@ class PsqlSession:
             script = (statement + "\\if :ERROR\n\\echo @MARKER@FAIL :LAST_ERROR_MESSAGE\n\\else\n\\echo @MARKER@OK\n"
                       "\\endif\n")
         with self._lock:
-            output, _, verdict = self._request(script).rpartition(b"\0")
-        status = verdict.decode("utf-8", "replace")
+            output, status = self._request(script)
         if status.startswith("FAIL"):
             raise ReadFailed(status[4:].strip() or "the query failed")
         return output
