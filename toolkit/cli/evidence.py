@@ -127,12 +127,22 @@ class _Progress:
 @click.option("--deadline", "deadline", type=float, metavar="SECONDS",
               help="The whole capture ends by then (default: volatile 600, triage 1800, full 21600); collectors "
                    "not reached are recorded as not run.")
+@click.option("--memory", is_flag=True,
+              help="Image the whole physical memory first (LiME, in the encrypted bundle); `full` does anyway.")
+@click.option("--process-memory", "process_memory", multiple=True, type=int, metavar="PID",
+              help="Also dump this process's memory as an ELF core (the findings' processes are dumped anyway).")
+@click.option("--freeze", is_flag=True, help="SIGSTOP each process for the duration of its dump, then SIGCONT.")
+@click.option("--process-memory-limit", default="1G", show_default=True, metavar="SIZE",
+              help="At most this much memory in one process's core (the rest is listed as left out).")
+@click.option("--process-memory-total", default="4G", show_default=True, metavar="SIZE",
+              help="At most this much in all process cores together.")
 @deployment_options
 @json_option
 def capture_command(out_dir, recipients, recipient_files, use_passphrase, passphrase_file, no_encrypt, profile,
                     includes, only, skip_collectors, case_id, evidence_id, examiner, purpose, authority, sign_key,
                     sign_passphrase_file, compression, max_file_size, root, allow_same_disk, docker_root,
-                    expected_ports, force, budgets, deadline, deployment) -> None:
+                    expected_ports, force, budgets, deadline, memory, process_memory, freeze, process_memory_limit,
+                    process_memory_total, deployment) -> None:
     """Collect evidence into one encrypted, hashed bundle with a manifest and a custody log."""
     from toolkit.evidence.capture import CaptureOptions, capture, redacted_command_line
 
@@ -171,6 +181,11 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
                              force=force, command_line=redacted_command_line(sys.argv), docker_root=docker_root)
     if expected_ports:
         options.expected_ports = list(expected_ports)
+    if any(pid <= 0 for pid in process_memory):
+        raise UsageError("--process-memory takes a process id (a positive number)")
+    options.memory, options.process_memory, options.freeze = memory, list(process_memory), freeze
+    options.process_memory_limit = parse_size(process_memory_limit)
+    options.process_memory_total = parse_size(process_memory_total)
     options.budgets = parse_budgets(budgets)
     if deadline is not None:
         if deadline <= 0:
@@ -205,7 +220,7 @@ def _render_capture(out, result) -> None:
     if not result.encrypted:
         console.print("[bold red]WARNING: the payload is NOT encrypted[/bold red]")
     for line in result.degraded:
-        console.print("[yellow]degraded[/yellow] %s" % escape(line))
+        console.print("[yellow]degraded[/yellow] %s" % escape(line), soft_wrap=True)  # one line, grep-able
     table = Table(show_header=False, title="evidence bundle", title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")

@@ -75,6 +75,11 @@ class CaptureOptions:
     command_line: List[str] = field(default_factory=list)
     budgets: Dict[str, float] = field(default_factory=dict)  # collector name -> seconds (overrides its own)
     deadline_seconds: Optional[float] = None  # the whole capture; default per profile (DEADLINES)
+    memory: bool = False  # image the whole physical memory (the `memory` collector) whatever the profile
+    process_memory: List[int] = field(default_factory=list)  # also dump these processes' memory
+    freeze: bool = False  # SIGSTOP each process for the duration of its dump
+    process_memory_limit: int = 1 << 30
+    process_memory_total: int = 4 << 30
 
 
 @dataclass
@@ -359,7 +364,13 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         raise UsageError("--compression must be one of %s" % ", ".join(archive.COMPRESSIONS))
     if options.root not in ("", "/") and not os.path.isdir(options.root):
         raise UsageError("--root %s is not a directory" % options.root)
-    collectors = select(options.profile, options.only, options.skip)
+    collectors = select(options.profile, options.only, options.skip, ("memory",) if options.memory else ())
+    names = [c.name for c in collectors]
+    if options.memory and "memory" not in names:
+        raise UsageError("--memory given but the memory collector is skipped")
+    if (options.process_memory or options.freeze) and "process-memory" not in names:
+        raise UsageError("--process-memory/--freeze given but the process-memory collector does not run",
+                         hint="leave it in --only, or out of --skip")
     if options.includes and "include" not in [c.name for c in collectors]:
         raise UsageError("--include given but the include collector is skipped")
     started = time.time()
@@ -372,7 +383,10 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
     context = CollectionContext(options.root, deployment, options.profile, options.includes, options.max_file_size,
                                 started, options.docker_root, own_outputs=frozenset({(out_info.st_dev,
                                                                                       out_info.st_ino)}),
-                                deadline=time.monotonic() + deadline_seconds)
+                                deadline=time.monotonic() + deadline_seconds,
+                                process_memory=tuple(options.process_memory), freeze=options.freeze,
+                                process_memory_limit=options.process_memory_limit,
+                                process_memory_total=options.process_memory_total)
     if options.low_priority:
         lower_priority()
     name = bundle_base_name(options, started)

@@ -217,7 +217,20 @@ def compute(facts: Dict[str, List[Dict[str, Any]]], expected_ports: Sequence[int
     findings: List[Dict[str, Any]] = []
     for collector in REGISTRY:
         findings.extend(collector.findings(facts, judging))
-    return _dedup(findings)
+    return _with_cores(_dedup(findings), facts)
+
+
+def _with_cores(findings: List[Dict[str, Any]], facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """A finding that names processes whose memory was dumped lists their cores in its evidence and details."""
+    cores = {fact["data"]["pid"]: fact["data"]["member"] for fact in facts.get("process_core", [])}
+    for item in findings:
+        details = item["details"]
+        pids = list(details.get("pids") or []) + ([details["pid"]] if details.get("pid") else [])
+        members = sorted({cores[pid] for pid in pids if pid in cores})
+        if members:
+            details["memory"] = members
+            item["evidence"] = sorted(set(item["evidence"]) | set(members))
+    return findings
 
 
 def process_indicators(facts: Dict[str, List[Dict[str, Any]]]) -> List[Dict[str, Any]]:

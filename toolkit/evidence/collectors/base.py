@@ -48,6 +48,10 @@ class CollectionContext:
     facts: Dict[str, List[Dict[str, Any]]] = field(default_factory=dict)
     # (st_dev, st_ino) -> sha256 of files already read whole (package verification), for hash_executables
     digests: Dict[Tuple[int, int], str] = field(default_factory=dict)
+    process_memory: Tuple[int, ...] = ()  # --process-memory PIDs: dumped whether or not a finding marks them
+    freeze: bool = False  # SIGSTOP each process for its dump (--freeze)
+    process_memory_limit: int = 1 << 30  # bytes of memory in one core
+    process_memory_total: int = 4 << 30  # bytes in all cores together
     fs: HostFS = field(init=False)
     _claimed: Dict[str, str] = field(init=False, default_factory=dict)
     _lock: Any = field(init=False, default_factory=threading.Lock)
@@ -288,17 +292,49 @@ class Emitter:
         if not self._claim(archive_path):
             self.skip(archive_path, "a member of this name was already written: not written twice", "error")
             return
+        self._sized(archive_path, len(data), (data[start:start + READ_SIZE] for start in range(0, len(data),
+                                                                                              READ_SIZE)),
+                    method, source)
+
+    def sized(self, archive_path: str, size: int, chunks: Iterable[bytes], method: str,
+              source: Optional[str] = None, entry: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """A member made by the collector whose size is known before its bytes (an ELF core): exactly `size`
+        bytes are stored. Returns the notes recorded on it: a source that gives fewer bytes is padded with
+        zeros and one that gives more is cut, and either is said there (and in the manifest)."""
+        if not self._claim(archive_path):
+            self.skip(archive_path, "a member of this name was already written: not written twice", "error")
+            return {"error": "not written"}
+        return self._sized(archive_path, size, chunks, method, source, entry)
+
+    def _sized(self, archive_path: str, size: int, chunks: Iterable[bytes], method: str,
+               source: Optional[str], entry: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         info = tarfile.TarInfo(archive_path)
-        info.size, info.mode, info.mtime = len(data), 0o444, time.time()
-        entry = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
-                 "method": method, "collected_at": utc.iso_micro(time.time())}
-        self._put(MemberStart(info, entry))
+        info.size, info.mode, info.mtime = size, 0o444, time.time()
+        base = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
+                "method": method, "collected_at": utc.iso_micro(time.time())}
+        self._put(MemberStart(info, dict(entry or {}, **base)))
         digest = hashlib.sha256()
-        for start in range(0, len(data), READ_SIZE):
-            piece = data[start:start + READ_SIZE]
-            digest.update(piece)
-            self._put(Chunk(piece, digest.copy()))
-        self._put(MemberEnd({}))
+        remaining, notes = size, {}
+        for piece in chunks:
+            if len(piece) > remaining:
+                notes["error"] = "the source gave more than the %d bytes declared: cut" % size
+                piece = piece[:remaining]
+            if piece:
+                digest.update(piece)
+                self._put(Chunk(piece, digest.copy()))
+                remaining -= len(piece)
+            if not remaining and "error" in notes:
+                break
+        if remaining:
+            notes["error"] = "the source ended %d bytes short of the %d declared: padded with zeros" % (
+                remaining, size)
+            while remaining:
+                piece = bytes(min(READ_SIZE, remaining))
+                digest.update(piece)
+                self._put(Chunk(piece, digest.copy()))
+                remaining -= len(piece)
+        self._put(MemberEnd(notes))
+        return notes
 
     # -- host files -----------------------------------------------------------------------------
     def file(self, logical: str, max_size: int, follow: bool = False, missing_ok: bool = True) -> bool:
