@@ -3,7 +3,9 @@
 followed by the bytes of that range.
 
 Invariants:
-- Pages of zeros are left out, as LiME allows: a range is cut into records of its non-zero runs.
+- Runs of zero pages are left out, as LiME allows (the range is cut into records around them), when they are at
+  least MIN_ZERO_RUN pages long; the first zero page after data is kept all the same, so a read that starts in
+  data and runs on for up to a page (volatility3 reads a banner's 4 KiB) stays inside a record.
 - The image is cut into parts of at most `part_size` bytes at record boundaries (a run longer than a part
   becomes several records): every part is a whole LiME file, and so is their concatenation in order.
 - Nothing is kept but the part being filled: memory stays at about one part whatever the RAM size.
@@ -18,6 +20,7 @@ MAGIC = 0x4C694D45
 VERSION = 1
 HEADER = struct.Struct("<IIQQ8s")
 PAGE = 4096
+MIN_ZERO_RUN = 16  # 64 KiB: shorter runs of zeros stay in the record (a header costs 32 bytes, a hole a lookup)
 
 
 def header(start: int, end_inclusive: int) -> bytes:
@@ -28,36 +31,91 @@ def header(start: int, end_inclusive: int) -> bytes:
 class Stats:
     records: int = 0
     bytes_stored: int = 0  # memory bytes in the image (headers not counted)
-    zero_pages: int = 0
+    zero_pages: int = 0  # left out
     unreadable: List[Tuple[int, int, str]] = field(default_factory=list)  # (start, bytes, why), merged runs
     bytes_read: int = 0
 
 
-class _Part:
-    def __init__(self) -> None:
+class _Writer:
+    """Records into parts: one open record at a time, zero pages held back until the next data says whether
+    they are a hole (left out) or a short run (kept)."""
+
+    def __init__(self, part_size: int, stats: Stats) -> None:
+        self.part_size, self.stats = part_size, stats
         self.buffer = bytearray()
-        self.run_start: Optional[int] = None  # the physical address the open record starts at
-        self.run_header_at = 0  # where the open record's header is in the buffer
-        self.next_address = 0
+        self.run_start: Optional[int] = None  # physical address of the open record
+        self.header_at = 0
+        self.next_address = 0  # just past the open record's last byte
+        self.zeros = 0  # zero pages held back, right after the open record
+        self.done: List[bytes] = []  # full parts, to be yielded
+
+    def close(self) -> None:
+        if self.run_start is not None:
+            length = len(self.buffer) - self.header_at - HEADER.size
+            self.buffer[self.header_at:self.header_at + HEADER.size] = header(self.run_start,
+                                                                              self.run_start + length - 1)
+            self.stats.records += 1
+            self.run_start = None
+
+    def _append(self, address: int, data: bytes) -> None:
+        if self.run_start is not None and (address != self.next_address or
+                                           len(self.buffer) + len(data) > self.part_size):
+            self.close()
+        if self.run_start is None:
+            if self.buffer and len(self.buffer) + HEADER.size + len(data) > self.part_size:
+                self.done.append(bytes(self.buffer))
+                self.buffer = bytearray()
+            self.header_at = len(self.buffer)
+            self.buffer += bytes(HEADER.size)
+            self.run_start = address
+        self.buffer += data
+        self.stats.bytes_stored += len(data)
+        self.next_address = address + len(data)
+
+    def settle_zeros(self, followed_by_data: bool) -> None:
+        """The zero pages held back: kept when few and data follows; else all but the first (the margin) out."""
+        count, self.zeros = self.zeros, 0
+        if not count:
+            return
+        keep = count if (followed_by_data and count < MIN_ZERO_RUN) else 1
+        start = self.next_address
+        for index in range(keep):
+            self._append(start + index * PAGE, bytes(PAGE))
+        self.stats.zero_pages += count - keep
+        if keep < count:
+            self.close()
+
+    def page(self, address: int, data: bytes, zero: bool) -> None:
+        contiguous = self.run_start is not None and address == self.next_address + self.zeros * PAGE
+        if not contiguous:
+            self.settle_zeros(False)
+            self.close()
+        if zero and len(data) == PAGE:
+            if self.run_start is None:
+                self.stats.zero_pages += 1  # no data before it: nothing to extend
+            else:
+                self.zeros += 1
+            return
+        self.settle_zeros(True)
+        self._append(address, data)
+
+    def finish(self) -> None:
+        self.settle_zeros(False)
+        self.close()
+        if self.buffer:
+            self.done.append(bytes(self.buffer))
+            self.buffer = bytearray()
 
 
 def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: int, stats: Stats) -> Iterator[bytes]:
     """chunks: (physical address, length, its bytes or None when unreadable, why not), in address order, whole
     pages. Yields the parts of the image."""
-    part = _Part()
+    writer = _Writer(part_size, stats)
     zero_page = bytes(PAGE)
-
-    def close_record() -> None:
-        if part.run_start is not None:
-            length = len(part.buffer) - part.run_header_at - HEADER.size
-            part.buffer[part.run_header_at:part.run_header_at + HEADER.size] = header(
-                part.run_start, part.run_start + length - 1)
-            stats.records += 1
-            part.run_start = None
-
     for address, length, data, why in chunks:
         if data is None:
-            close_record()
+            writer.settle_zeros(False)
+            writer.close()
             last = stats.unreadable[-1] if stats.unreadable else None
             if last is not None and last[0] + last[1] == address and last[2] == why:
                 stats.unreadable[-1] = (last[0], last[1] + length, why)
@@ -68,30 +126,12 @@ def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: in
         view = memoryview(data)
         for offset in range(0, len(data), PAGE):
             page = view[offset:offset + PAGE]
-            page_address = address + offset
-            if page == zero_page[:len(page)]:
-                stats.zero_pages += 1
-                close_record()
-                continue
-            if part.run_start is not None and page_address != part.next_address:
-                close_record()
-            if part.run_start is None:
-                if len(part.buffer) + HEADER.size + PAGE > part_size and part.buffer:
-                    yield bytes(part.buffer)
-                    part.buffer = bytearray()
-                part.run_header_at = len(part.buffer)
-                part.buffer += bytes(HEADER.size)
-                part.run_start = page_address
-            part.buffer += page
-            stats.bytes_stored += len(page)
-            part.next_address = page_address + len(page)
-            if len(part.buffer) + PAGE > part_size:
-                close_record()
-                yield bytes(part.buffer)
-                part.buffer = bytearray()
-    close_record()
-    if part.buffer:
-        yield bytes(part.buffer)
+            writer.page(address + offset, page, page == zero_page[:len(page)])
+            while writer.done:
+                yield writer.done.pop(0)
+    writer.finish()
+    while writer.done:
+        yield writer.done.pop(0)
 
 
 def records(read: Callable[[int], bytes], size: int) -> Iterator[Tuple[int, int, int]]:
