@@ -192,7 +192,7 @@ def test_volatile_profile_and_only_skip(running_stack, out_dir, team_key, tmp_pa
                "volatile", env={"DOCKER_HOST": running_stack.engine.url})
     assert done.returncode in (0, 6), done.stderr
     names = [c["name"] for c in json.loads(done.stdout)["collectors"]]
-    assert names == ["system", "processes", "network", "containers", "include"]
+    assert names == ["system", "processes", "network", "process-memory", "containers", "include"]
     skipped = kit("--json", "capture", "--out", str(out_dir / "b"), "-r", recipient, "--root", str(host.root),
                   "--only", "system", "--only", "network", env={"DOCKER_HOST": running_stack.engine.url})
     assert [c["name"] for c in json.loads(skipped.stdout)["collectors"]] == ["system", "network"]
