@@ -273,3 +273,27 @@ def test_lime_parts_from_a_file_standing_in_for_dev_mem(tmp_path):
         expected[first:last + 1] = memory[first:last + 1]
     assert rebuilt == expected
     assert seen == stats.bytes_stored and stats.zero_pages > 0
+
+
+def test_a_fifo_mounted_over_maps_is_refused_and_the_frozen_process_is_continued(pyz, plain, out_dir, team_key,
+                                                                                 tmp_path):
+    """The host is the adversary: a FIFO bind-mounted over /proc/PID/maps (in a private mount namespace, so
+    only the kit sees it) would hang a plain open() with the process stopped. It is refused and recorded."""
+    identity, recipient = team_key
+    fifo = tmp_path / "maps"
+    os.mkfifo(fifo)
+    argv = [HOST_PYTHON, "-I", str(pyz), "--json", "capture", "--out", str(out_dir), "-r", recipient, "--profile",
+            "volatile", "--only", "processes", "--only", "process-memory", "--process-memory", str(plain.pid),
+            "--freeze"]
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                           'mount --bind "$1" "/proc/$2/maps" && shift 2 && exec "$@"', "sh", str(fifo),
+                           str(plain.pid), *argv], capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"},
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode in (0, 6), done.stderr
+    result = json.loads(done.stdout)
+    refused = [e for e in result["errors"] if e["source"] == "/proc/%d/mem" % plain.pid]
+    assert refused and "fifo" in refused[0]["reason"].lower(), result["errors"]
+    assert plain.state() in ("S", "R"), "the process was left stopped"
+    # nothing waited on the FIFO: no collector was abandoned at its budget
+    assert [c["status"] for c in result["collectors"]] == ["ok", "ok"], result["collectors"]

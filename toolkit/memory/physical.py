@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
+from toolkit.host.hostfs import kernel_bytes
+
 READ_SIZE = 1 << 20
 PAGE = 4096
 KCORE, CRASH, MEM = "/proc/kcore", "/dev/crash", "/dev/mem"
@@ -45,8 +47,7 @@ def system_ram(text: str) -> List[Tuple[int, int]]:
 def lockdown() -> Optional[str]:
     """The kernel's lockdown mode ("none", "integrity", "confidentiality"), None if it has no lockdown LSM."""
     try:
-        with open("/sys/kernel/security/lockdown") as handle:
-            text = handle.read()
+        text = kernel_bytes("/sys/kernel/security/lockdown", 4096).decode("ascii", "replace")
     except OSError:
         return None
     start, end = text.find("["), text.find("]")

@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 import platform
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from toolkit import utc
+from toolkit.host.hostfs import kernel_bytes
 from toolkit.memory import elfcore
 
 READ_SIZE = 1 << 20
@@ -88,8 +90,9 @@ def machine() -> str:
 
 
 def _read(path: str, limit: int = 1 << 20) -> bytes:
-    with open(path, "rb") as handle:
-        return handle.read(limit)
+    """A /proc file through the one host-path opener: a FIFO or device mounted over it is refused (Refused is an
+    OSError), never waited on, so a frozen process is never left stopped by a hung read."""
+    return kernel_bytes(path, limit)
 
 
 def mappings(pid: int) -> List[Mapping]:
@@ -239,11 +242,14 @@ def dump(pid: int, limit: int, freeze: bool = False) -> Tuple[Dump, Iterator[byt
     page_size = os.sysconf("SC_PAGE_SIZE")
     frozen: Dict[str, Any] = {}
     try:
-        fd = os.open("/proc/%d/mem" % pid, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open("/proc/%d/mem" % pid, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise NotReadable("pid %d is gone" % pid)
     except OSError as error:
         raise NotReadable("/proc/%d/mem: %s%s" % (pid, error.strerror, _ptrace_hint()))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotReadable("/proc/%d/mem is not the kernel's file (something is mounted over it): not read" % pid)
     try:
         if freeze:
             state = _state(pid)

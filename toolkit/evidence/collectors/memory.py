@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Set
 
 from toolkit import utc
 from toolkit.evidence.collectors.base import PART_SIZE, CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import HostFS, Refused, kernel_bytes
 
 MEMORY_DIR = "memory/"
 LIME_NAME = MEMORY_DIR + "physical.lime"
@@ -62,8 +63,7 @@ def _ours() -> Set[int]:
     while pid > 1 and pid not in pids:
         pids.add(pid)
         try:
-            with open("/proc/%d/stat" % pid) as handle:
-                text = handle.read()
+            text = kernel_bytes("/proc/%d/stat" % pid, 4096).decode("utf-8", "replace")
             pid = int(text[text.rfind(")") + 2:].split()[1])
         except (OSError, ValueError, IndexError):
             break
@@ -143,11 +143,10 @@ class PhysicalMemoryCollector(Collector):
 
         started = time.time()
         try:
-            with open("/proc/iomem") as handle:
-                ranges = physical.system_ram(handle.read())
-        except OSError as error:
+            ranges = physical.system_ram(kernel_bytes("/proc/iomem", 4 << 20).decode("ascii", "replace"))
+        except (OSError, Refused) as error:
             ranges = []
-            emit.log("/proc/iomem: %s" % error.strerror)
+            emit.refusal("/proc/iomem", error)
         document: Dict[str, Any] = {"ranges": [{"first": "%#x" % a, "last": "%#x" % b} for a, b in ranges],
                                     "lockdown": physical.lockdown(), "machine": platform.machine(),
                                     "kernel": platform.release(), "started_at": utc.iso_micro(started)}
@@ -206,23 +205,30 @@ class PhysicalMemoryCollector(Collector):
         release = platform.release()
         for template in KERNEL_FILES:
             emit.file(template.format(release=release), 1 << 30)
+        kernel = HostFS("/")  # the running kernel's files, whatever --root says; a FIFO mounted over one is refused
         for path in KERNEL_STREAMS:
             try:
-                handle = open(path, "rb")
+                opened = kernel.open_file(path)
             except FileNotFoundError:
                 emit.skip(path, "absent on this kernel", "skip")
+                continue
+            except Refused as error:
+                emit.refusal(path, error)
                 continue
             except OSError as error:
                 emit.skip(path, error.strerror or str(error), "limited")
                 continue
-            with handle:
-                emit.stream(MEMORY_DIR + "kernel/" + path.strip("/").replace("/", "_"), _pieces(handle),
+            with opened:
+                emit.stream(MEMORY_DIR + "kernel/" + path.strip("/").replace("/", "_"), _pieces(opened),
                             "read from the running kernel (%s)" % path)
 
 
-def _pieces(handle) -> Iterable[bytes]:
-    while True:
-        data = handle.read(1 << 20)
+def _pieces(opened) -> Iterable[bytes]:
+    """A kernel file's bytes as they come (/proc files say size 0), to at most 1 GiB."""
+    total = 0
+    while total < 1 << 30:
+        data = opened.read(1 << 20)
         if not data:
             return
+        total += len(data)
         yield data

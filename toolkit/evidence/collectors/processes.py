@@ -10,6 +10,7 @@ from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
+from toolkit.host.hostfs import kernel_bytes
 
 NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
 MAX_ENVIRON = 256 * 1024
@@ -17,10 +18,10 @@ SUSPICIOUS_DIRS = ("/tmp/", "/var/tmp/", "/dev/shm/")
 
 
 def read_text(path: str, limit: int = 1 << 20) -> Optional[str]:
+    """A /proc file's text; None when absent, unreadable or refused (a FIFO mounted over it is never waited on)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(limit).decode("utf-8", "replace")
-    except OSError:
+        return kernel_bytes(path, limit).decode("utf-8", "replace")
+    except OSError:  # Refused too
         return None
 
 
@@ -132,8 +133,7 @@ class _Denied(Exception):
 def _environ(pid: str) -> Optional[Dict[str, str]]:
     """The environment; {} for kernel threads (ESRCH) and vanished processes; _Denied when refused."""
     try:
-        with open("/proc/%s/environ" % pid, "rb") as handle:
-            raw = handle.read(MAX_ENVIRON)
+        raw = kernel_bytes("/proc/%s/environ" % pid, MAX_ENVIRON)
     except PermissionError:
         raise _Denied() from None
     except OSError:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 from toolkit import utc
 from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter, host_member
-from toolkit.host.hostfs import Refused, reason
+from toolkit.host.hostfs import Refused, kernel_bytes, reason
 
 TIME_SYNC_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd", "timesyncd")
 
@@ -17,9 +17,8 @@ TIME_SYNC_DAEMONS = ("chronyd", "ntpd", "systemd-timesyncd", "openntpd", "timesy
 def _read(path: str, limit: int = 1 << 20) -> Optional[str]:
     """A kernel file under /proc or /sys (never a host file: those go through context.fs), bounded."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(limit).decode("utf-8", "replace").strip()
-    except OSError:
+        return kernel_bytes(path, limit).decode("utf-8", "replace").strip()
+    except OSError:  # Refused too: a FIFO mounted over it is never waited on
         return None
 
 
