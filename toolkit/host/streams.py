@@ -7,6 +7,7 @@ import threading
 from typing import Callable, Optional
 
 _DONE = object()
+MAX_PENDING_BYTES = 8 << 20
 
 
 class BackgroundWriter:
@@ -16,11 +17,15 @@ class BackgroundWriter:
     """
 
     def __init__(self, sink, max_pending: int = 16, name: str = "background-writer",
-                 on_chunk: Optional[Callable[[bytes], None]] = None) -> None:
+                 on_chunk: Optional[Callable[[bytes], None]] = None, max_bytes: int = MAX_PENDING_BYTES) -> None:
         self.sink = sink
         self.size = 0
         self._on_chunk = on_chunk
         self._queue: "queue.Queue" = queue.Queue(max_pending)
+        # and at most max_bytes waiting (beyond one buffer): 16 incompressible 4 MiB zstd jobs would be 64 MiB
+        self._max_bytes = max_bytes
+        self._pending_bytes = 0
+        self._room = threading.Condition()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -31,20 +36,26 @@ class BackgroundWriter:
             item = self._queue.get()
             if item is _DONE:
                 return
-            if self._error is not None:
-                continue  # drain after a failure
             try:
-                if self._on_chunk is not None:
-                    self._on_chunk(item)
-                self.sink.write(item)
+                if self._error is None:  # else drain after a failure
+                    if self._on_chunk is not None:
+                        self._on_chunk(item)
+                    self.sink.write(item)
             except BaseException as error:  # handed to the writer's thread
                 self._error = error
+            with self._room:
+                self._pending_bytes -= len(item)
+                self._room.notify()
 
     def write(self, data) -> int:
         if self._error is not None:
             raise self._error
         chunk = bytes(data)
         self.size += len(chunk)
+        with self._room:
+            while self._pending_bytes and self._pending_bytes + len(chunk) > self._max_bytes:
+                self._room.wait()
+            self._pending_bytes += len(chunk)
         self._queue.put(chunk)
         return len(chunk)
 

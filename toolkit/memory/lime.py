@@ -8,7 +8,8 @@ Invariants:
   data and runs on for up to a page (volatility3 reads a banner's 4 KiB) stays inside a record.
 - The image is cut into parts of at most `part_size` bytes at record boundaries (a run longer than a part
   becomes several records): every part is a whole LiME file, and so is their concatenation in order.
-- Nothing is kept but the part being filled: memory stays at about one part whatever the RAM size.
+- Nothing is kept but the part being filled: memory stays at about one part whatever the RAM size. A full part
+  is handed over as it is (a bytearray, not copied) and never touched again.
 """
 from __future__ import annotations
 
@@ -42,35 +43,52 @@ class _Writer:
 
     def __init__(self, part_size: int, stats: Stats) -> None:
         self.part_size, self.stats = part_size, stats
-        self.buffer = bytearray()
+        # allocated once a part and filled to `fill`: growing a bytearray by appends reallocates and copies it
+        # again and again (a peak of twice the part)
+        self.buffer = bytearray(part_size)
+        self.fill = 0
         self.run_start: Optional[int] = None  # physical address of the open record
         self.header_at = 0
         self.next_address = 0  # just past the open record's last byte
         self.zeros = 0  # zero pages held back, right after the open record
-        self.done: List[bytes] = []  # full parts, to be yielded
+        self.done: List[memoryview] = []  # full parts, to be yielded
 
     def close(self) -> None:
         if self.run_start is not None:
-            length = len(self.buffer) - self.header_at - HEADER.size
+            length = self.fill - self.header_at - HEADER.size
             self.buffer[self.header_at:self.header_at + HEADER.size] = header(self.run_start,
                                                                               self.run_start + length - 1)
             self.stats.records += 1
             self.run_start = None
 
-    def _append(self, address: int, data: bytes) -> None:
-        if self.run_start is not None and (address != self.next_address or
-                                           len(self.buffer) + len(data) > self.part_size):
-            self.close()
-        if self.run_start is None:
-            if self.buffer and len(self.buffer) + HEADER.size + len(data) > self.part_size:
-                self.done.append(bytes(self.buffer))
-                self.buffer = bytearray()
-            self.header_at = len(self.buffer)
-            self.buffer += bytes(HEADER.size)
-            self.run_start = address
-        self.buffer += data
-        self.stats.bytes_stored += len(data)
-        self.next_address = address + len(data)
+    def hand_over(self) -> None:
+        """The part so far, as a view of its buffer (never written again: the next part gets a new one)."""
+        if self.fill:
+            self.done.append(memoryview(self.buffer)[:self.fill])
+            self.buffer = bytearray(self.part_size)
+            self.fill = 0
+
+    def _append(self, address: int, data) -> None:
+        """Data (whole pages, or a range's last piece) at `address`, cut at part boundaries."""
+        view = memoryview(data)
+        while view:
+            if self.run_start is not None and (address != self.next_address or
+                                               self.fill + PAGE > self.part_size):
+                self.close()
+            if self.run_start is None:
+                if self.fill + HEADER.size + PAGE > self.part_size:
+                    self.hand_over()
+                self.header_at = self.fill
+                self.fill += HEADER.size  # written when the record closes
+                self.run_start = address
+            room = max(PAGE, (self.part_size - self.fill) // PAGE * PAGE)
+            piece = view[:room]
+            self.buffer[self.fill:self.fill + len(piece)] = piece
+            self.fill += len(piece)
+            self.stats.bytes_stored += len(piece)
+            address += len(piece)
+            self.next_address = address
+            view = view[len(piece):]
 
     def settle_zeros(self, followed_by_data: bool) -> None:
         """The zero pages held back: kept when few and data follows; else all but the first (the margin) out."""
@@ -85,33 +103,36 @@ class _Writer:
         if keep < count:
             self.close()
 
-    def page(self, address: int, data: bytes, zero: bool) -> None:
-        contiguous = self.run_start is not None and address == self.next_address + self.zeros * PAGE
-        if not contiguous:
+    def data(self, address: int, data) -> None:
+        """Pages of data (no zero page among them, or a range's last piece) at `address`."""
+        if not (self.run_start is not None and address == self.next_address + self.zeros * PAGE):
             self.settle_zeros(False)
             self.close()
-        if zero and len(data) == PAGE:
-            if self.run_start is None:
-                self.stats.zero_pages += 1  # no data before it: nothing to extend
-            else:
-                self.zeros += 1
-            return
         self.settle_zeros(True)
         self._append(address, data)
+
+    def zero_pages(self, address: int, count: int) -> None:
+        """`count` whole pages of zeros at `address`: held back after data, else left out at once."""
+        if self.run_start is not None and address == self.next_address + self.zeros * PAGE:
+            self.zeros += count
+            return
+        self.settle_zeros(False)
+        self.close()
+        self.stats.zero_pages += count  # no data before them: nothing to extend
 
     def finish(self) -> None:
         self.settle_zeros(False)
         self.close()
-        if self.buffer:
-            self.done.append(bytes(self.buffer))
-            self.buffer = bytearray()
+        self.hand_over()
 
 
-def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: int, stats: Stats) -> Iterator[bytes]:
+def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: int, stats: Stats
+          ) -> Iterator[memoryview]:
     """chunks: (physical address, length, its bytes or None when unreadable, why not), in address order, whole
     pages. Yields the parts of the image."""
     writer = _Writer(part_size, stats)
     zero_page = bytes(PAGE)
+    zero_chunk = bytes(1 << 20)
     for address, length, data, why in chunks:
         if data is None:
             writer.settle_zeros(False)
@@ -123,12 +144,23 @@ def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: in
                 stats.unreadable.append((address, length, why))
             continue
         stats.bytes_read += len(data)
-        view = memoryview(data)
-        for offset in range(0, len(data), PAGE):
-            page = view[offset:offset + PAGE]
-            writer.page(address + offset, page, page == zero_page[:len(page)])
-            while writer.done:
-                yield writer.done.pop(0)
+        if len(data) % PAGE == 0 and data == zero_chunk[:len(data)]:
+            writer.zero_pages(address, len(data) // PAGE)  # all zeros (free memory): one comparison
+        elif data.find(zero_page) < 0:
+            writer.data(address, data)  # no run of a page of zeros anywhere: no aligned zero page either
+        else:
+            view = memoryview(data)
+            start = 0  # the data pages not yet handed over, [start, offset)
+            for offset in range(0, len(data), PAGE):
+                if len(data) - offset >= PAGE and view[offset:offset + PAGE] == zero_page:
+                    if start < offset:
+                        writer.data(address + start, view[start:offset])
+                    writer.zero_pages(address + offset, 1)
+                    start = offset + PAGE
+            if start < len(data):
+                writer.data(address + start, view[start:])
+        while writer.done:
+            yield writer.done.pop(0)
     writer.finish()
     while writer.done:
         yield writer.done.pop(0)

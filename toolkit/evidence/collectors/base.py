@@ -287,12 +287,14 @@ class Emitter:
                        " ".join(run.argv))
         return run.stdout
 
-    def generated(self, archive_path: str, data: bytes, method: str, source: Optional[str] = None) -> None:
-        """A member made by the collector itself (JSON of facts, a listing)."""
+    def generated(self, archive_path: str, data, method: str, source: Optional[str] = None) -> None:
+        """A member made by the collector itself (JSON of facts, a listing, a part of an image): bytes or a
+        bytearray the caller never changes again."""
         if not self._claim(archive_path):
             self.skip(archive_path, "a member of this name was already written: not written twice", "error")
             return
-        self._sized(archive_path, len(data), (data[start:start + READ_SIZE] for start in range(0, len(data),
+        view = memoryview(data)  # slices without copies: the queue holds views of the one buffer
+        self._sized(archive_path, len(data), (view[start:start + READ_SIZE] for start in range(0, len(data),
                                                                                               READ_SIZE)),
                     method, source)
 

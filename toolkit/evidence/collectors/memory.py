@@ -9,7 +9,7 @@ Invariants:
 - A source that does not exist or is refused is one line (degraded, on screen and in the manifest) and the
   capture goes on; it is never a failure of the capture.
 - Bounded: a core holds at most --process-memory-limit bytes of memory and all cores together at most
-  --process-memory-total; the RAM image is cut into parts of PART_SIZE (each a whole LiME file), so memory use
+  --process-memory-total; the RAM image is cut into parts of LIME_PART (each a whole LiME file), so memory use
   does not grow with the RAM size.
 """
 from __future__ import annotations
@@ -20,11 +20,12 @@ import time
 from typing import Any, Dict, Iterable, List, Set
 
 from toolkit import utc
-from toolkit.evidence.collectors.base import PART_SIZE, CollectionContext, Collector, Emitter
+from toolkit.evidence.collectors.base import CollectionContext, Collector, Emitter
 from toolkit.host.hostfs import HostFS, Refused, kernel_bytes
 
 MEMORY_DIR = "memory/"
 LIME_NAME = MEMORY_DIR + "physical.lime"
+LIME_PART = 8 << 20  # bytes a part: the collector holds two at most (peak RSS goal 150 MiB, whatever the RAM)
 # the findings that mark a process whose memory is taken (every finding that names processes by pid is one of
 # these; listed so a new rule is a decision, not an accident)
 MARKING = ("process-deleted-binary", "process-from-tmp", "process-memfd-code", "process-deleted-library",
@@ -176,7 +177,7 @@ class PhysicalMemoryCollector(Collector):
     def _image(emit: Emitter, source, ranges, document: Dict[str, Any], lime, physical) -> None:
         stats = lime.Stats()
         names: List[str] = []
-        for part in lime.parts(physical.chunks(source, ranges), PART_SIZE, stats):
+        for part in lime.parts(physical.chunks(source, ranges), LIME_PART, stats):
             name = "%s.part%04d" % (LIME_NAME, len(names))
             emit.generated(name, part, "%s, System RAM ranges of /proc/iomem, LiME records (part %d: a whole "
                            "LiME file; `cat %s.part* > %s` joins them)" % (source.path, len(names), LIME_NAME,
