@@ -21,6 +21,7 @@ MAGIC = 0x4C694D45
 VERSION = 1
 HEADER = struct.Struct("<IIQQ8s")
 PAGE = 4096
+MAX_LISTED = 10000
 MIN_ZERO_RUN = 16  # 64 KiB: shorter runs of zeros stay in the record (a header costs 32 bytes, a hole a lookup)
 
 
@@ -34,6 +35,8 @@ class Stats:
     bytes_stored: int = 0  # memory bytes in the image (headers not counted)
     zero_pages: int = 0  # left out
     unreadable: List[Tuple[int, int, str]] = field(default_factory=list)  # (start, bytes, why), merged runs
+    unreadable_bytes: int = 0
+    unreadable_unlisted: int = 0  # runs past MAX_LISTED: counted, not listed (memory stays bounded)
     bytes_read: int = 0
 
 
@@ -137,11 +140,14 @@ def parts(chunks: Iterable[Tuple[int, int, Optional[bytes], str]], part_size: in
         if data is None:
             writer.settle_zeros(False)
             writer.close()
+            stats.unreadable_bytes += length
             last = stats.unreadable[-1] if stats.unreadable else None
             if last is not None and last[0] + last[1] == address and last[2] == why:
                 stats.unreadable[-1] = (last[0], last[1] + length, why)
-            else:
+            elif len(stats.unreadable) < MAX_LISTED:
                 stats.unreadable.append((address, length, why))
+            else:
+                stats.unreadable_unlisted += 1
             continue
         stats.bytes_read += len(data)
         if len(data) % PAGE == 0 and data == zero_chunk[:len(data)]:

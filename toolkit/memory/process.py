@@ -20,7 +20,7 @@ import signal
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from toolkit import utc
 from toolkit.host.hostfs import kernel_bytes
@@ -72,6 +72,7 @@ class Dump:
     bytes_read: int = 0
     started_at: float = 0.0
     ended_at: float = 0.0
+    finish: Callable[[], None] = lambda: None  # closes the fd and continues a frozen process (idempotent)
 
     def record(self) -> Dict[str, Any]:
         return {"pid": self.pid, "name": self.process.name, "cmdline": self.process.arguments,
@@ -238,7 +239,7 @@ def _reader(fd: int, segment: elfcore.Segment, gaps: List[Dict[str, Any]], page_
 def dump(pid: int, limit: int, freeze: bool = False) -> Tuple[Dump, Iterator[bytes]]:
     """The core's plan (sized) and the iterator of its bytes. Raises NotReadable when the process is gone or its
     memory not permitted. The iterator fills dump.gaps, bytes_read and freeze as it goes; it resumes a frozen
-    process when it ends, is closed, or fails."""
+    process when it ends or fails, and the caller calls dump.finish() in any case (a stream never started)."""
     page_size = os.sysconf("SC_PAGE_SIZE")
     frozen: Dict[str, Any] = {}
     try:
@@ -271,19 +272,27 @@ def dump(pid: int, limit: int, freeze: bool = False) -> Tuple[Dump, Iterator[byt
     result = Dump(pid, core_layout, found, info, machine(), limit, left_out,
                   freeze=frozen, started_at=time.time())
 
+    counted = [0]
+    open_fd = [fd]
+
+    def finish() -> None:
+        """Close /proc/PID/mem and continue a frozen process: once, whether the stream ran, ended or not."""
+        if open_fd:
+            os.close(open_fd.pop())
+            result.bytes_read = counted[0]
+            result.ended_at = time.time()
+            _resume(pid, frozen)
+
     def stream() -> Iterator[bytes]:
-        counted = [0]
         try:
             yield core_layout.head
             for segment in core_layout.segments:
                 if segment.file_size:
                     yield from _reader(fd, segment, result.gaps, page_size, counted)
         finally:
-            result.bytes_read = counted[0]
-            result.ended_at = time.time()
-            os.close(fd)
-            _resume(pid, frozen)
+            finish()
 
+    result.finish = finish
     return result, stream()
 
 

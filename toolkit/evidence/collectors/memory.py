@@ -105,8 +105,8 @@ class ProcessMemoryCollector(Collector):
             except ValueError as error:  # a machine with no core layout
                 emit.skip("/proc/%d/mem" % pid, str(error), "limited")
                 continue
-            if not any(s.end > s.start for s in dump.layout.segments):
-                stream.close()
+            if not dump.layout.segments:
+                dump.finish()
                 emit.log("pid %d has no user memory (a kernel thread): no core" % pid)
                 continue
             member = core_member(pid, dump.process.name)
@@ -116,7 +116,8 @@ class ProcessMemoryCollector(Collector):
                                                     dump.freeze.get("frozen") else ""), "/proc/%d/mem" % pid,
                                    {"pid": pid, "marked_by": why})
             finally:
-                stream.close()  # resumes a frozen process, also when the capture abandons this collector
+                stream.close()
+                dump.finish()  # continues a frozen process, also when the capture abandons this collector
             total -= dump.layout.size
             record = dict(dump.record(), marked_by=why, member=member, notes=notes)
             emit.json(member + ".json", record, "what the core holds: mappings, gaps, what was left out, freeze")
@@ -188,8 +189,8 @@ class PhysicalMemoryCollector(Collector):
         document.update(source=source.path, refused_before=source.refused, parts=names, records=stats.records,
                         ram_bytes=ram, bytes_read=stats.bytes_read, bytes_stored=stats.bytes_stored,
                         zero_pages_left_out=stats.zero_pages,
-                        unreadable=[{"start": "%#x" % a, "bytes": n, "reason": why}
-                                    for a, n, why in stats.unreadable[:10000]],
+                        unreadable=[{"start": "%#x" % a, "bytes": n, "reason": why} for a, n, why in stats.unreadable],
+                        unreadable_bytes=stats.unreadable_bytes, unreadable_runs_not_listed=stats.unreadable_unlisted,
                         ended_at=utc.iso_micro(time.time()),
                         join="cat %s.part* > physical.lime (each part is a LiME file too)" % LIME_NAME)
         emit.json(MEMORY_DIR + "physical.json", document, "how the image was made: source, ranges, records, "
