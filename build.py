@@ -927,9 +927,13 @@ def read_recipients(args: argparse.Namespace) -> list[str]:
             if line and not line.startswith("#"):
                 recipients.append(line)
     for r in recipients:
-        ok = re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", r) or re.match(r"^ssh-(ed25519|rsa) AAAA[0-9A-Za-z+/=]+( .*)?$", r)
+        ok = re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", r) or re.match(r"^ssh-(ed25519|rsa) AAAA[0-9A-Za-z+/=]+( .*)?$", r) \
+            or re.fullmatch(r"age1pq1[02-9ac-hj-np-z]{1952}", r)  # ML-KEM-768 + X25519: 1216 bytes
         if not ok:
-            raise BuildError("not an age recipient (age1... or ssh-ed25519/ssh-rsa): %r" % r[:40])
+            raise BuildError("not an age recipient (age1..., age1pq1... or ssh-ed25519/ssh-rsa): %r" % r[:40])
+    if len({r.startswith("age1pq1") for r in recipients}) > 1:  # capture would refuse them, as age 1.3 does
+        raise BuildError("post-quantum (age1pq1...) and classical recipients cannot be mixed: the evidence would "
+                         "be open to a quantum computer through the classical ones")
     return recipients
 
 

@@ -1,7 +1,8 @@
 """age v1 (C2SP age, age-encryption.org/v1) on cryptography's primitives.
 
-Recipients: X25519 (age1...), ssh-ed25519 (an OpenSSH public key), scrypt
-(passphrase). Payload: STREAM of ChaCha20-Poly1305 chunks of 64 KiB. Streaming
+Recipients: MLKEM768-X25519 (age1pq1..., post-quantum, through cryptography's HPKE), X25519 (age1...),
+ssh-ed25519 (an OpenSSH public key), scrypt (passphrase); post-quantum and classical recipients are never
+mixed in one file. Payload: STREAM of ChaCha20-Poly1305 chunks of 64 KiB. Streaming
 both ways in bounded memory: `Encryptor` is a writable sink the archive pipeline
 feeds; `Decryptor` yields plaintext chunks, each authenticated before it is
 returned. Parsing is strict: every MUST of the spec is an error of its own.
@@ -29,6 +30,7 @@ from toolkit.crypto.errors import (
     AgePayloadError,
     KeyFormatError,
     NoMatchingIdentity,
+    PostQuantumUnavailable,
     TruncatedPayload,
 )
 from toolkit.crypto.sshkeys import SshPublicKey, parse_ssh_public_key
@@ -44,6 +46,10 @@ MAX_HEADER_LINE = 64 * 1024
 MAX_HEADER_SIZE = 1024 * 1024
 ZERO_NONCE = bytes(12)
 X25519_INFO = b"age-encryption.org/v1/X25519"
+MLKEM768X25519_TYPE = b"mlkem768x25519"
+MLKEM768X25519_INFO = b"age-encryption.org/mlkem768x25519"
+PQ_ENC_SIZE = 1120  # ML-KEM-768 ciphertext (1088) || X25519 share (32)
+PQ_PUBLIC_SIZE = 1216  # ML-KEM-768 encapsulation key (1184) || X25519 public key (32)
 SSH_ED25519_INFO = b"age-encryption.org/v1/ssh-ed25519"
 SCRYPT_SALT_LABEL = b"age-encryption.org/v1/scrypt"
 _B64_CHARS = re.compile(rb"^[A-Za-z0-9+/]*$")
@@ -177,6 +183,8 @@ def _parse_stanza(line: bytes, reader: _LineReader) -> Stanza:
 
 # --------------------------------------------------------------------------- recipients
 class Recipient:
+    post_quantum = False  # a recipient type safe against a quantum computer (never mixed with one that is not)
+
     def wrap(self, file_key: bytes) -> Stanza:
         raise NotImplementedError
 
@@ -197,6 +205,128 @@ def _x25519(secret: bytes, public: bytes) -> bytes:
         return X25519PrivateKey.from_private_bytes(secret).exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:  # cryptography refuses an all-zero shared secret
         raise AgeHeaderError("bad header: X25519 shared secret is all zero") from None
+
+
+# --------------------------------------------------------------------------- MLKEM768-X25519 (post-quantum)
+def _hpke():
+    """cryptography's HPKE and ML-KEM, or a clear refusal where this interpreter's build lacks them (never a
+    quiet fall back to a classical recipient)."""
+    try:
+        from cryptography.hazmat.primitives import hpke
+        from cryptography.hazmat.primitives.asymmetric import mlkem
+
+        suite = hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
+    except (ImportError, AttributeError):
+        import cryptography
+
+        raise PostQuantumUnavailable(
+            "post-quantum age (mlkem768x25519) needs ML-KEM and HPKE, which cryptography %s on this Python "
+            "lacks: run the kit with a host Python 3.9 or newer" % cryptography.__version__) from None
+    return hpke, mlkem, suite
+
+
+def _pq_public(hpke, mlkem, public: bytes):
+    try:
+        return hpke.MLKEM768X25519PublicKey(mlkem.MLKEM768PublicKey.from_public_bytes(public[:1184]),
+                                            X25519PublicKey.from_public_bytes(public[1184:]))
+    except ValueError:
+        raise KeyFormatError("not a valid ML-KEM-768 + X25519 public key") from None
+
+
+class MlKem768X25519Recipient(Recipient):
+    """age1pq1...: ML-KEM-768 and X25519 through HPKE (the X-Wing KEM of filippo.io/hpke-pq)."""
+    post_quantum = True
+
+    def __init__(self, public: bytes) -> None:
+        if len(public) != PQ_PUBLIC_SIZE:
+            raise KeyFormatError("an ML-KEM-768 + X25519 recipient is %d bytes" % PQ_PUBLIC_SIZE)
+        self.public = public
+
+    @classmethod
+    def parse(cls, text: str) -> "MlKem768X25519Recipient":
+        try:
+            hrp, data = bech32.decode(text)
+        except bech32.Bech32Error as error:
+            raise KeyFormatError("malformed age recipient: %s" % error) from None
+        if hrp != "age1pq" or len(data) != PQ_PUBLIC_SIZE:
+            raise KeyFormatError("not an age post-quantum recipient (age1pq1...)")
+        return cls(data)
+
+    def __str__(self) -> str:
+        return bech32.encode("age1pq", self.public)
+
+    def wrap(self, file_key: bytes) -> Stanza:
+        hpke, mlkem, suite = _hpke()
+        sealed = suite.encrypt(file_key, _pq_public(hpke, mlkem, self.public), info=MLKEM768X25519_INFO)
+        enc, body = sealed[:PQ_ENC_SIZE], sealed[PQ_ENC_SIZE:]
+        return Stanza(MLKEM768X25519_TYPE, [b64encode_raw(enc)], body)
+
+
+class MlKem768X25519Identity(Identity):
+    """AGE-SECRET-KEY-PQ-1...: a 32-byte seed, expanded with SHAKE256 to the ML-KEM-768 seed and the X25519 key."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise KeyFormatError("a post-quantum age identity is 32 bytes")
+        self.seed = seed
+        self._keys = None  # expanded when first needed: a key file that also holds classical keys still opens
+        # classical files on an interpreter without ML-KEM
+
+    def _expanded(self):
+        """(HPKE private key, X25519 private key, public key bytes), from the seed (filippo.io/hpke-pq)."""
+        if self._keys is None:
+            hpke, mlkem, _ = _hpke()
+            expanded = hashlib.shake_256(self.seed).digest(96)
+            x25519 = X25519PrivateKey.from_private_bytes(expanded[64:])
+            kem = mlkem.MLKEM768PrivateKey.from_seed_bytes(expanded[:64])
+            self._keys = (hpke.MLKEM768X25519PrivateKey(kem, x25519), x25519,
+                          kem.public_key().public_bytes_raw() + x25519.public_key().public_bytes_raw())
+        return self._keys
+
+    @property
+    def public(self) -> bytes:
+        return self._expanded()[2]
+
+    @classmethod
+    def generate(cls) -> "MlKem768X25519Identity":
+        return cls(os.urandom(32))
+
+    @classmethod
+    def parse(cls, text: str) -> "MlKem768X25519Identity":
+        try:
+            hrp, data = bech32.decode(text)
+        except bech32.Bech32Error as error:
+            raise KeyFormatError("malformed age identity: %s" % error) from None
+        if hrp != "age-secret-key-pq-" or len(data) != 32:
+            raise KeyFormatError("not an age post-quantum identity (AGE-SECRET-KEY-PQ-1...)")
+        return cls(data)
+
+    def __str__(self) -> str:
+        return bech32.encode("AGE-SECRET-KEY-PQ-", self.seed)
+
+    def recipient(self) -> MlKem768X25519Recipient:
+        return MlKem768X25519Recipient(self.public)
+
+    def unwrap(self, stanzas: Sequence[Stanza]) -> Optional[bytes]:
+        for stanza in stanzas:
+            if stanza.type != MLKEM768X25519_TYPE:
+                continue
+            _, _, suite = _hpke()
+            private, x25519, _ = self._expanded()
+            if len(stanza.args) != 1:
+                raise AgeHeaderError("bad header: mlkem768x25519 stanza has %d arguments, not 2" % (
+                    len(stanza.args) + 1))
+            enc = b64decode_canonical(stanza.args[0], "the mlkem768x25519 encapsulated key")
+            if len(enc) != PQ_ENC_SIZE:
+                raise AgeHeaderError("bad header: mlkem768x25519 encapsulated key is %d bytes, not %d" % (
+                    len(enc), PQ_ENC_SIZE))
+            _check_body(stanza, "mlkem768x25519")
+            _x25519(x25519.private_bytes_raw(), enc[-32:])  # a low-order share is a header failure
+            try:
+                return suite.decrypt(enc + stanza.body, private, info=MLKEM768X25519_INFO)
+            except (InvalidTag, ValueError):
+                continue  # not for this identity
+        return None
 
 
 class X25519Recipient(Recipient):
@@ -404,6 +534,9 @@ class Encryptor:
             raise KeyFormatError("no recipients")
         if any(isinstance(r, ScryptRecipient) for r in recipients) and len(recipients) > 1:
             raise KeyFormatError("a passphrase (scrypt) cannot be combined with other recipients")
+        if len({r.post_quantum for r in recipients}) > 1:  # as age 1.3 refuses: the file would be only as safe
+            raise KeyFormatError("post-quantum (age1pq1...) and classical recipients cannot be mixed: the file "
+                                 "would be open to a quantum computer through the classical ones")
         self._out = armor.ArmorWriter(sink) if armored else sink
         self._armored = armored
         file_key = os.urandom(FILE_KEY_SIZE)
@@ -547,6 +680,8 @@ def _read_exactly(stream: BinaryIO, size: int) -> bytes:
 # --------------------------------------------------------------------------- key files
 def parse_recipient(text: str) -> Recipient:
     text = text.strip()
+    if text.lower().startswith("age1pq1"):
+        return MlKem768X25519Recipient.parse(text)
     if text.startswith("age1"):
         return X25519Recipient.parse(text)
     if text.startswith("ssh-"):
@@ -588,7 +723,8 @@ def parse_identity_file(content: bytes, name: str = "identity file", ssh_passphr
         if not line or line.startswith("#"):
             continue
         try:
-            identities.append(X25519Identity.parse(line))
+            identities.append(MlKem768X25519Identity.parse(line) if line.upper().startswith("AGE-SECRET-KEY-PQ-")
+                              else X25519Identity.parse(line))
         except KeyFormatError as error:
             raise KeyFormatError("%s line %d: %s" % (name, number, error.message)) from None
     if not identities:
@@ -596,14 +732,15 @@ def parse_identity_file(content: bytes, name: str = "identity file", ssh_passphr
     return identities
 
 
-def identity_file_text(identity: X25519Identity, created: str) -> str:
+def identity_file_text(identity, created: str) -> str:
+    """An identity file as age-keygen writes it (X25519Identity or MlKem768X25519Identity)."""
     return "# created: %s\n# public key: %s\n%s\n" % (created, identity.recipient(), identity)
 
 
 def recipients_of(identities: Iterable[Identity]) -> List[str]:
     out = []
     for identity in identities:
-        if isinstance(identity, X25519Identity):
+        if isinstance(identity, (X25519Identity, MlKem768X25519Identity)):
             out.append(str(identity.recipient()))
         elif isinstance(identity, SshEd25519Identity):
             out.append(identity.public.openssh())

@@ -1,7 +1,7 @@
 """Distinct errors for encrypted and signed data, each with the exit code DESIGN.md gives it."""
 from __future__ import annotations
 
-from toolkit.errors import BadInputError, VerificationFailed
+from toolkit.errors import BadInputError, EnvironmentProblem, VerificationFailed
 
 
 class AgeHeaderError(BadInputError):
@@ -34,3 +34,7 @@ class KeyFormatError(BadInputError):
 
 class SignatureError(VerificationFailed):
     """A signature that is malformed, made by a key not allowed, or does not verify (exit 5)."""
+
+
+class PostQuantumUnavailable(EnvironmentProblem):
+    """Post-quantum age needs ML-KEM and HPKE, which this interpreter's cryptography lacks (exit 4)."""

@@ -174,8 +174,10 @@ def verify_file(path: str, signature_path: Optional[str], allowed_signers_path: 
         return sshsig.verify(signature, source, allowed, identity, namespace)
 
 
-def write_new_identity(path: str, created: str) -> age.X25519Identity:
-    identity = age.X25519Identity.generate()
+def write_new_identity(path: str, created: str, post_quantum: bool = False):
+    """A new X25519 identity, or with post_quantum an ML-KEM-768 + X25519 one (refused, before anything is
+    written, where this interpreter's cryptography lacks ML-KEM)."""
+    identity = age.MlKem768X25519Identity.generate() if post_quantum else age.X25519Identity.generate()
     with AtomicFile(path, 0o600) as out:
         out.write(age.identity_file_text(identity, created).encode("ascii"))
         out.commit()
