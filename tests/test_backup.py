@@ -202,6 +202,28 @@ def test_encrypted_set_round_trips_and_refuses_the_wrong_key(host_setup, tmp_pat
         assert conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0] == 533
 
 
+def test_a_post_quantum_backup_round_trips(host_setup, tmp_path):
+    """The DBA's key may be post-quantum (age1pq1...): the set is encrypted to it alone, verify and restore open it."""
+    from toolkit.crypto import age
+
+    database, dsn, env, host = host_setup
+    key = tmp_path / "dba-pq.key"
+    made = kit("--json", "keygen", "--pq", "-o", str(key), env=env)
+    assert made.returncode == 0, made.stderr
+    recipient = json.loads(made.stdout)["recipient"]
+    created = kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn, "-r", recipient, env=env)
+    assert created.returncode == 0, created.stderr
+    dump = Path(json.loads(created.stdout)["dump"])
+    with open(dump, "rb") as handle:
+        assert [s.type for s in age.parse_header(handle).stanzas] == [b"mlkem768x25519"]
+    assert kit("backup", "verify", str(dump), "-i", str(key), "--restore-test", "--dsn", dsn, env=env).returncode == 0
+    into = kit("--json", "restore", str(dump), "-i", str(key), "--into", database.name + "_pq", "--dsn", dsn,
+               env=env)
+    assert into.returncode == 0, into.stderr
+    with database.cluster.connect(database.name + "_pq") as conn:
+        assert conn.execute("SELECT count(*) FROM biography_jobs").fetchone()[0] == 533
+
+
 def test_sql_gz_backup_restores_through_psql(host_setup):
     database, dsn, env, host = host_setup
     before = checksums(database.connect)
