@@ -24,23 +24,38 @@ VOL = str(Path(sys.executable).parent / "vol")
 AGE = "/usr/bin/age"
 
 # holds 32 random bytes in a bytes object, says where they are (virtual and, through pagemap, physical), waits
+# where a process's virtual address is in physical memory, from its pagemap (root reads any process's)
+PHYSICAL = r"""
+import struct, sys
+def physical(pid, address):
+    with open("/proc/%d/pagemap" % pid, "rb") as pagemap:
+        pagemap.seek(address // 4096 * 8)
+        entry, = struct.unpack("<Q", pagemap.read(8))
+    return (entry & ((1 << 55) - 1)) * 4096 + address % 4096 if entry >> 63 else None
+if __name__ == "__main__":
+    print(physical(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+# holds 32 random bytes in a bytes object, locked in RAM (mlockall: no swap, and with THP off and
+# compact_unevictable_allowed 0 no migration), says where they are, waits
 HOLDER = r"""
-import ctypes, json, os, struct, time
+import ctypes, json, os, time
+from physical import physical
 marker = os.urandom(32)
 raw = ctypes.string_at(id(marker), 96)
 address = id(marker) + raw.find(marker)
-with open("/proc/self/pagemap", "rb") as pagemap:
-    pagemap.seek(address // 4096 * 8)
-    entry, = struct.unpack("<Q", pagemap.read(8))
-physical = (entry & ((1 << 55) - 1)) * 4096 + address % 4096 if entry >> 63 else None
+ctypes.CDLL(None).mlockall(3)
 with open("/job/marker.json.tmp", "w") as out:
-    json.dump({"pid": os.getpid(), "hex": marker.hex(), "virtual": address, "physical": physical}, out)
+    json.dump({"pid": os.getpid(), "hex": marker.hex(), "virtual": address,
+               "physical": physical(os.getpid(), address)}, out)
 os.rename("/job/marker.json.tmp", "/job/marker.json")
 while True:
     time.sleep(3600)
 """
 
 SCRIPT = r"""
+echo never > /sys/kernel/mm/transparent_hugepage/enabled
+echo 0 > /proc/sys/vm/compact_unevictable_allowed
 python3.13 /job/holder.py &
 n=0
 while [ ! -e /job/marker.json ]; do n=$((n+1)); [ $n -gt 2400 ] && { echo "no marker" >&2; exit 3; }; sleep 0.05; done
@@ -49,6 +64,7 @@ mkdir -p /evidence
 python3.13 -I /job/kit.pyz --json capture --out /evidence -r "$(cat /job/recipient)" --only memory --memory \
   --allow-same-disk --case GUEST > /job/capture.json 2> /job/capture.err
 echo $? > /job/capture.rc
+python3.13 -c 'import json, physical; m = json.load(open("/job/marker.json")); print(physical.physical(m["pid"], m["virtual"]))' > /job/after
 for kind in payload:tar.zst.age manifest:tar.zst.age.manifest.json custody:tar.zst.age.custody.jsonl; do
   ln /evidence/*."${kind#*:}" "/job/${kind%%:*}"          # hard links: the disk holds the bundle once
 done
@@ -83,8 +99,9 @@ def test_the_guest_ram_streams_into_the_bundle_and_volatility_reads_it(pyz, boot
     identity = tmp_path / "team.key"
     subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True)
     recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True).stdout.strip()
-    outputs = ["capture.json", "capture.err", "capture.rc", "marker.json", "release", *OUTPUTS]
-    result = booted.run(SCRIPT, files={"holder.py": HOLDER.encode(), "recipient": recipient.encode()},
+    outputs = ["capture.json", "capture.err", "capture.rc", "marker.json", "after", "release", *OUTPUTS]
+    result = booted.run(SCRIPT, files={"holder.py": HOLDER.encode(), "physical.py": PHYSICAL.encode(),
+                                       "recipient": recipient.encode()},
                         big_files={"kit.pyz": Path(pyz)}, outputs=outputs)
     got = {Path(name).name: data for name, data in result.files.items()}
     assert result.returncode == 0, (result.stderr, result.console[-3000:])
@@ -94,6 +111,7 @@ def test_the_guest_ram_streams_into_the_bundle_and_volatility_reads_it(pyz, boot
     release = got["release"].decode().strip()
     marker = json.loads(got["marker.json"])
     assert marker["physical"], "the guest's pagemap gave no physical address"
+    assert int(got["after"]) == marker["physical"], "the marker's page moved during the capture"
 
     # the standard tools: sha256sum, age, zstd, tar; the parts joined with cat
     bundle = tmp_path / "bundle"
