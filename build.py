@@ -919,6 +919,30 @@ def toolkit_sources() -> dict[str, bytes]:
     return files
 
 
+def _bech32_checks(text: str) -> bool:
+    """The recipient's bech32 checksum holds (the kit's own codec, pure Python), and a post-quantum one is a key
+    that can be encrypted to (a typo or a low-order X25519 half would make every capture fail at its start)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from toolkit.crypto import bech32
+
+        try:
+            bech32.decode(text)
+        except ValueError:
+            return False
+        try:  # the key itself, where this interpreter has cryptography (the venv has; a bare python3 may not)
+            from toolkit.crypto import age
+        except ImportError:
+            return True
+        try:
+            age.parse_recipient(text)
+        except age.KeyFormatError:
+            return False
+        return True
+    finally:
+        sys.path.remove(str(ROOT))
+
+
 def read_recipients(args: argparse.Namespace) -> list[str]:
     recipients = list(args.recipient or [])
     for path in args.recipients_file or []:
@@ -929,6 +953,8 @@ def read_recipients(args: argparse.Namespace) -> list[str]:
     for r in recipients:
         ok = re.fullmatch(r"age1[02-9ac-hj-np-z]{58}", r) or re.match(r"^ssh-(ed25519|rsa) AAAA[0-9A-Za-z+/=]+( .*)?$", r) \
             or re.fullmatch(r"age1pq1[02-9ac-hj-np-z]{1952}", r)  # ML-KEM-768 + X25519: 1216 bytes
+        if ok and r.startswith("age1"):
+            ok = _bech32_checks(r)
         if not ok:
             raise BuildError("not an age recipient (age1..., age1pq1... or ssh-ed25519/ssh-rsa): %r" % r[:40])
     if len({r.startswith("age1pq1") for r in recipients}) > 1:  # capture would refuse them, as age 1.3 does

@@ -2,14 +2,13 @@
 format. The whole-RAM image itself is proved on a real kernel booted under qemu: tests/test_memory_guest.py."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
@@ -192,6 +191,8 @@ def test_limits_leave_mappings_out_and_say_so(pyz, plain, out_dir, team_key, tmp
     assert sidecar["core"]["bytes_stored"] <= 2 << 20
     over = [m for m in sidecar["left_out"] if "per-process limit" in m["reason"]]
     assert over, sidecar["left_out"]
+    said = [e for e in result["errors"] if e["source"] == "/proc/%d/mem" % plain.pid and e["kind"] == "limit"]
+    assert said and "%d mappings" % len(over) in said[0]["reason"]
     core = Path(str(sidecar_path)[:-len(".json")])
     stored = {start: filesz for start, filesz, _ in _segments(core)}
     for item in over:  # still in the core's address space, with no bytes
@@ -206,10 +207,14 @@ def test_bad_process_memory_input_is_one_line_and_a_gone_pid_is_recorded(pyz, ou
                    "--skip", "process-memory")
     assert done.returncode == 2 and "process-memory" in done.stderr and "Traceback" not in done.stderr
     assert not list(out_dir.iterdir())
+    done = kit_pyz(pyz, "capture", "--out", str(out_dir), "-r", recipient, "--process-memory-limit", "0")
+    assert done.returncode == 2 and "at least 1M" in done.stderr
     gone = subprocess.Popen(["/bin/true"])
     gone.wait()
-    result = _capture(pyz, out_dir, recipient, "--process-memory", str(gone.pid))
-    assert [e for e in result["errors"] if e["source"] == "/proc/%d/mem" % gone.pid and "gone" in e["reason"]]
+    result = _capture(pyz, out_dir, recipient, "--process-memory", str(gone.pid), "--process-memory", "2")
+    assert [e for e in result["errors"] if e["source"] == "/proc/%d/mem" % gone.pid and e["kind"] == "skip"]
+    # pid 2 (kthreadd) has no user memory: nothing to dump, not a failure
+    assert not [e for e in result["errors"] if e["source"] == "/proc/2/mem"]
 
 
 def test_whole_memory_without_a_source_is_one_line_and_the_capture_goes_on(pyz, out_dir, team_key, tmp_path):
@@ -297,3 +302,29 @@ def test_a_fifo_mounted_over_maps_is_refused_and_the_frozen_process_is_continued
     assert plain.state() in ("S", "R"), "the process was left stopped"
     # nothing waited on the FIFO: no collector was abandoned at its budget
     assert [c["status"] for c in result["collectors"]] == ["ok", "ok"], result["collectors"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_capture_ended_mid_dump_continues_the_frozen_process(pyz, out_dir, team_key, signal_number):
+    """The responder's Ctrl-C, or a SIGTERM from a timeout, while a big process is frozen for its dump: the kit
+    ends, leaves no bundle, and the process runs again."""
+    identity, recipient = team_key
+    big = subprocess.Popen([HOST_PYTHON, "-c", "import sys, time\nb = bytearray(1536 << 20)\n"
+                            "for i in range(0, len(b), 4096): b[i] = 1\nprint('ready', flush=True)\ntime.sleep(600)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert big.stdout.readline().strip() == "ready"
+        state = lambda: Path("/proc/%d/stat" % big.pid).read_text().rsplit(")", 1)[1].split()[0]  # noqa: E731
+        kit = subprocess.Popen([HOST_PYTHON, "-I", str(pyz), "capture", "--out", str(out_dir), "-r", recipient,
+                                "--only", "process-memory", "--process-memory", str(big.pid), "--freeze",
+                                "--process-memory-limit", "2G"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"})
+        wait_until(lambda: state() == "T", 60, "the kit to freeze the process")
+        kit.send_signal(signal_number)
+        kit.wait(60)
+        assert kit.returncode != 0
+        wait_until(lambda: state() in ("S", "R"), 10, "the process to run again")
+        assert not [p for p in out_dir.iterdir() if p.name.endswith(".age")]
+    finally:
+        big.kill()
+        big.wait(30)

@@ -626,7 +626,13 @@ def test_pyz_is_one_zip_after_a_shell_preamble(pyz):
 
 
 def test_recipients_are_baked_in_and_shown_by_version(tmp_path):
-    recipient = "age1" + "q" * 58
+    subprocess.run(["age-keygen", "-o", str(tmp_path / "team.key")], check=True, capture_output=True)
+    recipient = subprocess.run(["age-keygen", "-y", str(tmp_path / "team.key")], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    typo = recipient[:-1] + ("q" if recipient[-1] != "q" else "p")  # the bech32 checksum catches it
+    refused = run([sys.executable, str(ROOT / "build.py"), "--targets", "host", "--recipient", typo, "-o",
+                   str(tmp_path / "typo.pyz")])
+    assert refused.returncode == 2 and "not an age recipient" in refused.stderr
     built = build_pyz(tmp_path / "team.pyz", "--targets", "host", "--recipient", recipient)
     done = run([interpreter("%d.%d" % sys.version_info[:2]), str(built), "version", "--json"])
     assert done.returncode == 0, done.stderr

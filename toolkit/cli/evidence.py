@@ -186,6 +186,8 @@ def capture_command(out_dir, recipients, recipient_files, use_passphrase, passph
     options.memory, options.process_memory, options.freeze = memory, list(process_memory), freeze
     options.process_memory_limit = parse_size(process_memory_limit)
     options.process_memory_total = parse_size(process_memory_total)
+    if min(options.process_memory_limit, options.process_memory_total) < 1 << 20:
+        raise UsageError("--process-memory-limit and --process-memory-total must be at least 1M")
     options.budgets = parse_budgets(budgets)
     if deadline is not None:
         if deadline <= 0:

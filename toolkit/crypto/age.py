@@ -250,13 +250,29 @@ class MlKem768X25519Recipient(Recipient):
             raise KeyFormatError("malformed age recipient: %s" % error) from None
         if hrp != "age1pq" or len(data) != PQ_PUBLIC_SIZE:
             raise KeyFormatError("not an age post-quantum recipient (age1pq1...)")
-        return cls(data)
+        recipient = cls(data)
+        recipient.check()
+        return recipient
+
+    def check(self) -> None:
+        """A key that can be encrypted to: a valid ML-KEM-768 key and an X25519 key of full order (where this
+        interpreter has ML-KEM; where it has not, using the recipient is refused anyway)."""
+        try:
+            hpke, mlkem, _ = _hpke()
+        except PostQuantumUnavailable:
+            return
+        _pq_public(hpke, mlkem, self.public)
+        try:
+            X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(self.public[1184:]))
+        except ValueError:
+            raise KeyFormatError("not a usable age post-quantum recipient: its X25519 key is of low order") from None
 
     def __str__(self) -> str:
         return bech32.encode("age1pq", self.public)
 
     def wrap(self, file_key: bytes) -> Stanza:
         hpke, mlkem, suite = _hpke()
+        self.check()
         sealed = suite.encrypt(file_key, _pq_public(hpke, mlkem, self.public), info=MLKEM768X25519_INFO)
         enc, body = sealed[:PQ_ENC_SIZE], sealed[PQ_ENC_SIZE:]
         return Stanza(MLKEM768X25519_TYPE, [b64encode_raw(enc)], body)

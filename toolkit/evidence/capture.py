@@ -12,9 +12,11 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import stat
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -389,6 +391,11 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                                 process_memory_total=options.process_memory_total)
     if options.low_priority:
         lower_priority()
+    if options.freeze and threading.current_thread() is threading.main_thread():
+        # a SIGTERM or SIGHUP mid-dump becomes an exit, so the frozen process is continued at exit (atexit in
+        # toolkit.memory.process); Ctrl-C already ends through an exception
+        for number in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, _exit_on_signal)
     name = bundle_base_name(options, started)
     payload_path = os.path.join(os.path.abspath(options.out_dir), name)
     tool = tool_facts()
@@ -540,6 +547,10 @@ def _host_facts(context: CollectionContext) -> Dict[str, Any]:
     from toolkit.evidence.collectors.system import system_facts
 
     return system_facts(context)
+
+
+def _exit_on_signal(number: int, frame) -> None:
+    raise SystemExit(128 + number)
 
 
 def lower_priority() -> None:

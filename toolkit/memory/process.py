@@ -9,18 +9,20 @@ Invariants:
 - Bounded: at most `limit` bytes of memory are stored. Anonymous and writable memory first (what lives only
   in memory), then memfd and deleted files' mappings, then the rest (copies of files on disk); what does not
   fit is a PT_LOAD with no bytes, listed as left out.
-- Frozen only when asked: SIGSTOP before maps is read, SIGCONT after the last byte, always (also on error),
-  and not at all for a process that was already stopped. Both are recorded with their times.
+- Frozen only when asked: SIGSTOP before maps is read, SIGCONT after the last byte, always (also on error, and
+  at exit when a Ctrl-C or SIGTERM ends the kit mid-dump), and not at all for a process that was already stopped.
+  Both are recorded with their times.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import platform
 import signal
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 from toolkit import utc
 from toolkit.host.hostfs import kernel_bytes
@@ -32,6 +34,10 @@ OFFSET_MAX = (1 << 63) - 1  # /proc/PID/mem is read at the address as the file o
 
 class NotReadable(Exception):
     """The process's memory cannot be read at all (gone, not permitted): the message says why."""
+
+
+class NoUserMemory(NotReadable):
+    """A kernel thread (no user address space), or a process gone: nothing to dump, not a failure."""
 
 
 @dataclass
@@ -246,20 +252,26 @@ def dump(pid: int, limit: int, freeze: bool = False) -> Tuple[Dump, Iterator[byt
         fd = os.open("/proc/%d/mem" % pid, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise NotReadable("pid %d is gone" % pid)
+    except ProcessLookupError:  # ESRCH: a kernel thread (no mm) on recent kernels, or gone
+        raise NoUserMemory("pid %d has no user memory (a kernel thread) or is gone" % pid)
     except OSError as error:
-        raise NotReadable("/proc/%d/mem: %s%s" % (pid, error.strerror, _ptrace_hint()))
+        raise NotReadable("%s%s" % (error.strerror, _ptrace_hint()))
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise NotReadable("/proc/%d/mem is not the kernel's file (something is mounted over it): not read" % pid)
+        raise NotReadable("not the kernel's file (something is mounted over it): not read")
     try:
         if freeze:
             state = _state(pid)
             if state in ("T", "t"):
                 frozen = {"frozen": False, "reason": "already stopped (state %s): left as found" % state}
             else:
+                _FROZEN.add(pid)  # continued at exit, whatever ends the kit (see resume_all)
                 os.kill(pid, signal.SIGSTOP)
                 frozen = {"frozen": True, "signal": "SIGSTOP", "stopped_at": utc.iso_micro(time.time())}
-                _wait_stopped(pid)
+                if not _wait_stopped(pid):
+                    frozen["confirmed"] = False
+                    frozen["note"] = "SIGSTOP sent, but the process was not seen stopped within 2 s (state %s): " \
+                                     "it may have run during the dump" % _state(pid)
         core_layout, found, left_out, info = plan(pid, limit, page_size)
     except FileNotFoundError:
         _resume(pid, frozen)
@@ -296,12 +308,13 @@ def dump(pid: int, limit: int, freeze: bool = False) -> Tuple[Dump, Iterator[byt
     return result, stream()
 
 
-def _wait_stopped(pid: int, seconds: float = 2.0) -> None:
+def _wait_stopped(pid: int, seconds: float = 2.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if _state(pid) in ("T", "t"):
-            return
+            return True
         time.sleep(0.005)
+    return False
 
 
 def _resume(pid: int, frozen: Dict[str, Any]) -> None:
@@ -313,6 +326,25 @@ def _resume(pid: int, frozen: Dict[str, Any]) -> None:
         except ProcessLookupError:
             frozen["continued_at"] = None
             frozen["note"] = "exited while stopped"
+        _FROZEN.discard(pid)
+
+
+def resume_all() -> List[int]:
+    """SIGCONT every process this kit stopped and has not continued yet: run at interpreter exit (atexit), so a
+    Ctrl-C or a SIGTERM (capture turns it into an exit) never leaves one stopped. Only SIGKILL of the kit can."""
+    continued = []
+    for pid in sorted(_FROZEN):
+        try:
+            os.kill(pid, signal.SIGCONT)
+            continued.append(pid)
+        except ProcessLookupError:
+            pass
+        _FROZEN.discard(pid)
+    return continued
+
+
+_FROZEN: Set[int] = set()
+atexit.register(resume_all)
 
 
 def _ptrace_hint() -> str:

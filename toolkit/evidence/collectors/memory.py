@@ -98,6 +98,9 @@ class ProcessMemoryCollector(Collector):
                 continue
             try:
                 dump, stream = process.dump(pid, min(context.process_memory_limit, total), context.freeze)
+            except process.NoUserMemory as error:
+                emit.log(str(error))
+                continue
             except process.NotReadable as error:
                 emit.skip("/proc/%d/mem" % pid, str(error), "skip" if "gone" in str(error) or "exited" in
                           str(error) else "error")
@@ -124,6 +127,11 @@ class ProcessMemoryCollector(Collector):
             if dump.gaps:
                 emit.log("pid %d: %d unreadable ranges stored as zeros (listed in %s.json)" % (
                     pid, len(dump.gaps), member))
+            over = [m for m in dump.left_out if "limit" in m["reason"]]
+            if over:
+                emit.skip("/proc/%d/mem" % pid, "%d mappings (%d bytes) over the process memory limit left out of "
+                          "the core (listed in %s.json)" % (len(over), sum(m["bytes"] for m in over), member),
+                          "limit")
             emit.fact("process_core", {"pid": pid, "member": member, "marked_by": why,
                                        "bytes": dump.layout.size, "gaps": len(dump.gaps),
                                        "frozen": bool(dump.freeze.get("frozen"))}, member)
