@@ -12,7 +12,7 @@ import tarfile
 import zlib
 from typing import BinaryIO, Dict, Optional, Sequence
 
-from toolkit.host.streams import BackgroundWriter, HashingWriter
+from toolkit.host.streams import MAX_PENDING_BYTES, BackgroundWriter, HashingWriter
 
 BLOCK = 512
 RECORD = 20 * BLOCK
@@ -33,6 +33,8 @@ ZERO_RUN = 16 << 20  # a run of zeros (an abandoned member's padding) is written
 
 
 class _Passthrough:
+    buffered_bound = 0
+
     def __init__(self, sink) -> None:
         self.sink = sink
 
@@ -68,6 +70,8 @@ class _ZstdWriter:
         # 4 MiB jobs, each primed with the last 1/64 of the window before it (overlap_log 3; the default,
         # 6, re-reads 1/8): 6-8 % less CPU than 2 MiB jobs with the default overlap, within 0.7 % of their
         # size on BookGen-like logs and on /var/log + /usr/share/doc + /etc (medians of 4 alternating runs)
+        # raw bytes that may be inside the compressor and not yet out (jobs in the workers and the one filling)
+        self.buffered_bound = (2 * threads + 2) * (4 << 20)
         params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, job_size=4 << 20,
                                                                overlap_log=3, write_checksum=True)
         self._writer = zstandard.ZstdCompressor(compression_params=params).stream_writer(
@@ -99,6 +103,7 @@ class _GzipWriter:
     """One gzip member (RFC 1952) around a raw deflate stream. A run of zeros is a full flush (byte-aligned,
     no reference back past it) then one block of deflated zeros, compressed once and repeated: padding an
     abandoned member costs a CRC over its zeros, not their compression (12 s per GiB before)."""
+    buffered_bound = 1 << 20  # deflate's window and pending block, generously
 
     def __init__(self, sink, level: int) -> None:
         self._sink = sink
@@ -169,6 +174,9 @@ class PayloadWriter:
         # encryption on its own thread: it runs while the compressor's caller waits for its workers
         self._encrypting = BackgroundWriter(self._encryptor, name="encrypting-writer") if self._encryptor else None
         self._compressor = compressor(compression, self._encrypting or self.hashing, threads=threads)
+        # raw bytes written here that may not have reached the sink yet: the compressor's, then the encrypting
+        # thread's queue (an upper bound, for what a full medium still has to take: toolkit.evidence.room)
+        self.buffered_bound = self._compressor.buffered_bound + (MAX_PENDING_BYTES if self._encrypting else 0)
         self._remaining = 0
         self._member_size = 0
         self._written = 0  # uncompressed tar bytes

@@ -37,6 +37,7 @@ from toolkit.evidence.collectors.base import (
     is_done,
     start_collector,
 )
+from toolkit.evidence.room import OutputRoom
 from toolkit.host.accounts import login_name
 from toolkit.host.atomic import AtomicFile
 from toolkit.host.hashing import sha256_path as sha256_file
@@ -198,6 +199,7 @@ class _Recorder:
         self.errors: List[Dict[str, Any]] = []
         self.log: List[str] = []
         self.facts: Dict[str, List[Dict[str, Any]]] = {}
+        self.room: Optional[OutputRoom] = None  # told how many bytes went to the writer
         self.by_path: Dict[str, Dict[str, Any]] = {}
         self.bytes = 0
 
@@ -210,6 +212,7 @@ class _Recorder:
         takes) runs out; the deadline is checked before every event, so a slow writer cannot stretch it."""
         started = time.monotonic()
         deadline = started + budget
+        self.room = context.room
         if context.deadline is not None:
             deadline = min(deadline, context.deadline)
         events, _thread, emitter = start_collector(collector, context)
@@ -247,6 +250,8 @@ class _Recorder:
                 self.writer.write_data(event.data)
                 current[1] = event.digest  # hashed on the collector's thread, in parallel
                 self.bytes += len(event.data)
+                if self.room is not None:
+                    self.room.consumed += len(event.data)
                 stats["bytes"] += len(event.data)
                 if self.progress:
                     self.progress(len(event.data), None, collector.name)
@@ -285,6 +290,8 @@ class _Recorder:
                 digest.update(piece)
                 left -= len(piece)
             self.writer.pad_remaining()
+            if self.room is not None:
+                self.room.consumed += padded
             notes = dict(notes)
             notes.setdefault("padded_with_zeros", padded)
         self.writer.end_member()
@@ -388,7 +395,8 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
                                 deadline=time.monotonic() + deadline_seconds,
                                 process_memory=tuple(options.process_memory), freeze=options.freeze,
                                 process_memory_limit=options.process_memory_limit,
-                                process_memory_total=options.process_memory_total)
+                                process_memory_total=options.process_memory_total,
+                                room=OutputRoom(options.out_dir, RESERVE_BYTES))
     if options.low_priority:
         lower_priority()
     if options.freeze and threading.current_thread() is threading.main_thread():
@@ -404,6 +412,7 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
         writer = archive.PayloadWriter(out, list(options.recipients) if options.encrypt else [],
                                        options.compression)
         recorder = _Recorder(writer, progress)
+        context.room.pipeline = writer.buffered_bound
         context.facts = recorder.facts  # what earlier collectors saw, for the timeline's events
         recorder.note("capture started: profile %s, root %s, output %s" % (options.profile, options.root,
                                                                           payload_path))
@@ -423,6 +432,9 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
 
             degraded += ["%s: %s (%s)" % (d["data"]["component"], d["data"]["effect"], d["data"]["reason"])
                          for d in recorder.facts.get("degraded", [])]
+            if context.room.summary():
+                degraded.append(context.room.summary())
+                recorder.note("degraded: " + context.room.summary())
             findings = _environment_findings(tool) + compute(recorder.facts, options.expected_ports)
             recorder.note("findings: %d" % len(findings))
             recorder.note("capture ended")

@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from toolkit import utc
 from toolkit.evidence.bundle import ROOTFS
+from toolkit.evidence.room import OutputRoom
 from toolkit.host.hostfs import VANISHED, HostFS, atime_before_us, Refused, WalkEntry, WalkLimits, WalkStats, kind_of, reason
 
 READ_SIZE = 4 << 20  # per read and per event: fewer hand-offs between the threads
@@ -52,6 +53,7 @@ class CollectionContext:
     freeze: bool = False  # SIGSTOP each process for its dump (--freeze)
     process_memory_limit: int = 1 << 30  # bytes of memory in one core
     process_memory_total: int = 4 << 30  # bytes in all cores together
+    room: Optional[OutputRoom] = None  # free space on the output medium: a member that would eat the reserve is not stored
     fs: HostFS = field(init=False)
     _claimed: Dict[str, str] = field(init=False, default_factory=dict)
     _lock: Any = field(init=False, default_factory=threading.Lock)
@@ -184,6 +186,19 @@ class Emitter:
     def skip(self, source: str, reason_text: str, kind: str = "error") -> None:
         self._put(Skip(source, reason_text, kind))
 
+    def has_room(self, size: int) -> bool:
+        """Whether a member of `size` raw bytes would fit on the output medium now (nothing is taken)."""
+        room = self.context.room if self.context is not None else None
+        return room is None or room.fits(size)
+
+    def _no_room(self, source: str, size: int) -> Optional[str]:
+        """None when a member of `size` raw bytes may be written; else why not (recorded as a limit)."""
+        room = self.context.room if self.context is not None else None
+        why = room.take(size) if room is not None else None
+        if why is not None:
+            self.skip(source, why, "limit")
+        return why
+
     def degraded(self, component: str, effect: str, reason_text: str) -> None:
         """This collector works in a lesser way than usual (a daemon that does not answer...): said in
         collection.log, in the manifest's collection.degraded, on screen and in the case report."""
@@ -287,22 +302,24 @@ class Emitter:
                        " ".join(run.argv))
         return run.stdout
 
-    def generated(self, archive_path: str, data, method: str, source: Optional[str] = None) -> None:
+    def generated(self, archive_path: str, data, method: str, source: Optional[str] = None) -> bool:
         """A member made by the collector itself (JSON of facts, a listing, a part of an image): bytes or a
-        bytearray the caller never changes again."""
+        bytearray the caller never changes again. False when it was not stored (a name already written, or
+        no room left on the output medium: both recorded)."""
         if not self._claim(archive_path):
             self.skip(archive_path, "a member of this name was already written: not written twice", "error")
-            return
+            return False
         view = memoryview(data)  # slices without copies: the queue holds views of the one buffer
-        self._sized(archive_path, len(data), (view[start:start + READ_SIZE] for start in range(0, len(data),
-                                                                                              READ_SIZE)),
-                    method, source)
+        notes = self._sized(archive_path, len(data), (view[start:start + READ_SIZE] for start in
+                                                      range(0, len(data), READ_SIZE)), method, source)
+        return "not_stored" not in notes
 
     def sized(self, archive_path: str, size: int, chunks: Iterable[bytes], method: str,
               source: Optional[str] = None, entry: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """A member made by the collector whose size is known before its bytes (an ELF core): exactly `size`
         bytes are stored. Returns the notes recorded on it: a source that gives fewer bytes is padded with
-        zeros and one that gives more is cut, and either is said there (and in the manifest)."""
+        zeros and one that gives more is cut, and either is said there (and in the manifest); `not_stored` says
+        why nothing was (no room left on the output medium)."""
         if not self._claim(archive_path):
             self.skip(archive_path, "a member of this name was already written: not written twice", "error")
             return {"error": "not written"}
@@ -310,6 +327,9 @@ class Emitter:
 
     def _sized(self, archive_path: str, size: int, chunks: Iterable[bytes], method: str,
                source: Optional[str], entry: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        why = self._no_room(archive_path, size)
+        if why is not None:
+            return {"not_stored": why}
         info = tarfile.TarInfo(archive_path)
         info.size, info.mode, info.mtime = size, 0o444, time.time()
         base = {"path": archive_path, "type": "generated", "source": source, "collector": self.collector,
@@ -476,6 +496,8 @@ class Emitter:
         if not stat.S_ISREG(info.st_mode):
             self.skip(logical, "it is a %s: not read" % kind_of(info.st_mode), "error" if requested else "skip")
             return False
+        if self._no_room(logical, min(info.st_size, max_size)) is not None:
+            return False
         try:
             opened = self.fs.open_at(dir_fd, name, logical)
         except (OSError, Refused) as error:
@@ -504,6 +526,8 @@ class Emitter:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 self.skip(source, "not a regular file: not read", "error")
+                return
+            if self._no_room(source, min(info.st_size, max_size)) is not None:
                 return
             self._read_into(fd, info, member, base, max_size)
         finally:

@@ -27,7 +27,10 @@ HOME_FILES = (".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profi
               ".psql_history", ".lesshst", ".viminfo", ".wget-hsts", ".ssh/authorized_keys", ".ssh/authorized_keys2",
               ".ssh/config", ".ssh/known_hosts", ".ssh/rc", ".config/systemd/user", ".config/autostart")
 TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
-TMP_EXEC_CAP = 64 * 1024 * 1024
+TMP_EXEC_CAP = 64 * 1024 * 1024  # per file
+TMP_EXEC_TOTAL_CAP = {"triage": 512 << 20, "full": None}  # all copies together (None: the output's room only)
+TMP_EXEC_COUNT_CAP = {"triage": 5000, "full": None}
+TMP_EXEC_LISTING = "volatile/tmp-executables.json"
 RECENT_UNIT_DAYS = 30
 
 
@@ -178,10 +181,12 @@ class TmpExecutablesCollector(Collector):
     rank = 40
     profiles = ("triage", "full")
     budget_seconds = 120.0
-    description = "regular files with exec bits or ELF/script headers in /tmp, /var/tmp, /dev/shm " \
-                  "(our own output is known by device and inode, never by name)"
+    description = "regular files with exec bits or ELF/script headers in /tmp, /var/tmp, /dev/shm, the most " \
+                  "recently changed first (64 MiB a file; triage: 512 MiB and 5,000 files in all), and a listing " \
+                  "of every one (our own output is known by device and inode, never by name)"
 
     def run(self, context: CollectionContext, emit: Emitter) -> None:
+        found: List[Dict[str, Any]] = []
         for logical_dir in TMP_DIRS:
             stats = WalkStats()
             try:
@@ -189,13 +194,35 @@ class TmpExecutablesCollector(Collector):
                     info = entry.info
                     if not stat.S_ISREG(info.st_mode) or not looks_executable(context, entry):
                         continue
-                    emit.entry(entry, min(context.max_file_size, TMP_EXEC_CAP))
-                    emit.fact("tmp_executable", {"path": entry.logical, "mode": "%o" % info.st_mode,
-                                                 "suid": bool(info.st_mode & (stat.S_ISUID | stat.S_ISGID)),
-                                                 "size": info.st_size, "mtime": info.st_mtime},
-                              host_member(entry.logical))
+                    found.append({"path": entry.logical, "mode": "%o" % info.st_mode, "uid": info.st_uid,
+                                  "suid": bool(info.st_mode & (stat.S_ISUID | stat.S_ISGID)),
+                                  "size": info.st_size, "mtime": info.st_mtime, "ctime": info.st_ctime,
+                                  "copied": False})
             finally:
                 emit.walk_report(logical_dir, stats)
+        per_file = min(context.max_file_size, TMP_EXEC_CAP)
+        total_cap = TMP_EXEC_TOTAL_CAP.get(context.profile)
+        count_cap = TMP_EXEC_COUNT_CAP.get(context.profile)
+        copied, files, over = 0, 0, 0
+        # the most recently changed first (ctime, which `touch -d` cannot set back), then the smallest: a flood of
+        # planted executables, or a whole chroot left in /var/tmp, cannot push the newest ones out of the cap
+        for row in sorted(found, key=lambda r: (-max(r["mtime"], r["ctime"]), r["size"], r["path"])):
+            take = min(row["size"], per_file)
+            if (total_cap is not None and copied + take > total_cap) or (count_cap is not None and files >= count_cap):
+                over += 1
+            elif emit.file(row["path"], per_file):
+                copied += take
+                files += 1
+                row["copied"] = True
+            emit.fact("tmp_executable", {key: row[key] for key in ("path", "mode", "suid", "size", "mtime",
+                                                                   "copied")},
+                      host_member(row["path"]) if row["copied"] else TMP_EXEC_LISTING)
+        if over:
+            emit.skip("/tmp, /var/tmp, /dev/shm", "%d executables not copied: the copies reached the profile's cap "
+                      "(%s bytes, %s files; listed in %s)" % (over, total_cap, count_cap, TMP_EXEC_LISTING), "limit")
+        emit.json(TMP_EXEC_LISTING, {"per_file_cap": per_file, "total_cap": total_cap, "count_cap": count_cap,
+                                     "copied_bytes": copied, "copied_files": files, "entries": found},
+                  "every executable found in the temporary directories (fstatat, and the first 4 bytes)")
 
 
 STAGING_FILE_CAP = {"triage": 16 << 20, "full": None}  # per file (None: --max-file-size)

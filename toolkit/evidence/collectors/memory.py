@@ -121,6 +121,8 @@ class ProcessMemoryCollector(Collector):
             finally:
                 stream.close()
                 dump.finish()  # continues a frozen process, also when the capture abandons this collector
+            if "not_stored" in notes:  # no room left on the output medium (a limit entry says so)
+                continue
             total -= dump.layout.size
             record = dict(dump.record(), marked_by=why, member=member, notes=notes)
             emit.json(member + ".json", record, "what the core holds: mappings, gaps, what was left out, freeze")
@@ -188,10 +190,13 @@ class PhysicalMemoryCollector(Collector):
         names: List[str] = []
         for part in lime.parts(physical.chunks(source, ranges), LIME_PART, stats):
             name = "%s.part%04d" % (LIME_NAME, len(names))
-            emit.generated(name, part, "%s, System RAM ranges of /proc/iomem, LiME records (part %d: a whole "
-                           "LiME file; `cat %s.part* > %s` joins them)" % (source.path, len(names), LIME_NAME,
-                                                                          os.path.basename(LIME_NAME)),
-                           source.path)
+            if not emit.generated(name, part, "%s, System RAM ranges of /proc/iomem, LiME records (part %d: a "
+                                  "whole LiME file; `cat %s.part* > %s` joins them)" % (
+                                      source.path, len(names), LIME_NAME, os.path.basename(LIME_NAME)), source.path):
+                document["cut_short"] = "part %d and the rest of RAM not stored: no room left on the output medium" \
+                    % len(names)
+                emit.degraded("memory", "the image of physical memory is cut short", document["cut_short"])
+                break
             names.append(name)
         ram = sum(last - first + 1 for first, last in ranges)
         document.update(source=source.path, refused_before=source.refused, parts=names, records=stats.records,
