@@ -51,7 +51,7 @@ stop.wait()
 """
 
 
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -61,10 +61,24 @@ def wait_for(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> 
     raise AssertionError("timed out waiting for %s" % what)
 
 
-def read_line(process: subprocess.Popen, timeout: float = 10.0) -> str:
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    assert ready, "no output from pid %d in %.0f s" % (process.pid, timeout)
-    return process.stdout.readline().strip()
+_UNREAD: Dict[int, bytes] = {}  # pid -> what was read from its stdout past the last line returned
+
+
+def read_line(process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """The process's next line, waited for until the deadline. Read from the pipe's descriptor with our own
+    buffer: a buffered readline() may take two lines at once, and a select() after it would wait for the second
+    line that is no longer in the pipe."""
+    deadline = time.monotonic() + timeout
+    fd = process.stdout.fileno()
+    buffer = _UNREAD.pop(process.pid, b"")
+    while b"\n" not in buffer:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, "no output from pid %d in %.0f s" % (process.pid, timeout)
+        data = os.read(fd, 4096)
+        assert data, "pid %d closed its output (exit %s)" % (process.pid, process.poll())
+        buffer += data
+    line, _, _UNREAD[process.pid] = buffer.partition(b"\n")
+    return line.decode().strip()
 
 
 def stop(process: subprocess.Popen) -> None:
