@@ -351,3 +351,109 @@ def test_restore_migrate_runs_alembic_in_the_api_container(running_stack, tmp_pa
         kit("db", "drop-old", json.loads(done.stdout)["old_database"], "--yes", env=env)
     finally:
         api.exec_run(["rm", "-f", "/bin/alembic", "/tmp/alembic-ran"])
+
+
+NO_SERVER = {"BOOKGEN_KIT_APP_DIR": "/nonexistent/bookgen", "DOCKER_HOST": "unix:///nonexistent.sock"}
+
+
+def test_verify_on_a_workstation_needs_no_server_nor_env(host_setup, tmp_path):
+    """A set copied to a workstation (no .env, no Docker, no --dsn): checksums, age decryption with the key
+    given, a full read with this host's pg_restore; a flipped byte fails (5); no key for an encrypted set is one
+    line, never a pass."""
+    database, dsn, env, host = host_setup
+    identity = tmp_path / "dba.key"
+    subprocess.run(["age-keygen", "-o", str(identity)], check=True, capture_output=True, timeout=60)
+    recipient = subprocess.run(["age-keygen", "-y", str(identity)], capture_output=True, text=True,
+                               check=True, timeout=60).stdout.strip()
+    plain = json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn,
+                           env=env).stdout)["dump"]
+    sealed = json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn, "-r",
+                            recipient, env=env).stdout)["dump"]
+    workstation = tmp_path / "workstation"
+    workstation.mkdir()
+    for path in (plain, sealed):
+        for name in (Path(path).name, Path(path).name + ".backup.json"):
+            (workstation / name).write_bytes((Path(path).parent / name).read_bytes())
+    for name, extra in ((Path(plain).name, []), (Path(sealed).name, ["-i", str(identity)])):
+        done = kit("--json", "backup", "verify", str(workstation / name), *extra, env=NO_SERVER)
+        assert done.returncode == 0, done.stdout + done.stderr
+        checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+        assert checks["checksum"]["ok"] and "/usr/lib/postgresql/" in checks["full read"]["detail"]
+    keyless = kit("backup", "verify", str(workstation / Path(sealed).name), env=NO_SERVER)
+    assert keyless.returncode not in (0, 1) and "Traceback" not in keyless.stderr
+    assert len([line for line in keyless.stderr.splitlines() if line.startswith("bookgen-kit: error:")]) == 1
+    data = bytearray((workstation / Path(plain).name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped = workstation / "flipped.dump"
+    flipped.write_bytes(bytes(data))  # no sidecar: only the full read can find it
+    done = kit("--json", "backup", "verify", str(flipped), env=NO_SERVER)
+    assert done.returncode == 5, done.stdout + done.stderr
+
+
+def test_restore_drops_leftovers_only_once_the_set_is_proven(host_setup, tmp_path):
+    database, dsn, env, host = host_setup
+    dump = Path(json.loads(kit("--json", "backup", "create", "--database", database.name, "--dsn", dsn,
+                               env=env).stdout)["dump"])
+    leftover = database.name + "_restore_20200101T000000Z"  # what a killed run leaves
+    with database.cluster.connect() as conn:
+        conn.autocommit = True
+        conn.execute('CREATE DATABASE "%s"' % leftover)
+    truncated = tmp_path / "truncated.dump"
+    truncated.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
+    refused = kit("restore", str(truncated), "--database", database.name, "--dsn", dsn, "--yes", env=env)
+    assert refused.returncode == 5 and "nothing was changed" in refused.stderr, refused.stderr
+    assert leftover in refused.stderr and leftover in databases(database.cluster.connect)
+    done = kit("--json", "restore", str(dump), "--database", database.name, "--dsn", dsn, "--yes",
+               "--no-emergency-backup", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    steps = [s["step"] for s in json.loads(done.stdout)["steps"]]
+    assert steps.index("preflight") < steps.index("cleanup") < steps.index("restore")
+    assert leftover not in databases(database.cluster.connect)
+    kit("db", "drop-old", json.loads(done.stdout)["old_database"], "--yes", "--dsn", dsn, env=env)
+
+
+def test_a_restore_that_fails_after_stop_services_starts_them_again(running_stack, tmp_path):
+    """The comparison fails after api and worker were stopped (the sidecar promises a row the set does not
+    hold): both are started again and the error says so; then a migration that fails with --keep-stopped
+    leaves the worker stopped, and says so. FAKE: the api image's alembic is a busybox script (see above)."""
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    api, worker = running_stack.container("api"), running_stack.container("worker")
+
+    def connect():
+        return running_stack.db_connect()
+
+    created = json.loads(kit("--json", "backup", "create", env=env).stdout)
+    before = checksums(connect)
+    sidecar_path = Path(created["sidecar"])
+    honest = sidecar_path.read_text()
+    sidecar = json.loads(honest)
+    sidecar["tables"]["public.users"]["rows"] += 1
+    sidecar_path.write_text(json.dumps(sidecar))
+    try:
+        done = kit("--json", "restore", created["dump"], "--yes", "--stop-services", "api,worker",
+                   "--no-emergency-backup", env=env)
+        assert done.returncode == 5, done.stdout + done.stderr
+        error = json.loads(done.stdout)["error"]
+        assert error["details"]["services"] == {api.name: "running", worker.name: "running"}, error
+        assert "services: %s running, %s running" % (api.name, worker.name) in done.stderr
+        assert running_stack.container("api").status == running_stack.container("worker").status == "running"
+        assert checksums(connect) == before
+        sidecar_path.write_text(honest)
+        failing = "#!/bin/sh\necho 'ERROR revision not found' >&2\nexit 1\n"
+        assert api.exec_run(["sh", "-c", "printf '%s' > /bin/alembic && chmod 755 /bin/alembic" %
+                             failing.replace("\n", "\\n")]).exit_code == 0
+        done = kit("--json", "restore", created["dump"], "--yes", "--stop-services", "api,worker", "--migrate",
+                   "--keep-stopped", "--no-emergency-backup", env=env)
+        assert done.returncode == 4, done.stdout + done.stderr
+        details = json.loads(done.stdout)["error"]["details"]
+        assert details["services"] == {api.name: "running", worker.name: "exited (--keep-stopped)"}, details
+        assert running_stack.container("worker").status == "exited"
+        assert [s["step"] for s in details["steps"]][-2:] == ["migrate", "services after the failure"]
+        old = [s for s in details["steps"] if s["step"] == "swap"][0]["detail"].split(" is now ")[1].split()[0]
+        kit("db", "drop-old", old, "--yes", env=env)
+    finally:
+        sidecar_path.write_text(honest)
+        running_stack.container("api").exec_run(["rm", "-f", "/bin/alembic"])
+        if running_stack.container("worker").status != "running":
+            running_stack.container("worker").start()

@@ -1,7 +1,7 @@
 """The one error hierarchy of bookgen-kit, mapped to the exit codes in DESIGN.md."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional
 
 EXIT_OK = 0
 EXIT_BUG = 1
@@ -17,10 +17,11 @@ class KitError(Exception):
 
     exit_code = EXIT_BUG
 
-    def __init__(self, message: str, hint: Optional[str] = None) -> None:
+    def __init__(self, message: str, hint: Optional[str] = None, details: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.details = details  # what --json adds to the error (e.g. each service's state after a failed restore)
 
 
 class UsageError(KitError):

@@ -26,6 +26,20 @@ def _server(deployment, dsn, container):
     return resolve_server(deployment, dsn, container)
 
 
+def _reader(deployment):
+    """What reads a set without restoring it, when no server is named: this host's client binaries (a workstation
+    needs no server, no .env); else the deployment's own server (bookgen-db's pg_restore when it runs)."""
+    from toolkit.db.server import ClientTools, host_tools
+    from toolkit.errors import KitError
+
+    if host_tools("pg_restore"):
+        return ClientTools()
+    try:
+        return _server(deployment, None, None)
+    except KitError:
+        return ClientTools()  # its refusal names what is missing
+
+
 def _identities(identity_files, passphrase_file):
     from toolkit.crypto.files import LazyScryptIdentity, load_identities
 
@@ -122,8 +136,8 @@ def _salvage_lines(salvage) -> None:
 @json_option
 def verify_command(set_path, identity_files, passphrase_file, restore_test, scratch_cluster, dsn, container,
                    deployment) -> None:
-    """Checksum, archive header, a full read of every entry; with --restore-test, a scratch restore compared
-    with the sidecar. Exit 5 when the set does not hold."""
+    """Checksum, archive header, a full read of every entry (this host's pg_restore: no server, no .env needed);
+    with --restore-test, a scratch restore compared with the sidecar. Exit 5 when the set does not hold."""
     from toolkit.db.backup import locate_set, verify_backup
 
     backup = locate_set(set_path)
@@ -136,7 +150,8 @@ def verify_command(set_path, identity_files, passphrase_file, restore_test, scra
         with ScratchCluster() as scratch_server:
             result = verify_backup(backup, scratch_server, identities, True, scratch_cluster=True)
     else:
-        result = verify_backup(backup, _server(deployment, dsn, container), identities, restore_test)
+        reader = _server(deployment, dsn, container) if (restore_test or dsn or container) else _reader(deployment)
+        result = verify_backup(backup, reader, identities, restore_test)
     out = current_output()
     out.remember({"set": backup.dump, "ok": result.ok, "checks": result.checks})
     if out.json:
@@ -236,13 +251,15 @@ def keep_command(set_path, release) -> None:
 @click.option("--passphrase-file", metavar="FILE")
 @click.option("--into", metavar="NAME", help="Restore into this new database and stop there.")
 @click.option("--stop-services", metavar="LIST", help="Containers to stop during the swap, e.g. api,worker.")
+@click.option("--keep-stopped", is_flag=True,
+              help="If the restore fails after --stop-services, leave them stopped (default: start them again).")
 @click.option("--migrate", is_flag=True, help="Run `alembic upgrade head` in the api container afterwards.")
 @click.option("--no-emergency-backup", is_flag=True, help="Skip the backup of the current database (needs --yes).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @server_options
 @deployment_options
 @json_option
-def restore_command(set_path, database, identity_files, passphrase_file, into, stop_services, migrate,
+def restore_command(set_path, database, identity_files, passphrase_file, into, stop_services, keep_stopped, migrate,
                     no_emergency_backup, yes, dsn, container, deployment) -> None:
     """Verify the set, back up the live database, restore into a new one, compare, swap by rename."""
     from toolkit.db.backup import locate_set
@@ -250,6 +267,8 @@ def restore_command(set_path, database, identity_files, passphrase_file, into, s
 
     if no_emergency_backup and not yes:
         raise UsageError("--no-emergency-backup needs --yes")
+    if keep_stopped and not stop_services:
+        raise UsageError("--keep-stopped goes with --stop-services")
     names = {"api": deployment.containers["api"], "worker": deployment.containers["worker"]}
     services = [names.get(s.strip(), s.strip()) for s in (stop_services or "").split(",") if s.strip()]
     backup = locate_set(set_path)
@@ -263,11 +282,12 @@ def restore_command(set_path, database, identity_files, passphrase_file, into, s
                       abort=True, err=True)
     plan = RestorePlan(backup=backup, database=database, into=into, emergency_backup=not no_emergency_backup,
                        backups_dir=deployment.backups_dir, stop_services=services, migrate=migrate,
-                       api_container=names["api"])
+                       api_container=names["api"], keep_stopped=keep_stopped)
     say = (lambda message: out.err_console.print("[dim]%s[/dim]" % message)) if out.interactive else None
     report = restore(server, plan, _identities(identity_files, passphrase_file), say)
     out.remember({"ok": True, "steps": report.steps, "database": report.restored_database,
-                       "old_database": report.old_database, "emergency_backup": report.emergency_backup})
+                       "old_database": report.old_database, "emergency_backup": report.emergency_backup,
+                       "services": report.services})
     if out.json:
         out.emit_json(out.document)
     else:

@@ -84,8 +84,11 @@ def report_error(output: Output, kind: str, message: str, hint: Optional[str], e
     if hint:
         sys.stderr.write("bookgen-kit: hint: %s\n" % hint)
     if output.json and not output.emitted:
-        output.emit_json({"ok": False, "error": {"kind": kind, "message": message, "hint": hint,
-                                                 "exit_code": exit_code}})
+        document = {"ok": False, "error": {"kind": kind, "message": message, "hint": hint, "exit_code": exit_code}}
+        details = getattr(error, "details", None)
+        if details:
+            document["error"]["details"] = details
+        output.emit_json(document)
 
 
 def _crash_log_dir() -> Optional[str]:

@@ -458,7 +458,7 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
             header = check_header(first)
             result.add("header", True, "PGDMP archive version %s" % header["archive_version"])
             if server is None:
-                raise EnvironmentProblem("a server (or host pg_restore) is needed to read the archive")
+                raise EnvironmentProblem("pg_restore is needed to read the archive (this host's, or a server's)")
 
             def all_chunks():
                 yield first
@@ -466,8 +466,11 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
 
             read = server.run_tool("pg_restore", ["-f", "/dev/null"], stdin=all_chunks())
             ok = read["exit_code"] == 0
-            result.add("full read", ok, "pg_restore read every entry" if ok else "pg_restore: %s" % (
+            result.add("full read", ok, "pg_restore %s (%s) read every entry" % (
+                read["tool"]["version"], read["tool"]["path"]) if ok else "pg_restore: %s" % (
                 read["stderr"].strip().splitlines() or ["exit %s" % read["exit_code"]])[-1])
+        except EnvironmentProblem:
+            raise  # nothing to read it with (exit 4): not a verdict on the set
         except KitError as error:
             result.add("archive", False, error.message)
     else:

@@ -3,7 +3,8 @@
 The live database is never dropped: it is renamed to `<db>_pre_restore_<UTC>` in the
 same transaction that renames the restored one to `<db>`, and stays until `db drop-old`.
 A run killed before the swap leaves at most a `<db>_restore_<UTC>` database, which the
-next run names and drops. The new database gets the set's owner, encoding, locale,
+next run names and drops once the set it restores is proven (never before). A failure after
+--stop-services starts them again (unless --keep-stopped) and says each one's state. The new database gets the set's owner, encoding, locale,
 grants, settings and comment before the swap, and the comparison covers them. Every
 refusal (a set that does not verify, --stop-services without a Docker engine, no room)
 comes before the first change.
@@ -40,6 +41,7 @@ class RestorePlan:
     stop_services: List[str] = field(default_factory=list)
     migrate: bool = False
     api_container: str = "bookgen-api"
+    keep_stopped: bool = False  # on a failure after --stop-services, leave them stopped
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RestoreReport:
     restored_database: Optional[str] = None
     old_database: Optional[str] = None
     emergency_backup: Optional[str] = None
+    services: Dict[str, str] = field(default_factory=dict)  # --stop-services: each one's state at the end
     started: float = field(default_factory=time.monotonic)
 
     def step(self, name: str, detail: str, ok: bool = True) -> None:
@@ -130,23 +133,25 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
     database = plan.database
     target_exists = database_exists(server, database)
 
-    # 0. what a killed earlier run left behind is named, then dropped
-    for name in leftovers(server, database):
-        drop_database(server, name)
-        report.step("cleanup", "dropped %s, left by an interrupted restore" % name)
-
     # 1. preflight: the set is proven, and what --stop-services needs is there, before anything changes
+    left = leftovers(server, database)
     docker_client = _services_engine(plan.stop_services) if plan.stop_services and not plan.into else None
     say("verifying the set")
     verified = verify_backup(plan.backup, server, identities, restore_test=False)
     failed = [c for c in verified.checks if not c["ok"]]
     if failed:
         report.step("preflight", "%s: %s" % (failed[0]["name"], failed[0]["detail"]), ok=False)
-        raise VerificationFailed("the set does not verify (%s: %s): nothing was changed" % (
-            failed[0]["name"], failed[0]["detail"]))
+        raise VerificationFailed("the set does not verify (%s: %s): nothing was changed%s" % (
+            failed[0]["name"], failed[0]["detail"], " (%s, left by an interrupted restore, kept)" % ", ".join(left)
+            if left else ""))
     report.step("preflight", "set verified (%s); server %s reachable; %s" % (
         ", ".join(c["name"] for c in verified.checks), server.description,
         _space_check(server, database if target_exists else None, plan.backup)))
+
+    # 2. the first change: what a killed earlier run left behind (a _restore_ database never swapped in) is dropped
+    for name in left:
+        drop_database(server, name)
+        report.step("cleanup", "dropped %s, left by an interrupted restore" % name)
     if plan.into:
         say("restoring into %s" % plan.into)
         live_owner = _owner(server, database) if target_exists else None
@@ -160,7 +165,7 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
         report.step("sessions", "%d sessions on %s: %s" % (len(listed), database, ", ".join(
             "%s/%s" % (s["user"], s["application"] or "-") for s in listed[:10]) or "none"))
         owner = _owner(server, database)
-        # 2. the runbook's emergency backup of what is there now, "even if corrupted"
+        # 3. the runbook's emergency backup of what is there now, "even if corrupted"
         if plan.emergency_backup:
             if not plan.backups_dir:
                 raise UsageError("an emergency backup needs a backups directory")
@@ -174,19 +179,75 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
     else:
         owner = None
         report.step("sessions", "%s does not exist yet: a plain restore" % database)
-    # 3. services and sessions
-    stopped = []
+    # 4. services and sessions
+    stopped: List[str] = []
     if plan.stop_services:
         stopped = _docker_services(docker_client, plan.stop_services, "stop")
         report.step("stop services", "stopped %s" % (", ".join(stopped) or "nothing (not running)"))
-    # 4. restore into a new database, then prove it
+    try:
+        _replace(server, plan, identities, report, say, database, owner, target_exists)
+        # 7. migrations: alembic runs in the api container, so it is started first when it was stopped
+        if plan.migrate:
+            if plan.api_container in stopped:
+                _docker_services(docker_client, [plan.api_container], "start")
+                report.step("start services", "started %s for the migration" % plan.api_container)
+            _migrate(plan.api_container, report)
+    except BaseException as error:
+        if stopped:
+            _after_failure(docker_client, stopped, plan.keep_stopped, report, error)
+        raise
+    if stopped:
+        started = _docker_services(docker_client, stopped, "start")
+        if started:
+            report.step("start services", "started %s" % ", ".join(started))
+        report.services = _states(docker_client, stopped)
+    return report
+
+
+def _states(docker_client, names: Sequence[str]) -> Dict[str, str]:
+    """Each container's state as the engine says it now."""
+    states = {}
+    for name in names:
+        try:
+            states[name] = docker_client.containers.get(name).status
+        except Exception as error:  # the engine's own words, one line
+            states[name] = "unknown (%s)" % str(error).splitlines()[0][:200]
+    return states
+
+
+def _after_failure(docker_client, stopped: List[str], keep_stopped: bool, report: RestoreReport,
+                   error: BaseException) -> None:
+    """A restore that failed after --stop-services: the services are started again (unless --keep-stopped),
+    and the error and the report say which state each one is in."""
+    from toolkit.errors import KitError
+
+    started: Dict[str, str] = {}
+    if not keep_stopped:
+        for name in stopped:
+            try:
+                _docker_services(docker_client, [name], "start")
+            except Exception as start_error:  # the engine's own words, one line
+                started[name] = " (could not be started again: %s)" % str(start_error).splitlines()[0][:200]
+    states = {name: state + started.get(name, " (--keep-stopped)" if keep_stopped and state != "running" else
+                                       "") for name, state in _states(docker_client, stopped).items()}
+    report.services = states
+    report.step("services after the failure", "; ".join("%s %s" % item for item in states.items()),
+                ok=keep_stopped or all(state.startswith("running") for state in states.values()))
+    if isinstance(error, KitError):
+        error.message += "; services: " + ", ".join("%s %s" % item for item in states.items())
+        error.details = dict(error.details or {}, services=states, steps=report.steps)
+
+
+def _replace(server: Server, plan: RestorePlan, identities: Sequence[Any], report: RestoreReport,
+             say: Callable[[str], None], database: str, owner: Optional[str], target_exists: bool) -> None:
+    # 5. restore into a new database, then prove it
     stamp = utc.stamp()
     scratch = "%s_restore_%s" % (database, stamp)
     say("restoring into %s" % scratch)
     restored = restore_into(server, plan.backup, scratch, identities, owner=owner)
     report.step("restore", "restored into %s" % scratch)
     _compare(server, plan, scratch, report, restored)
-    # 5. swap, in one transaction; the old database is kept
+    # 6. swap, in one transaction; the old database is kept
     if target_exists:
         old = "%s_pre_restore_%s" % (database, stamp)
         # No ALLOW_CONNECTIONS false before the swap: killed in that window, the live database would be left
@@ -211,13 +272,6 @@ def restore(server: Server, plan: RestorePlan, identities: Sequence[Any],
                      server.admin_database)
         report.step("swap", "%s is now %s" % (scratch, database))
     report.restored_database = database
-    # 6. migrations and services
-    if plan.migrate:
-        _migrate(plan.api_container, report)
-    if stopped:
-        started = _docker_services(docker_client, stopped, "start")
-        report.step("start services", "started %s" % ", ".join(started))
-    return report
 
 
 def _space_check(server: Server, database: Optional[str], backup: BackupSet) -> str:

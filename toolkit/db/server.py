@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from toolkit.db.target import ConnectionParams, DatabaseUnreachable, _first_line
-from toolkit.errors import BadInputError, EnvironmentProblem
+from toolkit.errors import BadInputError, EnvironmentProblem, UsageError
 from toolkit.host.hashing import sha256_path
 
 CHUNK = 1 << 20
@@ -207,49 +207,88 @@ class HostServer(Server):
                "PGAPPNAME": "bookgen-kit"}
         if self.params.password:
             env["PGPASSWORD"] = self.params.password  # the child's environment, never argv
-        process = subprocess.Popen([binary.path] + args + ["--no-password"] if tool != "psql" else
-                                   [binary.path, "-w"] + args, stdin=subprocess.PIPE if stdin is not None else
-                                   subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        errors: List[bytes] = []
-        feeder_error: List[BaseException] = []
-        stderr_reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
-        stderr_reader.start()
-        feeder = None
-        if stdin is not None:
-            def feed() -> None:
-                try:
-                    for chunk in stdin:
-                        process.stdin.write(chunk)
-                except BrokenPipeError:
-                    pass
-                except BaseException as error:  # handed to the caller below
-                    feeder_error.append(error)
-                finally:
-                    try:
-                        process.stdin.close()
-                    except OSError:
-                        pass
+        argv = [binary.path] + args + ["--no-password"] if tool != "psql" else [binary.path, "-w"] + args
+        return run_binary(binary, argv, env, stdin, stdout)
 
-            feeder = threading.Thread(target=feed, daemon=True)
-            feeder.start()
-        try:
-            while True:
-                data = process.stdout.read(CHUNK)
-                if not data:
-                    break
-                if stdout is not None:
-                    stdout(data)
-        except BaseException:
-            process.kill()
-            process.wait()
-            raise
-        code = process.wait()
-        if feeder is not None:
-            feeder.join()
-        stderr_reader.join()
-        if feeder_error:
-            raise feeder_error[0]
-        return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
+
+class ClientTools(HostServer):
+    """No server: this host's own client binaries, for what needs none (pg_restore -f / -l reading an archive,
+    pg_verifybackup). The newest of each is chosen (it reads every older archive); nothing connects."""
+
+    mode = "client"
+
+    def __init__(self) -> None:
+        self.description = "this host's client binaries (no server)"
+        self._tools = {}
+
+    def tool(self, name: str) -> Tool:
+        if name not in self._tools:
+            found = sorted(host_tools(name), key=lambda t: t.major)
+            if not found:
+                raise EnvironmentProblem("%s is needed and this host has none" % name,
+                                         hint="install the PostgreSQL client (postgresql-client), or give "
+                                              "--container NAME / --dsn DSN to use a server's own")
+            self._tools[name] = found[-1]
+        return self._tools[name]
+
+    def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
+                 stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None) -> Dict[str, Any]:
+        if tool == "pg_restore" and "-f" not in args and "-l" not in args:
+            raise UsageError("pg_restore without a server only reads (-f FILE or -l)")
+        binary = self.tool(tool)
+        return run_binary(binary, [binary.path] + list(args), {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, stdin,
+                          stdout)
+
+    def query(self, sql: str, dbname: Optional[str] = None) -> List[List[Optional[str]]]:
+        raise EnvironmentProblem("no server was given (--dsn, --container): nothing can be asked of one")
+
+
+def run_binary(binary: Tool, argv: List[str], env: Dict[str, str], stdin: Optional[Iterable[bytes]],
+               stdout: Optional[Callable[[bytes], None]]) -> Dict[str, Any]:
+    """A client binary with this environment only: stdin streamed in from an iterable on a thread, stdout handed
+    to the callback as it comes, stderr kept. The exit code, stderr and the binary's record."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else
+                               subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    errors: List[bytes] = []
+    feeder_error: List[BaseException] = []
+    stderr_reader = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    stderr_reader.start()
+    feeder = None
+    if stdin is not None:
+        def feed() -> None:
+            try:
+                for chunk in stdin:
+                    process.stdin.write(chunk)
+            except BrokenPipeError:
+                pass
+            except BaseException as error:  # handed to the caller below
+                feeder_error.append(error)
+            finally:
+                try:
+                    process.stdin.close()
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+    try:
+        while True:
+            data = process.stdout.read(CHUNK)
+            if not data:
+                break
+            if stdout is not None:
+                stdout(data)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    code = process.wait()
+    if feeder is not None:
+        feeder.join()
+    stderr_reader.join()
+    if feeder_error:
+        raise feeder_error[0]
+    return {"exit_code": code, "stderr": b"".join(errors).decode("utf-8", "replace"), "tool": binary.record()}
 
 
 class ReadFailed(BadInputError):
