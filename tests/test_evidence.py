@@ -261,17 +261,29 @@ def test_enospc_leaves_no_complete_bundle_and_the_source_untouched(bookgen_host,
     small = tmp_path / "small"
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)], check=True)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(tiny)], check=True)
     try:
         refused = kit(*capture_args(bookgen_host, small, recipient))
         assert refused.returncode == 4 and "not enough space" in refused.stderr
-        forced = kit(*capture_args(bookgen_host, small, recipient, "--force"))
-        assert forced.returncode == 4, forced.stderr
-        assert forced.stderr.startswith("bookgen-kit: error: ") and "no space left" in forced.stderr
-        assert "Traceback" not in forced.stderr
-        complete = [p for p in small.iterdir() if not p.name.endswith(".partial")]
-        assert complete == []
+        # told to go on: what the medium cannot take is left out (each an error), the bundle is whole (exit 6)
+        forced = kit("--json", *capture_args(bookgen_host, small, recipient, "--force"))
+        assert forced.returncode == 6, forced.stderr
+        result = json.loads(forced.stdout)
+        assert any(e["source"] == "/var/log/bookgen/big.log" and "reserve on the output medium" in e["reason"]
+                   for e in result["errors"]), result["errors"]
+        assert any(d.startswith("output medium: ") for d in result["degraded"]), result["degraded"]
+        assert kit("verify", result["payload"]).returncode == 0
+        # a medium that cannot take even the manifest: ENOSPC is one line, exit 4, no file that looks complete
+        full = kit(*capture_args(bookgen_host, tiny, recipient, "--force"))
+        assert full.returncode == 4, full.stderr
+        assert full.stderr.startswith("bookgen-kit: error: ") and "no space left" in full.stderr
+        assert "Traceback" not in full.stderr
+        assert [p for p in tiny.iterdir() if not p.name.endswith(".partial")] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+        subprocess.run(["umount", str(tiny)], check=True)
     assert hashlib.sha256(big.read_bytes()).hexdigest() == before
 
 

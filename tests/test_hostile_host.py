@@ -904,16 +904,16 @@ def test_a_file_collected_twice_is_one_member(host, out_dir, team_key, tmp_path)
 # -- 10. an attacker fills /tmp with executables: the responder's medium fills, the bundle is whole --------------------
 def test_a_medium_that_fills_ends_in_a_whole_bundle(host, team_key, tmp_path):
     """/tmp holds 384 MiB of random executables and the output medium is a 256 MiB tmpfs (the preflight, which
-    counts --include only, lets it start): what would eat the reserve is a limit entry each, the newest file is
-    stored first, the capture writes its findings and manifest, exits 0 and verifies; the medium keeps room."""
+    counts --include only, lets it start): what would eat the reserve is an error entry each, the newest file is
+    stored first, the capture writes its findings and manifest, exits 6 and verifies; the medium keeps room."""
     small = tmp_path / "small-medium"
     mount_tmpfs(small, "256m")
     try:
         for number in range(24):
             put(host.root, "/tmp/flood/f%02d" % number, ELF + os.urandom(16 << 20), 0o755)
         put(host.root, "/tmp/dropper", b"#!/bin/sh\necho newest\n", 0o755)  # changed last: copied first
-        result = capture(host.root, small, team_key, "--only", "tmp-executables", "--only", "staging", codes=(0,))
-        limits = [e for e in result.errors if e["kind"] == "limit" and "reserve on the output medium" in e["reason"]]
+        result = capture(host.root, small, team_key, "--only", "tmp-executables", "--only", "staging", codes=(6,))
+        limits = [e for e in result.errors if e["kind"] == "error" and "reserve on the output medium" in e["reason"]]
         assert limits and all(e["source"].startswith("/tmp/flood/") for e in limits), result.errors
         stored = [n for n in result.artifacts if n.startswith("fs/$rootfs$/tmp/flood/")]
         assert 1 <= len(stored) < 24 and len(stored) + len(limits) >= 24

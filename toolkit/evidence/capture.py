@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from toolkit import utc
-from toolkit.errors import EnvironmentProblem, UsageError, describe
+from toolkit.errors import EnvironmentProblem, KitError, UsageError, describe
 from toolkit.evidence import archive, custody
 from toolkit.evidence.collectors import select
 from toolkit.evidence.collectors.base import (
@@ -480,37 +480,68 @@ def capture(options: CaptureOptions, deployment, progress: Optional[Callable] = 
             writer.abort()
             raise
         out.commit()
-    manifest = detached_manifest(manifest, hashlib.sha256(inner).hexdigest())
-    manifest["payload"] = {"file": name, "size": payload["size"], "sha256": payload["sha256"],
-                           "container": "POSIX pax tar", "compression": options.compression,
-                           "encrypted": options.encrypt, "tar_bytes": payload["tar_bytes"],
-                           "members": writer.members}
-    manifest_path = payload_path + ".manifest.json"
-    with AtomicFile(manifest_path, 0o644) as out:
-        out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
-        out.commit()
-    manifest_sha256 = sha256_file(manifest_path)
-    custody_path = payload_path + ".custody.jsonl"
-    custody.append(custody_path, {"action": "collected", "actor": options.examiner or login_name(),
-                                  "location": socket.gethostname(), "purpose": options.purpose or "",
-                                  "payload_sha256": payload["sha256"], "manifest_sha256": manifest_sha256},
-                   signer=options.sign_key)
-    sums = update_sums(options.out_dir, {os.path.basename(payload_path): payload["sha256"],
-                                         os.path.basename(manifest_path): manifest_sha256})
-    signature_path = None
-    if options.sign_key is not None:
-        from toolkit.crypto import sshsig
-
-        with open(manifest_path, "rb") as manifest_file:
-            text = sshsig.sign(options.sign_key, manifest_file, sshsig.DEFAULT_NAMESPACE)
-        signature_path = manifest_path + ".sig"
-        with AtomicFile(signature_path, 0o644) as out:
-            out.write(text.encode("ascii"))
+    made: List[str] = []  # this run's files beside the payload: all of them, or none (a medium that fills)
+    try:
+        manifest = detached_manifest(manifest, hashlib.sha256(inner).hexdigest())
+        manifest["payload"] = {"file": name, "size": payload["size"], "sha256": payload["sha256"],
+                               "container": "POSIX pax tar", "compression": options.compression,
+                               "encrypted": options.encrypt, "tar_bytes": payload["tar_bytes"],
+                               "members": writer.members}
+        manifest_path = payload_path + ".manifest.json"
+        with AtomicFile(manifest_path, 0o644) as out:
+            out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
             out.commit()
+        made.append(manifest_path)
+        manifest_sha256 = sha256_file(manifest_path)
+        custody_path = payload_path + ".custody.jsonl"
+        if not os.path.lexists(custody_path):
+            made.append(custody_path)  # ours from its first byte
+        custody.append(custody_path, {"action": "collected", "actor": options.examiner or login_name(),
+                                      "location": socket.gethostname(), "purpose": options.purpose or "",
+                                      "payload_sha256": payload["sha256"], "manifest_sha256": manifest_sha256},
+                       signer=options.sign_key)
+        sums = update_sums(options.out_dir, {os.path.basename(payload_path): payload["sha256"],
+                                             os.path.basename(manifest_path): manifest_sha256})
+        signature_path = None
+        if options.sign_key is not None:
+            from toolkit.crypto import sshsig
+
+            with open(manifest_path, "rb") as manifest_file:
+                text = sshsig.sign(options.sign_key, manifest_file, sshsig.DEFAULT_NAMESPACE)
+            signature_path = manifest_path + ".sig"
+            with AtomicFile(signature_path, 0o644) as out:
+                out.write(text.encode("ascii"))
+                out.commit()
+            made.append(signature_path)
+    except (KitError, OSError):
+        _remove_partial_bundle(options.out_dir, [payload_path] + made)
+        raise
+
     return CaptureResult(payload_path, manifest_path, custody_path, sums, signature_path, payload["size"],
                          payload["sha256"], writer.members, len(recorder.artifacts), recorder.errors,
                          collector_stats, round(time.time() - started, 2), options.encrypt, findings, degraded,
                          (recorder.facts.get("timeline_summary") or [{}])[0].get("data"))
+
+
+def _remove_partial_bundle(out_dir: str, paths: List[str]) -> None:
+    """A bundle that could not be finished (its manifest, custody log or SHA256SUMS not written): this run's files
+    go, and their SHA256SUMS lines, so nothing is left that looks like a bundle. Best effort: the error that
+    stopped it is what the user sees."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    names = {os.path.basename(path) for path in paths}
+    sums = os.path.join(out_dir, SUMS_NAME)
+    try:
+        with open(sums, encoding="utf-8") as handle:
+            kept = [line for line in handle if line.rstrip("\n").split("  ", 1)[-1] not in names]
+        with AtomicFile(sums, 0o644, overwrite=True) as out:
+            out.write("".join(kept).encode("utf-8"))
+            out.commit()
+    except (OSError, KitError):
+        pass
 
 
 CONTAINER_MODE_ENV = "BOOKGEN_KIT_CONTAINER_MODE"

@@ -2,7 +2,7 @@
 
 A full USB stick must not cost the bundle: without this, the first write that meets ENOSPC ends the capture and
 nothing is kept. With it, what would not fit is a `limit` entry (its size and the free space) and the capture
-goes on to write its findings, log and manifest into the reserve.
+goes on to write its findings, log and manifest into the reserve (and exits 6: evidence is missing).
 
 Invariants:
 - A member is refused when its raw size (an upper bound of what it takes once compressed) plus the reserve (half
@@ -93,5 +93,5 @@ class OutputRoom:
         """One line for the manifest's degraded list when anything was refused, else None."""
         if not self.refused:
             return None
-        return ("output medium: %d members (%d bytes raw) not stored, to keep the %d MiB reserve free (each is a "
-                "limit entry in the manifest's errors)" % (self.refused, self.refused_bytes, self.reserve >> 20))
+        return ("output medium: %d members (%d bytes raw) not stored, to keep the %d MiB reserve free (each is an "
+                "entry in the manifest's errors)" % (self.refused, self.refused_bytes, self.reserve >> 20))

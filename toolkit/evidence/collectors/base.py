@@ -192,11 +192,12 @@ class Emitter:
         return room is None or room.fits(size)
 
     def _no_room(self, source: str, size: int) -> Optional[str]:
-        """None when a member of `size` raw bytes may be written; else why not (recorded as a limit)."""
+        """None when a member of `size` raw bytes may be written; else why not (recorded as an error: evidence
+        the medium could not take, so the capture exits 6)."""
         room = self.context.room if self.context is not None else None
         why = room.take(size) if room is not None else None
         if why is not None:
-            self.skip(source, why, "limit")
+            self.skip(source, why, "error")
         return why
 
     def degraded(self, component: str, effect: str, reason_text: str) -> None:
