@@ -88,21 +88,9 @@ def create_command(database, out_dir, recipients, recipient_files, salvage, dsn,
 
         case = current_case(out.case_dir)
         out_dir = os.path.join(case, "backups") if case else None
-    progress = None
-    if out.interactive:
-        from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("pg_dump"), DownloadColumn(), TimeElapsedColumn(), console=out.err_console,
-                       transient=True)
-        task = bar.add_task("dump", total=None)
-        bar.start()
-        progress = lambda n: bar.update(task, advance=n)  # noqa: E731
-    try:
-        result = create_backup(server, database, out_dir or deployment.backups_dir, chosen,
-                               [str(r) for r in chosen], progress, salvage=salvage)
-    finally:
-        if progress:
-            bar.stop()
+    result = _with_progress(out, "pg_dump", lambda progress: create_backup(
+        server, database, out_dir or deployment.backups_dir, chosen, [str(r) for r in chosen], progress,
+        salvage=salvage))
     out.remember(result)
     if out.json:
         out.emit_json(out.document)
@@ -124,6 +112,122 @@ def _salvage_lines(salvage) -> None:
         click.echo("  lost %s" % line)
 
 
+@backup_group.command("base")
+@click.option("--out", "out_dir", metavar="DIR", help="Where the base backup goes (default: APP_DIR/backups).")
+@click.option("-r", "--recipient", "recipients", multiple=True, metavar="RECIPIENT", help="Encrypt to age recipients.")
+@click.option("-R", "--recipients-file", "recipient_files", multiple=True, metavar="FILE")
+@server_options
+@deployment_options
+@json_option
+def base_command(out_dir, recipients, recipient_files, dsn, container, deployment) -> None:
+    """A base backup of the whole cluster (pg_basebackup, its manifest inside, the WAL it needs fetched in),
+    streamed through sha256, zstd and age into base-<UTC>.tar.zst[.age]; sidecar; SHA256SUMS."""
+    import os
+
+    from toolkit.crypto.files import load_recipients
+    from toolkit.db.physical import create_base
+
+    chosen = load_recipients(recipients, recipient_files) if (recipients or recipient_files) else []
+    server = _server(deployment, dsn, container)
+    out = current_output()
+    target = out_dir or deployment.backups_dir
+    result = _with_progress(out, "pg_basebackup", lambda progress: create_base(
+        server, target, chosen, [str(r) for r in chosen], progress,
+        archive_dir=os.path.join(os.path.abspath(target), "wal")))
+    out.remember(result)
+    if out.json:
+        out.emit_json(out.document)
+    else:
+        click.echo("base backup %s: %d bytes (cluster %d bytes), sha256 %s, WAL %s to %s on timeline %s, %.1f s" % (
+            result["base"], result["size"], result["cluster_bytes"], result["sha256"], result["start_lsn"],
+            result["end_lsn"], result["timeline"], result["seconds"]))
+
+
+def _with_progress(out, label: str, work):
+    """work(progress) with a byte counter on a terminal (none when piped); its result."""
+    if not out.interactive:
+        return work(None)
+    from rich.progress import DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(label), DownloadColumn(), TimeElapsedColumn(), console=out.err_console, transient=True)
+    task = bar.add_task(label, total=None)
+    bar.start()
+    try:
+        return work(lambda n: bar.update(task, advance=n))
+    finally:
+        bar.stop()
+
+
+@backup_group.group("wal")
+def wal_group() -> None:
+    """Continuous WAL archiving into the backups directory: enable, status."""
+
+
+def _archive_dir(archive_dir, deployment) -> str:
+    import os
+
+    return os.path.abspath(archive_dir or os.path.join(deployment.backups_dir, "wal"))
+
+
+@wal_group.command("enable")
+@click.option("--archive-dir", metavar="DIR", help="The WAL archive (default: APP_DIR/backups/wal).")
+@server_options
+@deployment_options
+@json_option
+def wal_enable_command(archive_dir, dsn, container, deployment) -> None:
+    """Point archive_command at the archive (it never overwrites a segment, and fails loudly when one differs),
+    archive_mode on; then archive one segment to prove it (or say that a restart is needed first)."""
+    from toolkit.db.archiving import enable
+
+    result = enable(_server(deployment, dsn, container), _archive_dir(archive_dir, deployment))
+    out = current_output()
+    out.remember(result)
+    if out.json:
+        out.emit_json(out.document)
+    elif result.get("restart_needed"):
+        click.echo("archive_command set for %s; %s" % (result["archive"], result["next"]))
+    else:
+        click.echo("archiving into %s works: segment %s archived in %.2f s" % (
+            result["archive"], result["proof"]["segment"], result["proof"]["seconds"]))
+
+
+@wal_group.command("status")
+@click.option("--archive-dir", metavar="DIR", help="The WAL archive (default: APP_DIR/backups/wal).")
+@click.option("--no-server", is_flag=True, help="Judge the archive alone (a copy on a workstation).")
+@server_options
+@deployment_options
+@json_option
+def wal_status_command(archive_dir, no_server, dsn, container, deployment) -> None:
+    """The archive's continuity (timelines, gaps, the newest segment and its age) and the server's archiver
+    (failures, segments waiting, pg_wal against its free space). Exit 5 on a gap or a failing archiver."""
+    from toolkit.db.archiving import status
+
+    server = None if no_server else _server(deployment, dsn, container)
+    result = status(_archive_dir(archive_dir, deployment), server)
+    out = current_output()
+    out.remember(result)
+    if out.json:
+        out.emit_json(out.document)
+    else:
+        archive = result["archive"]
+        for line in archive["timelines"]:
+            click.echo("timeline %d: %s to %s, %d segments, %d gaps" % (line["timeline"], line["first"], line["last"],
+                                                                       line["segments"], len(line["gaps"])))
+        if archive["newest"]:
+            click.echo("newest: %s, %.0f s old" % (archive["newest"], archive["newest_age_seconds"]))
+        live = result["server"]
+        if live:
+            click.echo("server: archive_mode %s, %d archived, %d failed (last %s), %d waiting, pg_wal %d MiB" % (
+                live["archive_mode"], live["archived_count"], live["failed_count"], live["last_failed"] or "-",
+                live["waiting_to_archive"], live["pg_wal_bytes"] >> 20))
+        for warning in result["warnings"]:
+            click.echo("warning: %s" % warning)
+        for problem in result["problems"]:
+            click.echo("PROBLEM: %s" % problem)
+    if result["problems"]:
+        raise VerificationFailed(result["problems"][0])
+
+
 @backup_group.command("verify")
 @click.argument("set_path", metavar="SET")
 @click.option("-i", "--identity", "identity_files", multiple=True, metavar="FILE")
@@ -131,11 +235,13 @@ def _salvage_lines(salvage) -> None:
 @click.option("--restore-test", is_flag=True, help="Also restore into a scratch database and compare (dropped after).")
 @click.option("--scratch-cluster", is_flag=True,
               help="Do the restore test in a throwaway cluster in a temp dir (host server binaries needed).")
+@click.option("--scratch", "scratch_dir", metavar="DIR",
+              help="Where a base backup is extracted for pg_verifybackup (default: the temp directory).")
 @server_options
 @deployment_options
 @json_option
-def verify_command(set_path, identity_files, passphrase_file, restore_test, scratch_cluster, dsn, container,
-                   deployment) -> None:
+def verify_command(set_path, identity_files, passphrase_file, restore_test, scratch_cluster, scratch_dir, dsn,
+                   container, deployment) -> None:
     """Checksum, archive header, a full read of every entry (this host's pg_restore: no server, no .env needed);
     with --restore-test, a scratch restore compared with the sidecar. Exit 5 when the set does not hold."""
     from toolkit.db.backup import locate_set, verify_backup
@@ -150,8 +256,13 @@ def verify_command(set_path, identity_files, passphrase_file, restore_test, scra
         with ScratchCluster() as scratch_server:
             result = verify_backup(backup, scratch_server, identities, True, scratch_cluster=True)
     else:
-        reader = _server(deployment, dsn, container) if (restore_test or dsn or container) else _reader(deployment)
-        result = verify_backup(backup, reader, identities, restore_test)
+        if backup.kind == "base":
+            reader = None  # extracted and judged by this host's pg_verifybackup: no server
+        elif restore_test or dsn or container:
+            reader = _server(deployment, dsn, container)
+        else:
+            reader = _reader(deployment)
+        result = verify_backup(backup, reader, identities, restore_test, scratch_dir=scratch_dir)
     out = current_output()
     out.remember({"set": backup.dump, "ok": result.ok, "checks": result.checks})
     if out.json:
@@ -256,12 +367,23 @@ def keep_command(set_path, release) -> None:
 @click.option("--migrate", is_flag=True, help="Run `alembic upgrade head` in the api container afterwards.")
 @click.option("--no-emergency-backup", is_flag=True, help="Skip the backup of the current database (needs --yes).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--target-time", metavar="TIME", help="Point in time (base backup + WAL archive), e.g. 2026-11-28T03:50Z.")
+@click.option("--target-lsn", metavar="LSN", help="Point-in-time restore to this WAL position.")
+@click.option("--target-name", metavar="NAME", help="Point-in-time restore to this restore point.")
+@click.option("--target-xid", metavar="XID", help="Point-in-time restore to the commit of this transaction.")
+@click.option("--pitr-mode", type=click.Choice(["dump", "swap"]), default="dump", show_default=True,
+              help="dump: the database as of the target restored into the live cluster; swap: the whole cluster "
+                   "replaced (the old data directory kept).")
+@click.option("--archive-dir", metavar="DIR", help="The WAL archive (default: the base backup's, else "
+                                                   "APP_DIR/backups/wal).")
 @server_options
 @deployment_options
 @json_option
 def restore_command(set_path, database, identity_files, passphrase_file, into, stop_services, keep_stopped, migrate,
-                    no_emergency_backup, yes, dsn, container, deployment) -> None:
-    """Verify the set, back up the live database, restore into a new one, compare, swap by rename."""
+                    no_emergency_backup, yes, target_time, target_lsn, target_name, target_xid, pitr_mode,
+                    archive_dir, dsn, container, deployment) -> None:
+    """Verify the set, back up the live database, restore into a new one, compare, swap by rename. With a
+    --target-*, SET is a base backup (or the directory of them): point-in-time restore."""
     from toolkit.db.backup import locate_set
     from toolkit.db.restore import RestorePlan, restore
 
@@ -271,6 +393,16 @@ def restore_command(set_path, database, identity_files, passphrase_file, into, s
         raise UsageError("--keep-stopped goes with --stop-services")
     names = {"api": deployment.containers["api"], "worker": deployment.containers["worker"]}
     services = [names.get(s.strip(), s.strip()) for s in (stop_services or "").split(",") if s.strip()]
+    targets = [(kind, value) for kind, value in (("time", target_time), ("lsn", target_lsn), ("name", target_name),
+                                                  ("xid", target_xid)) if value]
+    if len(targets) > 1:
+        raise UsageError("give one --target-*, not %d" % len(targets))
+    if targets:
+        if into or migrate or no_emergency_backup:
+            raise UsageError("--into, --migrate and --no-emergency-backup do not go with a point-in-time restore")
+        _pitr(set_path, targets[0], database, pitr_mode, archive_dir, identity_files, passphrase_file, services,
+              keep_stopped, yes, dsn, container, deployment)
+        return
     backup = locate_set(set_path)
     server = _server(deployment, dsn, container)
     out = current_output()
@@ -288,6 +420,40 @@ def restore_command(set_path, database, identity_files, passphrase_file, into, s
     out.remember({"ok": True, "steps": report.steps, "database": report.restored_database,
                        "old_database": report.old_database, "emergency_backup": report.emergency_backup,
                        "services": report.services})
+    if out.json:
+        out.emit_json(out.document)
+    else:
+        _checks_table(out, [{"name": s["step"], "ok": s["ok"], "detail": s["detail"]} for s in report.steps])
+
+
+def _pitr(set_path, target, database, mode, archive_dir, identity_files, passphrase_file, services, keep_stopped, yes,
+          dsn, container, deployment) -> None:
+    import os
+
+    from toolkit.crypto.age import parse_recipient
+    from toolkit.db.pitr import PitrPlan, choose_base, pitr_restore
+
+    base = choose_base(set_path, target[0], target[1])
+    sidecar = base.load_sidecar() or {}
+    archive = os.path.abspath(archive_dir or sidecar.get("archive") or os.path.join(deployment.backups_dir, "wal"))
+    server = _server(deployment, dsn, container)
+    out = current_output()
+    what = "database %s" % database if mode == "dump" else "the whole cluster (its data directory is kept)"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("restore replaces %s and no terminal can confirm it" % what, hint="add --yes")
+        click.confirm("Restore %s as of %s %s from %s?" % (what, target[0], target[1], base.dump), abort=True,
+                      err=True)
+    # the dump of the database as of the target is encrypted like the base backup it comes from
+    recipients = [parse_recipient(text) for text in (sidecar.get("dump") or {}).get("recipients") or []]
+    plan = PitrPlan(base=base, target_kind=target[0], target=target[1], archive_dir=archive, database=database,
+                    mode=mode, backups_dir=deployment.backups_dir)
+    say = (lambda message: out.err_console.print("[dim]%s[/dim]" % message)) if out.interactive else None
+    report = pitr_restore(server, plan, _identities(identity_files, passphrase_file), recipients, say, services,
+                          keep_stopped)
+    out.remember({"ok": True, "base": base.dump, "archive": archive, "target": {target[0]: target[1]}, "mode": mode,
+                  "steps": report.steps, "reached": report.reached, "restore": report.restore,
+                  "old_data_directory": report.old_data_directory})
     if out.json:
         out.emit_json(out.document)
     else:

@@ -122,11 +122,14 @@ class BackupSet:
         name = self.dump[: -len(".age")] if self.encrypted else self.dump
         if name.endswith(".dump"):
             return "custom"
+        if name.endswith(".tar.zst") and os.path.basename(name).startswith("base-"):
+            return "base"
         if name.endswith(".sql.gz"):
             return "sql.gz"
         if name.endswith(".sql"):
             return "sql"
-        raise BadInputError("not a backup: %s (expected .dump[.age], .sql or .sql.gz)" % self.dump)
+        raise BadInputError("not a backup: %s (expected .dump[.age], .sql, .sql.gz or base-*.tar.zst[.age])" %
+                            self.dump)
 
     @property
     def salvage_name(self) -> str:
@@ -428,7 +431,8 @@ class VerifyResult:
 
 
 def verify_backup(backup: BackupSet, server: Optional[Server], identities: Sequence[Any] = (),
-                  restore_test: bool = False, record: bool = True, scratch_cluster: bool = False) -> VerifyResult:
+                  restore_test: bool = False, record: bool = True, scratch_cluster: bool = False,
+                  scratch_dir: Optional[str] = None) -> VerifyResult:
     from toolkit.errors import KitError
 
     result = VerifyResult(ok=True)
@@ -451,7 +455,12 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
             result.add("SHA256SUMS", listed[name] == actual, "matches" if listed[name] == actual else "differs")
     if not result.ok:
         return result
-    if backup.kind == "custom":
+    if backup.kind == "base":
+        if restore_test:
+            raise UsageError("a base backup is proven by pg_verifybackup, not --restore-test (restore --target-time "
+                             "restores one)")
+        _verify_base(backup, sidecar, identities, result, scratch_dir)
+    elif backup.kind == "custom":
         try:
             stream = plaintext_chunks(backup, identities)
             first = next(stream, b"")
@@ -495,6 +504,38 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
             "scratch_cluster": scratch_cluster})
         backup.save_sidecar(sidecar)
     return result
+
+
+def _verify_base(backup: BackupSet, sidecar: Optional[Dict[str, Any]], identities: Sequence[Any],
+                 result: VerifyResult, scratch_dir: Optional[str]) -> None:
+    """A base backup: decrypted and extracted into a scratch directory, judged by pg_verifybackup (every file
+    against the manifest's SHA-256, and the WAL it needs), then removed."""
+    import tempfile
+
+    from toolkit.db import physical
+
+    where = scratch_dir or tempfile.gettempdir()
+    needed = int(((sidecar or {}).get("cluster") or {}).get("bytes") or os.path.getsize(backup.dump) * 4)
+    physical.scratch_room(where, needed)
+    directory = tempfile.mkdtemp(prefix="bookgen-kit-verify-", dir=where)
+    os.rmdir(directory)  # extract() makes it, 0700
+    try:
+        try:
+            counts = physical.extract(physical.tar_chunks(_file_chunks(backup.dump, backup.encrypted, identities)),
+                                      directory)
+        except VerificationFailed as error:
+            result.add("extract", False, error.message)
+            return
+        except (OSError, EOFError) as error:
+            result.add("extract", False, "the base backup does not decompress to its end: %s" % error)
+            return
+        result.add("extract", True, "%d files, %d bytes%s" % (counts["files"], counts["bytes"], " (decrypted)" if
+                                                              backup.encrypted else ""))
+        judged = physical.verify_extracted(directory)
+        result.add("pg_verifybackup", judged["ok"], "%s (%s %s)" % (judged["detail"], judged["tool"]["path"],
+                                                                   judged["tool"]["version"]))
+    finally:
+        physical.remove_tree(directory)
 
 
 def _verify_salvage_file(backup: BackupSet, entry: Dict[str, Any], identities: Sequence[Any],

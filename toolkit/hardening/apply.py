@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -297,17 +295,10 @@ def apply(ctx: HardenContext, checks, confirm_within: int = 300) -> Dict[str, An
 
 def start_watchdog(ctx: HardenContext, bundle: Bundle, seconds: int) -> Dict[str, Any]:
     """A detached process that restores the old sshd_config unless `harden confirm` runs in time."""
-    boot = sys.modules.get("_bkboot")
-    if boot is not None:  # from the pyz: its bootstrap sets up the bundled code again
-        prefix = "import sys; sys.path.insert(0, %r); import _bkboot; _bkboot.setup(); " % boot.STATE["archive"]
-    else:
-        import toolkit
+    from toolkit.host.detached import spawn
 
-        prefix = "import sys; sys.path.insert(0, %r); " % os.path.dirname(os.path.dirname(toolkit.__file__))
-    code = prefix + "from toolkit.hardening.apply import watchdog; watchdog(%r, %r, %d)" % (
-        ctx.root, bundle.directory, seconds)
-    process = subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = spawn("from toolkit.hardening.apply import watchdog; watchdog(%r, %r, %d)" % (
+        ctx.root, bundle.directory, seconds))
     bundle.update(watchdog_pid=process.pid, confirm_by=time.time() + seconds)
     return {"pid": process.pid, "seconds": seconds,
             "note": "run `bookgen-kit harden confirm` within %d s, or the old sshd_config comes back" % seconds}

@@ -1,0 +1,281 @@
+"""Base backups, continuous WAL archiving and point-in-time restore, against a real PostgreSQL cluster of its own
+(archive_mode needs a restart, and swap mode stops and starts the whole cluster). The outside judges: age, zstd,
+tar and pg_verifybackup for every base backup; the rows themselves for the restore."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.world import bookgen
+from tests.world.bookgen import make_host_tree
+from tests.world.services import launch, start_cluster, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path("/usr/lib/postgresql/15/bin")
+CHECKSUM = "SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM %s t"
+TABLES = ("users", "biography_jobs", "chapters")
+
+
+def kit(*args, env=None, timeout=600):
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
+                          env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class World:
+    """A cluster with BookGen's database, archiving into APP_DIR/backups/wal, and a DBA's age key."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cluster = start_cluster()
+        self.host = make_host_tree(self.cluster.root / "host")  # the server's user reaches it (tmp_path is root's)
+        self.env = {"PGPASSWORD": self.cluster.password, "BOOKGEN_KIT_APP_DIR": str(self.host.app_dir),
+                    "DOCKER_HOST": "unix:///nonexistent.sock"}
+        self.dsn = "postgresql://postgres@127.0.0.1:%d/postgres" % self.cluster.port
+        self.archive = self.host.app_dir / "backups" / "wal"
+        self.key = tmp_path / "dba.key"
+        subprocess.run(["age-keygen", "-o", str(self.key)], check=True, capture_output=True, timeout=60)
+        self.recipient = subprocess.run(["age-keygen", "-y", str(self.key)], capture_output=True, text=True,
+                                        check=True, timeout=60).stdout.strip()
+        with self.cluster.connect() as conn:
+            conn.execute("CREATE ROLE bookgen LOGIN PASSWORD 'bookgen-pw'")
+            conn.execute("CREATE DATABASE bookgen OWNER bookgen")
+        with self.connect() as conn:
+            bookgen.load_schema(conn)
+            bookgen.seed_rows(conn, jobs=200, users=20, seed=5)
+
+    def connect(self):
+        return self.cluster.connect("bookgen")
+
+    def checksums(self) -> dict:
+        """Each table's rows, hashed (None: the table does not exist, as after the breach)."""
+        with self.connect() as conn:
+            present = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            return {t: conn.execute(CHECKSUM % t).fetchone()[0] if t in present else None for t in TABLES}
+
+    def kit(self, *args, timeout=600):
+        return kit(*args, env=self.env, timeout=timeout)
+
+    def restart(self) -> None:
+        """Stop and start the cluster (archive_mode takes effect), whoever started it last."""
+        pidfile = self.cluster.datadir / "postmaster.pid"
+        if self.cluster.process is not None and self.cluster.process.poll() is None:
+            self.cluster.stop()
+        else:
+            stop_postmaster(self.cluster.datadir)
+        wait_until(lambda: not pidfile.exists(), 60, "the cluster to stop")
+        launch(self.cluster)
+
+    def enable_archiving(self) -> None:
+        done = self.kit("--json", "backup", "wal", "enable", "--dsn", self.dsn)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert json.loads(done.stdout)["restart_needed"] is True
+        self.restart()
+        done = self.kit("--json", "backup", "wal", "enable", "--dsn", self.dsn)
+        assert done.returncode == 0, done.stdout + done.stderr
+        proof = json.loads(done.stdout)["proof"]
+        assert (self.archive / proof["segment"]).is_file()
+
+    def base(self) -> dict:
+        done = self.kit("--json", "backup", "base", "--dsn", self.dsn, "-r", self.recipient)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout)
+
+    def commit_time(self) -> str:
+        """The server's clock now, after a commit: every row written so far is at or before it."""
+        with self.connect() as conn:
+            return conn.execute("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").fetchone()[0]
+
+    def after(self, moment: str) -> None:
+        """Until the server's clock is past `moment` (so what is written next is after it)."""
+        def past() -> bool:
+            with self.connect() as conn:
+                return conn.execute("SELECT clock_timestamp() > %s::timestamptz", (moment,)).fetchone()[0]
+        wait_until(past, 10, "the server's clock to pass %s" % moment)
+
+    def history_with_a_breach(self, tmp_path: Path):
+        """Archiving on, a base backup (judged by the outside tools), a row written, the moment T noted, then the
+        breach after T. Returns the base backup, the tables' checksums at T, and T."""
+        self.enable_archiving()
+        base = self.base()
+        judge_base(self, base, tmp_path)
+        with self.connect() as conn:
+            conn.execute("INSERT INTO users (email) VALUES ('before@example.org')")
+        expected = self.checksums()
+        moment = self.commit_time()
+        self.after(moment)
+        self.breach()
+        return base, expected, moment
+
+    def breach(self) -> None:
+        with self.connect() as conn:
+            conn.execute("INSERT INTO users (email) VALUES ('late@example.org')")
+            conn.execute("UPDATE biography_jobs SET status = 'pwned'")
+            conn.execute("DROP TABLE chapters")
+
+    def stop(self) -> None:
+        if self.cluster.process is not None and self.cluster.process.poll() is None:
+            self.cluster.stop()
+        stop_postmaster(self.cluster.datadir)
+        for path in self.cluster.datadir.parent.glob(self.cluster.datadir.name + ".*"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        shutil.rmtree(self.cluster.root, ignore_errors=True)
+
+
+def stop_postmaster(datadir: Path) -> None:
+    if (datadir / "postmaster.pid").exists():
+        subprocess.run([str(BIN / "pg_ctl"), "stop", "-D", str(datadir), "-m", "fast", "-w"], user="postgres",
+                       group="postgres", capture_output=True, timeout=120, cwd="/tmp")
+
+
+@pytest.fixture
+def world(tmp_path):
+    made = World(tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop()
+
+
+def judge_base(world: World, base: dict, tmp_path: Path) -> None:
+    """age -d | zstd -d | tar -x, then pg_verifybackup: the outside judges, not our code."""
+    target = tmp_path / ("judged-%s" % Path(base["base"]).name)
+    target.mkdir()
+    plain = subprocess.run(["age", "-d", "-i", str(world.key), base["base"]], capture_output=True, check=True,
+                           timeout=300).stdout
+    tar = subprocess.run(["zstd", "-d", "-c"], input=plain, capture_output=True, check=True, timeout=300).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=tar, check=True, timeout=300)
+    judged = subprocess.run([str(BIN / "pg_verifybackup"), str(target)], capture_output=True, text=True, timeout=300)
+    assert judged.returncode == 0 and "successfully verified" in judged.stdout, judged.stdout + judged.stderr
+    shutil.rmtree(target)
+
+
+def test_point_in_time_restore_dump_mode(world, tmp_path):
+    base, expected, moment = world.history_with_a_breach(tmp_path)
+    verified = world.kit("--json", "backup", "verify", base["base"], "-i", str(world.key))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+    assert checks["pg_verifybackup"]["ok"] and "successfully verified" in checks["pg_verifybackup"]["detail"]
+    status = world.kit("--json", "backup", "wal", "status", "--dsn", world.dsn)
+    assert status.returncode == 0, status.stdout + status.stderr
+    done = world.kit("--json", "restore", str(world.host.app_dir / "backups"), "--target-time", moment, "--dsn",
+                     world.dsn, "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["base"] == base["base"] and report["mode"] == "dump"
+    assert world.checksums() == expected
+    steps = [s["step"] for s in report["steps"]]
+    assert steps.index("preflight") < steps.index("proof") < steps.index("restore")
+    assert report["restore"]["old_database"].startswith("bookgen_pre_restore_")
+    with world.cluster.connect(report["restore"]["old_database"]) as conn:  # the breached one, kept
+        assert conn.execute("SELECT count(*) FROM biography_jobs WHERE status = 'pwned'").fetchone()[0] > 0
+    leftovers = list(world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*"))
+    assert not leftovers
+    with world.cluster.connect() as conn:  # the scratch cluster never archived: one timeline in the archive
+        assert conn.execute("SELECT failed_count FROM pg_stat_archiver").fetchone()[0] == 0
+    assert not list(world.archive.glob("*.history"))
+
+
+def test_point_in_time_restore_swap_mode(world, tmp_path):
+    base, expected, moment = world.history_with_a_breach(tmp_path)
+    done = world.kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", "swap", "--dsn",
+                     world.dsn, "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert world.checksums() == expected
+    old = Path(report["old_data_directory"])
+    assert old.is_dir() and (old / "PG_VERSION").exists() and old.name.startswith(world.cluster.datadir.name +
+                                                                                   ".pre-pitr-")
+    # the swapped-in cluster archives again, on a new timeline, into the same archive
+    with world.cluster.connect() as conn:
+        assert conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0] == 2
+    wait_until(lambda: (world.archive / "00000002.history").exists(), 60, "the new timeline's history archived")
+    # life goes on along timeline 2, then a second breach: a restore to a moment on timeline 2 follows it
+    with world.connect() as conn:
+        conn.execute("INSERT INTO users (email) VALUES ('after-the-first-restore@example.org')")
+    second = world.checksums()
+    moment2 = world.commit_time()
+    world.after(moment2)
+    world.breach()
+    done = world.kit("--json", "restore", base["base"], "--target-time", moment2, "--pitr-mode", "swap", "--dsn",
+                     world.dsn, "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.checksums() == second
+    preflight = [s for s in json.loads(done.stdout)["steps"] if s["step"] == "preflight"][0]["detail"]
+    assert "timelines 1, 2 " in preflight, preflight
+    # and the first moment is still reachable: along timeline 1, which was current then
+    done = world.kit("--json", "restore", base["base"], "--target-time", moment, "--dsn", world.dsn, "-i",
+                     str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.checksums() == expected
+
+
+def _segments(world: World, count: int) -> list:
+    """`count` segments, each with a commit, switched and archived; the commit times in order."""
+    times = []
+    for number in range(count):
+        with world.connect() as conn:
+            conn.execute("INSERT INTO users (email) VALUES (%s)", ("seg%d@example.org" % number,))
+            name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+        times.append(world.commit_time())
+        wait_until(lambda: (world.archive / name).is_file(), 60, "segment %s archived" % name)
+    return times
+
+
+def test_a_gap_in_the_archive_is_found_and_a_restore_past_it_refused(world, tmp_path):
+    world.enable_archiving()
+    base = world.base()
+    times = _segments(world, 4)
+    segments = sorted(p.name for p in world.archive.iterdir() if len(p.name) == 24)
+    missing = segments[-2]
+    (world.archive / missing).unlink()
+    status = world.kit("--json", "backup", "wal", "status", "--dsn", world.dsn)
+    assert status.returncode == 5, status.stdout + status.stderr
+    problems = json.loads(status.stdout)["problems"]
+    assert any(missing in p and "gap" in p for p in problems), problems
+    databases_before = world.checksums()
+    done = world.kit("--json", "restore", base["base"], "--target-time", times[-1], "--dsn", world.dsn, "-i",
+                     str(world.key), "--yes")
+    assert done.returncode == 5, done.stdout + done.stderr
+    message = json.loads(done.stdout)["error"]["message"]
+    assert "cannot be reached" in message and missing in message and "last reachable commit is at 20" in message
+    assert world.checksums() == databases_before
+    assert not list(world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*"))
+
+
+@pytest.mark.parametrize("mode", ["dump", "swap"])
+def test_sigkill_during_a_point_in_time_restore_leaves_the_live_cluster_serving(world, mode, tmp_path):
+    """Killed anywhere from the preflight to the swap: the live cluster serves (in swap mode after the detached
+    swap finishes), with the breached rows or the restored ones, never half; a rerun converges."""
+    base, expected, moment = world.history_with_a_breach(tmp_path)
+    breached = world.checksums()
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+    environment.update(world.env)
+    argv = [sys.executable, "-m", "toolkit", "restore", base["base"], "--target-time", moment, "--pitr-mode", mode,
+            "--dsn", world.dsn, "-i", str(world.key), "--yes"]
+    rng = random.Random(11)
+    for attempt in range(5):
+        process = subprocess.Popen(argv, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 6.0))  # a kill point, not a wait: anywhere from preflight to the swap
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        serving = []
+        wait_until(lambda: serving.append(world.checksums()) or True, 120, "the live cluster to serve")
+        assert serving[-1] in (breached, expected), serving[-1]
+    done = world.kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", mode, "--dsn",
+                     world.dsn, "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.checksums() == expected
+    assert not [p for p in world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*")]
+    with world.cluster.connect() as conn:
+        names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
+    assert not [n for n in names if "_restore_" in n and "_pre_restore_" not in n]

@@ -1,0 +1,722 @@
+"""Point-in-time restore: a base backup and the WAL archive replayed, in a scratch cluster beside the live one,
+to the moment asked for (`--target-time`, `--target-lsn`, `--target-name`, `--target-xid`); proven there; then
+dumped into the live cluster through restore's own swap (mode `dump`, the default) or swapped in whole (mode
+`swap`: both clusters stopped, the data directories renamed, the old one kept).
+
+Invariants:
+- Every refusal comes before the first write: the base's checksum and system identifier, the archive's
+  continuity from the base to the target (a gap names the last reachable commit), room beside the live data
+  directory, the tools.
+- The scratch cluster never archives (archive_mode=off on its command line, over whatever its copied
+  configuration says), listens on a private socket only, and is stopped and removed at the end or by the next run.
+- The live cluster is untouched until the scratch cluster has paused at the target and its proof passed; in
+  `swap` mode the stop-rename-start is done by a detached process that finishes it (or puts the old data
+  directory back) even when the kit is killed: at every moment one of the two runs, or is being started.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from toolkit import utc
+from toolkit.db import physical, wal
+from toolkit.db.backup import BackupSet, locate_set, schema_sha256, table_counts
+from toolkit.db.server import HostServer, Server, host_tools
+from toolkit.db.target import ConnectionParams
+from toolkit.errors import BadInputError, EnvironmentProblem, UsageError, VerificationFailed
+from toolkit.host.hashing import sha256_path
+
+TARGET_KINDS = ("time", "lsn", "name", "xid")
+CONTROL_SETTINGS = {"max_connections setting": "max_connections",
+                    "max_worker_processes setting": "max_worker_processes",
+                    "max_wal_senders setting": "max_wal_senders",
+                    "max_prepared_xacts setting": "max_prepared_transactions",
+                    "max_locks_per_xact setting": "max_locks_per_transaction"}
+SCRATCH_MARK = ".pitr-"
+OLD_MARK = ".pre-pitr-"
+
+
+@dataclass
+class PitrPlan:
+    base: BackupSet
+    target_kind: str
+    target: str
+    archive_dir: str
+    database: str = "bookgen"
+    mode: str = "dump"  # or "swap"
+    backups_dir: Optional[str] = None
+    timeout: float = 3600.0
+
+
+@dataclass
+class PitrReport:
+    steps: List[Dict[str, Any]] = field(default_factory=list)
+    reached: Dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    old_data_directory: Optional[str] = None
+    restore: Optional[Dict[str, Any]] = None
+
+    def step(self, name: str, detail: str, ok: bool = True) -> None:
+        self.steps.append({"step": name, "ok": ok, "detail": detail, "at": utc.iso(),
+                           "elapsed": round(time.monotonic() - self.started, 3)})
+
+
+def choose_base(path: str, target_kind: str, target: str) -> BackupSet:
+    """SET itself when it is a base backup; a directory: its newest base backup that ended before a time target
+    (the newest for other targets)."""
+    if not os.path.isdir(path):
+        chosen = locate_set(path)
+        if chosen.kind != "base":
+            raise UsageError("--target-%s needs a base backup (base-*.tar.zst[.age]), not %s" % (target_kind, path))
+        return chosen
+    bases = []
+    for candidate in sorted(glob.glob(os.path.join(path, "base-*.tar.zst*"))):
+        if candidate.endswith((".partial", ".backup.json")):
+            continue
+        sidecar = locate_set(candidate).load_sidecar() or {}
+        if sidecar.get("format") == physical.BASE_FORMAT:
+            bases.append((sidecar.get("ended") or "", candidate))
+    bases.sort(key=lambda b: parse_time(b[0]) if b[0] else parse_time("1970-01-01T00:00:00Z"))
+    if target_kind == "time":
+        wanted = parse_time(target)
+        bases = [b for b in bases if b[0] and parse_time(b[0]) <= wanted]
+    if not bases:
+        raise BadInputError("no base backup in %s%s" % (path, " ended before %s" % target if target_kind == "time"
+                                                         else ""), hint="`bookgen-kit backup base` makes one")
+    return locate_set(bases[-1][1])
+
+
+def parse_time(target: str):
+    """A --target-time (or a time we wrote) as an aware UTC datetime, microseconds kept; refuses what is not a
+    time with a zone (a time without one is read by the server in its own zone: ambiguous)."""
+    from datetime import datetime, timezone
+
+    text = target.strip()
+    if text.endswith(" UTC"):
+        text = text[:-4] + "+00:00"
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    if "T" not in text:
+        text = text.replace(" ", "T", 1)
+    match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?([+-]\d\d:?\d\d)?$", text)
+    if match and match.group(2):  # fromisoformat before 3.11 takes 3 or 6 fraction digits only
+        text = match.group(1) + (match.group(2) + "000000")[:7] + (match.group(3) or "")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError("--target-time %r is not a time (use e.g. 2026-11-28T03:50:00Z)" % target) from None
+    if parsed.tzinfo is None:
+        raise UsageError("--target-time %r has no zone: add Z or +00:00" % target)
+    return parsed.astimezone(timezone.utc)
+
+
+def iso(moment) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------------- preflight
+def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report: PitrReport) -> Dict[str, Any]:
+    """Everything that can refuse, before anything is written. Returns what the steps need."""
+    if plan.mode not in ("dump", "swap"):
+        raise UsageError("--pitr-mode is dump or swap, not %r" % plan.mode)
+    sidecar = plan.base.load_sidecar()
+    if not sidecar or sidecar.get("format") != physical.BASE_FORMAT:
+        raise BadInputError("%s has no base backup sidecar: its WAL range is unknown" % plan.base.dump)
+    actual = sha256_path(plan.base.dump)
+    if actual != sidecar["dump"]["sha256"]:
+        raise VerificationFailed("%s: sha256 %s, the sidecar says %s: nothing was changed" % (
+            plan.base.dump, actual, sidecar["dump"]["sha256"]))
+    if plan.base.encrypted and not identities:
+        raise UsageError("the base backup is encrypted: give -i IDENTITY")
+    if server.mode != "host":
+        raise UsageError("point-in-time restore runs the scratch cluster beside the live data directory: host mode "
+                         "only (give --dsn), this is %s" % server.description)
+    live = server.query("SELECT system_identifier::text, current_setting('data_directory'), "
+                        "current_setting('server_version_num'), current_setting('archive_mode') "
+                        "FROM pg_control_system()")[0]
+    if live[0] != sidecar["system_identifier"]:
+        raise BadInputError("the base backup is of another cluster (system identifier %s, the server's is %s)" % (
+            sidecar["system_identifier"], live[0]))
+    data_directory = live[1]
+    if not os.path.isdir(data_directory):
+        raise EnvironmentProblem("the server's data directory %s is not on this host: the scratch cluster goes "
+                                 "beside it" % data_directory)
+    if os.geteuid() != 0:
+        raise EnvironmentProblem("point-in-time restore writes a data directory for the server's user: run as root")
+    bindir = _bindir(int(live[2]) // 10000)
+    owner = os.stat(data_directory)
+    segment_size = int(sidecar["wal_segment_size"])
+    timeline = int(sidecar["label"]["timeline"])
+    start = wal.parse_segment(sidecar["label"]["start_segment"], segment_size)[1]
+    if not os.path.isdir(plan.archive_dir):
+        raise BadInputError("no WAL archive at %s" % plan.archive_dir)
+    switched_at = _switch_and_wait(server, plan.archive_dir, report) if live[3] != "off" else None
+    archive = wal.read_archive(plan.archive_dir, segment_size)
+    path = plan_path(archive, timeline, start, os.path.join(bindir, "pg_waldump"), plan, switched_at)
+    if plan.target_kind == "time" and parse_time(plan.target) < parse_time(sidecar["ended"]):
+        raise UsageError("--target-time %s is before the base backup ended (%s): choose an older base backup" % (
+            iso(parse_time(plan.target)), sidecar["ended"]))
+    needed = int(sidecar["cluster"]["bytes"]) + path["segments"] * segment_size
+    physical.scratch_room(os.path.dirname(data_directory.rstrip("/")), needed)
+    report.step("preflight", "base %s (sha256 matches, cluster %s); WAL from %s along timeline%s %s continuous "
+                "(last commit %s)%s; %s MiB free beside %s" % (
+                    os.path.basename(plan.base.dump), sidecar["system_identifier"], sidecar["label"]["start_segment"],
+                    "s" if len(path["timelines"]) > 1 else "", ", ".join(map(str, path["timelines"])),
+                    path["last_commit"], "; replayed to its end (no commit after the target)" if
+                    path["to_end"] else "", physical.free_bytes(os.path.dirname(data_directory.rstrip("/"))) >> 20,
+                    data_directory))
+    return {"sidecar": sidecar, "data_directory": data_directory.rstrip("/"), "bindir": bindir,
+            "owner": (owner.st_uid, owner.st_gid), "last_commit": path["last_commit"], "timeline": path["timeline"],
+            "to_end": path["to_end"]}
+
+
+def plan_path(archive: wal.Archive, base_timeline: int, start: int, waldump: str, plan: PitrPlan,
+              switched_at: Optional[Any]) -> Dict[str, Any]:
+    """Which timeline to recover along, and whether the archive holds every segment to the target.
+
+    The path is the newest timeline's ancestry from the base's timeline (what `latest` follows). For a time target
+    it ends on the timeline that was current then: the last one that began (the last commit on its parent before
+    the switch) before the target. Each timeline's segments must be there from where the path enters it (the
+    switch segment is read from the child) to where it leaves it, or for the last one to its newest segment.
+    A target later than the last commit on the path is reached by replaying to the end only when the archive is
+    known to hold everything up to then (the live server's segment was switched and archived after the target)."""
+    size = archive.segment_size
+    latest = max([base_timeline] + [t for t in archive.histories])
+    chain: List[List[Any]] = [[base_timeline, None]]  # [timeline, the LSN where the next one begins]
+    if latest != base_timeline:
+        history = wal.read_history(os.path.join(archive.directory, "%08X.history" % latest))
+        ancestry = [entry[0] for entry in history] + [latest]
+        if base_timeline in ancestry:
+            index = ancestry.index(base_timeline)
+            chain = [[entry[0], entry[1], entry[2]] for entry in history[index:]] + [[latest, None]]
+    chosen = len(chain) - 1
+    if plan.target_kind == "time":
+        wanted = parse_time(plan.target)
+        began = None
+        for position in range(1, len(chain)):
+            parent = chain[position - 1]
+            # no commit on the parent before the switch: the child began no earlier than the parent did
+            began = _switch_time(archive, waldump, parent[0], parent[1], parent[2] if len(parent) > 2 else "") or \
+                began
+            if began is not None and began >= wanted:
+                chosen = position - 1
+                break
+    chain = chain[:chosen + 1]
+    segments, first = 0, start
+    names: List[str] = []
+    for position, link in enumerate(chain):
+        timeline, leaves = link[0], link[1] if position < len(chain) - 1 else None
+        line = archive.timelines.get(timeline)
+        last = wal.segment_of(leaves, size) - 1 if leaves else (line.last if line else first - 1)
+        for number in range(first, last + 1):
+            if not archive.has(timeline, number):
+                raise VerificationFailed(_unreachable(plan, "the archive has no segment %s (a gap)" % wal.segment_name(
+                    timeline, number, size), _last_commit_before(archive, waldump, names)))
+            names.append(wal.segment_name(timeline, number, size))
+        segments += max(0, last - first + 1)
+        first = wal.segment_of(leaves, size) if leaves else last + 1
+    if not names:
+        raise VerificationFailed("the WAL archive %s does not hold segment %s, where the base backup starts: no "
+                                 "restore from it is possible" % (archive.directory, wal.segment_name(
+                                     base_timeline, start, size)))
+    last_commit = _last_commit_before(archive, waldump, names)
+    to_end = False
+    if plan.target_kind == "time":
+        wanted = parse_time(plan.target)
+        if last_commit is None or wanted > parse_time(last_commit):
+            if chosen == len(chain) - 1 and switched_at is not None and switched_at >= wanted and \
+                    chain[-1][0] == latest:
+                to_end = True  # nothing was committed between the last commit and the target
+            else:
+                raise VerificationFailed(_unreachable(plan, "the newest archived segment is %s" % names[-1],
+                                                      last_commit))
+    elif plan.target_kind == "lsn" and wal.segment_of(plan.target, size) > wal.parse_segment(names[-1], size)[1]:
+        raise VerificationFailed(_unreachable(plan, "the newest archived segment is %s" % names[-1], last_commit))
+    return {"timeline": chain[-1][0], "timelines": [link[0] for link in chain], "segments": segments,
+            "last_commit": last_commit, "to_end": to_end}
+
+
+def _last_commit_before(archive: wal.Archive, waldump: str, names: List[str]) -> Optional[str]:
+    """The last commit in the newest of these segments that holds one (at most 64 read), as ISO 8601 UTC."""
+    found = wal.last_commit(waldump, [os.path.join(archive.directory, name) for name in reversed(names[-64:])])
+    return iso(parse_time(found)) if found else None
+
+
+def _switch_time(archive: wal.Archive, waldump: str, parent: int, lsn: str, reason: str):
+    """When the timeline after `parent` began: the last commit on the parent before the switch LSN."""
+    number = wal.segment_of(lsn, archive.segment_size)
+    paths = [os.path.join(archive.directory, wal.segment_name(parent, n, archive.segment_size))
+             for n in range(number, max(-1, number - 64), -1)]
+    found = wal.last_commit(waldump, [p for p in paths if os.path.isfile(p)], end_lsn=lsn)
+    if found:
+        return parse_time(found)
+    match = re.search(r"before (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?[+-]\d\d)", reason)
+    return parse_time(match.group(1) + ":00") if match else None
+
+
+def _unreachable(plan: PitrPlan, where: str, last_commit: Optional[str]) -> str:
+    return "--target-%s %s cannot be reached: %s, and the last reachable commit is at %s: nothing was changed" % (
+        plan.target_kind, plan.target, where, last_commit or "(none)")
+
+
+def _bindir(major: int) -> str:
+    for tool in host_tools("pg_ctl"):
+        if tool.major == major:
+            return os.path.dirname(tool.path)
+    raise EnvironmentProblem("no PostgreSQL %d server binaries on this host (pg_ctl, postgres)" % major,
+                             hint="install postgresql-%d" % major)
+
+
+def _switch_and_wait(server: Server, archive_dir: str, report: PitrReport, timeout: float = 120.0):
+    """Close the live server's current segment and wait until it is in the archive: the archive then holds every
+    commit up to the time returned (the server's clock at the switch), or None when it was not archived."""
+    row = server.query("SELECT pg_walfile_name(pg_switch_wal()), to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                       "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")[0]
+    name = row[0]
+    deadline = time.monotonic() + timeout
+    while not os.path.isfile(os.path.join(archive_dir, name)):
+        if time.monotonic() > deadline:
+            report.step("switch wal", "segment %s was not archived within %.0f s: the archive ends before it" % (
+                name, timeout), ok=False)
+            return None
+        time.sleep(0.2)
+    report.step("switch wal", "the live server's current segment %s is archived" % name)
+    return parse_time(row[1])
+
+
+# --------------------------------------------------------------------------- the scratch cluster
+@dataclass
+class Scratch:
+    directory: str
+    run_dir: str
+    port: int
+    process: Optional[subprocess.Popen]
+    owner: tuple
+    bindir: str
+
+    def server(self, dbname: str = "postgres") -> HostServer:
+        return HostServer(ConnectionParams(host=self.run_dir, port=self.port, dbname=dbname, user="postgres",
+                                           password=None))
+
+    def log_tail(self, lines: int = 5) -> List[str]:
+        try:
+            with open(os.path.join(self.run_dir, "server.log"), encoding="utf-8", errors="replace") as handle:
+                text = handle.read().splitlines()
+        except OSError:
+            return []
+        return [line for line in text if re.search(r"(FATAL|PANIC|ERROR|LOG):", line)][-lines:]
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), then SIGKILL after a grace; the process reaped."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_leftovers(data_directory: str, report: PitrReport) -> None:
+    """A killed run's scratch directories beside the live one: their postmaster stopped, then removed."""
+    for path in sorted(glob.glob(data_directory + SCRATCH_MARK + "*")):
+        if not os.path.isdir(path):
+            continue
+        _stop_postmaster(path)
+        physical.remove_tree(path)
+        report.step("cleanup", "removed %s, left by an interrupted point-in-time restore" % path)
+    for path in sorted(glob.glob(os.path.join(tempfile.gettempdir(), "bookgen-kit-pitr-run-*"))):
+        physical.remove_tree(path)
+
+
+def _stop_postmaster(directory: str) -> None:
+    """The postmaster of this data directory (postmaster.pid, checked against /proc), stopped fast."""
+    try:
+        with open(os.path.join(directory, "postmaster.pid")) as handle:
+            pid = int(handle.readline().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            if directory.encode() not in handle.read():
+                return
+        os.kill(pid, signal.SIGINT)
+    except OSError:
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and os.path.exists("/proc/%d" % pid):
+        time.sleep(0.1)
+    if os.path.exists("/proc/%d" % pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _control_settings(bindir: str, directory: str) -> Dict[str, str]:
+    done = subprocess.run([os.path.join(bindir, "pg_controldata"), directory], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    settings = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in CONTROL_SETTINGS:
+            settings[CONTROL_SETTINGS[key.strip()]] = value.strip()
+    return settings
+
+
+def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any], report: PitrReport,
+                  say: Callable[[str], None]) -> Scratch:
+    from toolkit.db.backup import _file_chunks
+
+    stamp = utc.stamp()
+    directory = facts["data_directory"] + SCRATCH_MARK + stamp
+    run_dir = tempfile.mkdtemp(prefix="bookgen-kit-pitr-run-")
+    os.chown(run_dir, *facts["owner"])
+    say("extracting %s into %s" % (os.path.basename(plan.base.dump), directory))
+    counts = physical.extract(physical.tar_chunks(_file_chunks(plan.base.dump, plan.base.encrypted, identities)),
+                              directory, facts["owner"])
+    judged = physical.verify_extracted(directory)
+    if not judged["ok"]:
+        physical.remove_tree(directory)
+        raise VerificationFailed("pg_verifybackup rejects the base backup: %s: nothing was changed" % judged["detail"])
+    report.step("base", "%s extracted (%d files, %d bytes) and verified by %s: %s" % (
+        directory, counts["files"], counts["bytes"], judged["tool"]["path"], judged["detail"]))
+    for name in ("postgresql.conf", "recovery.signal"):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            with open(path, "w") as handle:
+                handle.write("" if name == "recovery.signal" else "# written by bookgen-kit for a scratch cluster\n")
+            os.chown(path, *facts["owner"])
+            os.chmod(path, 0o600)
+    hba = os.path.join(run_dir, "pg_hba.conf")
+    with open(hba, "w") as handle:
+        handle.write("local all all trust\n")  # the socket is in a 0700 directory of the server's user
+    os.chown(hba, *facts["owner"])
+    port = _free_port()
+    settings = {"port": str(port), "listen_addresses": "", "unix_socket_directories": run_dir, "hba_file": hba,
+                "archive_mode": "off", "archive_command": "", "logging_collector": "off", "hot_standby": "on",
+                "restore_command": "cp '%s/%%f' '%%p'" % plan.archive_dir,
+                "recovery_target_timeline": str(facts["timeline"])}
+    if not facts["to_end"]:
+        settings.update({"recovery_target_%s" % plan.target_kind: iso(parse_time(plan.target)).replace("Z", "+00")
+                         if plan.target_kind == "time" else plan.target, "recovery_target_action": "pause",
+                         "recovery_target_inclusive": "on"})
+    settings.update(_control_settings(facts["bindir"], directory))
+    argv = [os.path.join(facts["bindir"], "postgres"), "-D", directory]
+    for key, value in settings.items():
+        argv += ["-c", "%s=%s" % (key, value)]
+    log = open(os.path.join(run_dir, "server.log"), "ab")
+    try:
+        process = subprocess.Popen(argv, user=facts["owner"][0], group=facts["owner"][1], stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=log, cwd="/", start_new_session=True,
+                                   env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    finally:
+        log.close()
+    scratch = Scratch(directory, run_dir, port, process, facts["owner"], facts["bindir"])
+    report.step("scratch cluster", "started on a private socket (port %d, archive_mode off), replaying along "
+                "timeline %s to %s" % (port, facts["timeline"], "the end of the archive" if facts["to_end"] else
+                                       "%s %s" % (plan.target_kind, plan.target)))
+    return scratch
+
+
+def wait_paused(scratch: Scratch, plan: PitrPlan, report: PitrReport, say: Callable[[str], None],
+                to_end: bool = False) -> None:
+    """Until the scratch cluster has paused at the target (or, replaying to the end, ended its recovery);
+    refused with the server's own words when recovery ends before the target."""
+    import psycopg
+
+    say("replaying WAL to the target")
+    deadline = time.monotonic() + plan.timeout
+    while True:
+        if scratch.process.poll() is not None:
+            said = scratch.log_tail(50)
+            worst = [line for line in said if re.search(r"(FATAL|PANIC):", line)] or said
+            why = re.split(r"(?:FATAL|PANIC|ERROR|LOG):\s*", worst[-1], 1)[-1].strip() if worst else \
+                "exit %s" % scratch.process.returncode
+            raise VerificationFailed("the scratch cluster stopped before reaching the target: %s: nothing was changed"
+                                     % why)
+        try:
+            with psycopg.connect(host=scratch.run_dir, port=scratch.port, user="postgres", dbname="postgres",
+                                 connect_timeout=5, autocommit=True) as conn:
+                state = conn.execute("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
+                                     "pg_get_wal_replay_pause_state() END").fetchone()
+                if (state[0] and state[1] == "paused") or (to_end and not state[0]):
+                    return
+                if not state[0]:
+                    raise VerificationFailed("the scratch cluster ended its recovery without pausing at the target: "
+                                             "nothing was changed")
+        except psycopg.OperationalError:
+            pass  # still starting, or not yet consistent
+        if time.monotonic() > deadline:
+            raise EnvironmentProblem("the scratch cluster did not reach the target within %.0f s" % plan.timeout)
+        time.sleep(0.2)
+
+
+def prove(scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any], report: PitrReport) -> Dict[str, Any]:
+    """What the scratch cluster holds at the target: the time reached, the database's row counts and schema."""
+    server = scratch.server()
+    row = server.query("SELECT pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', pg_last_wal_replay_lsn()::text")[0]
+    databases = [r[0] for r in server.query("SELECT datname FROM pg_database WHERE NOT datistemplate")]
+    if plan.database not in databases:
+        raise VerificationFailed("database %s does not exist at the target (the databases there: %s): nothing was "
+                                 "changed" % (plan.database, ", ".join(sorted(databases))))
+    counts = table_counts(server, plan.database)
+    schema = schema_sha256(server, plan.database)
+    reached = {"last_replayed_commit_utc": row[0], "lsn": row[1], "tables": counts, "schema_sha256": schema}
+    if plan.target_kind == "time" and row[0]:
+        wanted = parse_time(plan.target)
+        if parse_time(row[0] + "+00:00") > wanted:
+            raise VerificationFailed("the scratch cluster replayed past the target (%s > %s): nothing was changed" % (
+                row[0], wanted))
+    report.reached = reached
+    report.step("proof", "paused at %s (last commit replayed %s UTC); %s: %d tables, %d rows, schema %s" % (
+        row[1], row[0], plan.database, len(counts), sum(c["rows"] for c in counts.values()), schema[:16]))
+    return reached
+
+
+def promote(scratch: Scratch, timeout: float = 120.0) -> None:
+    server = scratch.server()
+    if server.query("SELECT pg_is_in_recovery()")[0][0] not in ("True", "true", "t"):
+        return  # replayed to the end: it promoted itself
+    server.query("SELECT pg_wal_replay_resume()")
+    deadline = time.monotonic() + timeout
+    while server.query("SELECT pg_is_in_recovery()")[0][0] in ("True", "true", "t"):
+        if time.monotonic() > deadline:
+            raise EnvironmentProblem("the scratch cluster did not end its recovery within %.0f s" % timeout)
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- the whole
+def pitr_restore(server: Server, plan: PitrPlan, identities: Sequence[Any], recipients: Sequence[Any] = (),
+                 progress: Optional[Callable[[str], None]] = None, stop_services: Sequence[str] = (),
+                 keep_stopped: bool = False) -> PitrReport:
+    say = progress or (lambda message: None)
+    report = PitrReport()
+    facts = preflight(server, plan, identities, report)
+    finished = resume_swap(facts["data_directory"])  # a killed run's swap journal: its state, then gone
+    if finished:
+        report.step("cleanup", "an earlier run's swap had ended %s" % finished)
+    clean_leftovers(facts["data_directory"], report)  # the first change: only after every refusal
+    scratch = start_scratch(plan, facts, identities, report, say)
+    try:
+        wait_paused(scratch, plan, report, say, facts["to_end"])
+        reached = prove(scratch, plan, facts, report)
+        promote(scratch)
+        report.step("promote", "the scratch cluster ended its recovery at the target (it does not archive)")
+        if plan.mode == "dump":
+            _dump_into_live(server, scratch, plan, identities, recipients, report, say, stop_services, keep_stopped)
+            return report
+        server.query("CHECKPOINT")
+        scratch.server().query("CHECKPOINT")
+        scratch.stop()
+        scratch.process = None
+        _archive_history_later(scratch.directory, facts["owner"])
+        _swap(server, scratch, plan, facts, reached, report, say)
+        return report
+    finally:
+        scratch.stop()
+        if os.path.isdir(scratch.directory):
+            physical.remove_tree(scratch.directory)
+        physical.remove_tree(scratch.run_dir)
+
+
+def _dump_into_live(server: Server, scratch: Scratch, plan: PitrPlan, identities: Sequence[Any],
+                    recipients: Sequence[Any], report: PitrReport, say: Callable[[str], None],
+                    stop_services: Sequence[str], keep_stopped: bool) -> None:
+    """The database as of the target, as a set (counts from pg_dump's own snapshot), through restore's
+    emergency-backup, compare and swap-by-rename into the live cluster."""
+    from toolkit.db.backup import create_backup
+    from toolkit.db.restore import RestorePlan, restore
+
+    say("dumping %s as of the target" % plan.database)
+    made = create_backup(scratch.server(plan.database), plan.database, plan.backups_dir, recipients,
+                         [str(r) for r in recipients], prefix="%s-pitr" % plan.database)
+    counts = json.loads(open(made["sidecar"]).read())["tables"]
+    if {k: v["rows"] for k, v in counts.items()} != {k: v["rows"] for k, v in report.reached["tables"].items()}:
+        raise VerificationFailed("the dump of the scratch cluster does not hold the rows proven at the target: "
+                                 "nothing was changed")
+    report.step("dump", "%s (%d bytes): the database as of the target" % (made["dump"], made["size"]))
+    restored = restore(server, RestorePlan(backup=locate_set(made["dump"]), database=plan.database,
+                                           backups_dir=plan.backups_dir, stop_services=list(stop_services),
+                                           keep_stopped=keep_stopped), identities, say)
+    report.restore = {"steps": restored.steps, "old_database": restored.old_database,
+                      "emergency_backup": restored.emergency_backup}
+    report.step("restore", "%s restored into the live cluster; the one it replaced is %s" % (
+        plan.database, restored.old_database or "(none: it did not exist)"))
+
+
+# --------------------------------------------------------------------------- swap mode
+def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any], reached: Dict[str, Any],
+          report: PitrReport, say: Callable[[str], None]) -> None:
+    """Stop the live cluster, rename its data directory aside, the scratch one into its place, start it: done by
+    a detached process with a journal, so a killed kit leaves it finished (or rolled back), never half."""
+    live = facts["data_directory"]
+    old = live + OLD_MARK + utc.stamp()
+    journal = live + SCRATCH_MARK + "swap.json"
+    with open(os.path.join(live, "postmaster.opts")) as handle:
+        opts = handle.read().strip()
+    document = {"live": live, "old": old, "new": scratch.directory, "opts": opts, "owner": list(facts["owner"]),
+                "bindir": facts["bindir"], "state": "planned", "log": live + OLD_MARK.rstrip("-") + ".log"}
+    _write_journal(journal, document)
+    say("swapping the data directories (the live cluster is stopped for this)")
+    from toolkit.host.detached import spawn
+
+    helper = spawn("from toolkit.db.pitr import swap_body; swap_body(%r)" % journal)
+    deadline = time.monotonic() + plan.timeout
+    while helper.poll() is None:
+        if time.monotonic() > deadline:
+            raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
+        time.sleep(0.2)
+    document = _read_journal(journal)
+    if document.get("state") != "started":
+        raise EnvironmentProblem("the swap failed (%s) and was rolled back: the live cluster runs from %s as before" %
+                                 (document.get("error"), live))
+    os.unlink(journal)
+    report.old_data_directory = old
+    report.step("swap", "the live cluster was stopped, %s renamed to %s (kept), the cluster as of the target moved "
+                "into %s and started" % (live, old, live))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            counts = table_counts(server, plan.database)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise EnvironmentProblem("the swapped-in cluster does not answer within 120 s (it runs from %s; the "
+                                         "old data directory is %s)" % (live, old)) from None
+            time.sleep(0.5)
+    if counts != reached["tables"] or schema_sha256(server, plan.database) != reached["schema_sha256"]:
+        raise VerificationFailed("the swapped-in cluster does not hold what was proven at the target (the old data "
+                                 "directory is %s)" % old)
+    report.step("compare", "the live cluster now holds the rows and schema proven at the target")
+
+
+def _archive_history_later(directory: str, owner: tuple) -> None:
+    """The scratch cluster promoted with archive_mode off, so its new timeline's history file was never marked
+    for archiving: marked now, the swapped-in cluster archives it first (a later restore follows the timeline)."""
+    status = os.path.join(directory, "pg_wal", "archive_status")
+    for name in os.listdir(os.path.join(directory, "pg_wal")):
+        if wal.HISTORY.match(name) and not any(os.path.exists(os.path.join(status, name + suffix))
+                                               for suffix in (".ready", ".done")):
+            path = os.path.join(status, name + ".ready")
+            with open(path, "w"):
+                pass
+            os.chown(path, *owner)
+
+
+def _write_journal(path: str, document: Dict[str, Any]) -> None:
+    from toolkit.host.atomic import AtomicFile
+
+    with AtomicFile(path, 0o600, overwrite=True) as out:
+        out.write(json.dumps(document, indent=1).encode())
+        out.commit()
+
+
+def _read_journal(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _postmaster_argv(opts: str) -> List[str]:
+    import shlex
+
+    return shlex.split(opts)
+
+
+def swap_body(journal: str) -> None:
+    """The detached swap: each step recorded before it is taken; run again (by a rerun of the kit) it finishes
+    from where it stopped. On a failure the old data directory goes back and the old cluster is started."""
+    document = _read_journal(journal)
+    live, old, new = document["live"], document["old"], document["new"]
+    uid, gid = document["owner"]
+    document["pid"] = os.getpid()
+    _write_journal(journal, document)
+
+    def record(state: str, **extra: Any) -> None:
+        document.update(extra, state=state)
+        _write_journal(journal, document)
+
+    def start() -> None:
+        log = open(document["log"], "ab")
+        try:
+            subprocess.Popen(_postmaster_argv(document["opts"]), user=uid, group=gid, stdin=subprocess.DEVNULL,
+                             stdout=log, stderr=log, cwd="/", start_new_session=True,
+                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+        finally:
+            log.close()
+
+    try:
+        if document["state"] == "planned":
+            subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
+                            "-t", "120"], user=uid, group=gid, capture_output=True, timeout=180, cwd="/",
+                           env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            record("stopped")
+        if document["state"] == "stopped":
+            if os.path.exists(os.path.join(live, "postmaster.pid")):
+                _stop_postmaster(live)
+            if os.path.isdir(live) and not os.path.exists(old):
+                os.rename(live, old)
+            record("moved aside")
+        if document["state"] == "moved aside":
+            if os.path.isdir(new) and not os.path.exists(live):
+                with open(os.path.join(old, "postmaster.opts")) as source, \
+                        open(os.path.join(new, "postmaster.opts"), "w") as target:
+                    target.write(source.read())
+                os.chown(os.path.join(new, "postmaster.opts"), uid, gid)
+                for name in ("recovery.signal", "standby.signal", "backup_manifest"):
+                    if os.path.exists(os.path.join(new, name)):
+                        os.unlink(os.path.join(new, name))
+                os.rename(new, live)
+            record("moved in")
+        if document["state"] == "moved in":
+            start()
+            record("started")
+    except BaseException as error:  # put the old one back, start it
+        try:
+            if not os.path.exists(os.path.join(live, "PG_VERSION")) and os.path.isdir(old):
+                if os.path.isdir(live):
+                    os.rename(live, new)
+                os.rename(old, live)
+            start()
+        finally:
+            record("rolled back", error=str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+
+
+def _alive(pid: int, marker: str) -> bool:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return marker.encode() in handle.read()
+    except OSError:
+        return False
+
+
+def resume_swap(data_directory: str) -> Optional[str]:
+    """A swap journal left by a killed run (its detached process killed too): finished now. The state reached."""
+    journal = data_directory + SCRATCH_MARK + "swap.json"
+    if not os.path.exists(journal):
+        return None
+    pid = _read_journal(journal).get("pid")
+    deadline = time.monotonic() + 300
+    while pid and _alive(pid, "swap_body") and time.monotonic() < deadline:  # its detached process still works
+        time.sleep(0.2)
+    swap_body(journal)
+    state = _read_journal(journal).get("state")
+    os.unlink(journal)
+    return state
+
