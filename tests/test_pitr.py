@@ -4,12 +4,14 @@ tar and pg_verifybackup for every base backup; the rows themselves for the resto
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -224,7 +226,7 @@ def _segments(world: World, count: int) -> list:
     times = []
     for number in range(count):
         with world.connect() as conn:
-            conn.execute("INSERT INTO users (email) VALUES (%s)", ("seg%d@example.org" % number,))
+            conn.execute("INSERT INTO users (email) VALUES (%s)", ("seg-%s@example.org" % uuid.uuid4().hex,))
             name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
         times.append(world.commit_time())
         wait_until(lambda: (world.archive / name).is_file(), 60, "segment %s archived" % name)
@@ -279,3 +281,52 @@ def test_sigkill_during_a_point_in_time_restore_leaves_the_live_cluster_serving(
     with world.cluster.connect() as conn:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
     assert not [n for n in names if "_restore_" in n and "_pre_restore_" not in n]
+
+
+def test_prune_keeps_every_wal_segment_a_kept_base_needs(world, tmp_path):
+    """Two base backups with WAL between: pruning the older (a month old) deletes the segments before the newer
+    one's start and no other; a point-in-time restore from the newer still works after."""
+    world.enable_archiving()
+    older = world.base()
+    _segments(world, 2)
+    newer = world.base()
+    sidecar = json.loads(Path(newer["sidecar"]).read_text())
+    start = sidecar["label"]["start_segment"]
+    _segments(world, 1)
+    month_ago = time.time() - 30 * 86400
+    for path in (older["base"], older["sidecar"]):
+        os.utime(path, (month_ago, month_ago))
+    before = sorted(p.name for p in world.archive.iterdir())
+    plan = world.kit("--json", "backup", "prune", "--keep-last", "1", "--keep-days", "7", "--apply")
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    result = json.loads(plan.stdout)
+    assert result["deleted"] == [older["base"]] and not Path(older["base"]).exists()
+    after = sorted(p.name for p in world.archive.iterdir())
+    gone = set(before) - set(after)
+    assert gone and all(name[:24] < start for name in gone), (gone, start)
+    assert all(name[:24] >= start or name.endswith(".history") for name in after if len(name) >= 24), after
+    with world.connect() as conn:
+        conn.execute("INSERT INTO users (email) VALUES ('after-prune@example.org')")
+    expected = world.checksums()
+    moment = world.commit_time()
+    world.after(moment)
+    world.breach()
+    done = world.kit("--json", "restore", str(world.host.app_dir / "backups"), "--target-time", moment, "--dsn",
+                     world.dsn, "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["base"] == newer["base"] and world.checksums() == expected
+
+
+def test_a_restore_point_is_a_target(world, tmp_path):
+    """--target-name: the restore point the DBA set before a risky change."""
+    world.enable_archiving()
+    base = world.base()
+    with world.connect() as conn:
+        conn.execute("INSERT INTO users (email) VALUES ('before-the-change@example.org')")
+        conn.execute("SELECT pg_create_restore_point('before-migration-42')")
+    expected = world.checksums()
+    world.breach()
+    done = world.kit("--json", "restore", base["base"], "--target-name", "before-migration-42", "--dsn", world.dsn,
+                     "-i", str(world.key), "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert world.checksums() == expected

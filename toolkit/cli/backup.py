@@ -322,7 +322,8 @@ def list_command(directory, max_age, dsn, container, deployment) -> None:
 @deployment_options
 @json_option
 def prune_command(directory, keep_last, keep_days, apply_changes, deployment) -> None:
-    """Old sets beyond --keep-last and --keep-days; never the newest verified set or a kept one."""
+    """Old sets beyond --keep-last and --keep-days; never the newest verified set or a kept one. The WAL archive
+    follows the base backups kept: nothing a kept base needs goes, nothing older stays."""
     from toolkit.db.backup import apply_prune, plan_prune
 
     plan = plan_prune(directory or deployment.backups_dir, keep_last, keep_days)
@@ -334,6 +335,12 @@ def prune_command(directory, keep_last, keep_days, apply_changes, deployment) ->
         return
     for path in plan["delete"]:
         click.echo("%s %s" % ("deleted" if apply_changes else "would delete", path))
+    if plan["wal_delete"]:
+        click.echo("%s %d WAL files before the oldest kept base backup (%s to %s)" % (
+            "deleted" if apply_changes else "would delete", len(plan["wal_delete"]), plan["wal_delete"][0],
+            plan["wal_delete"][-1]))
+    if plan["wal_note"]:
+        click.echo(plan["wal_note"])
     click.echo("kept %d sets" % len(plan["keep"]))
 
 

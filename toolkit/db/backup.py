@@ -748,11 +748,54 @@ def plan_prune(directory: str, keep_last: int, keep_days: float) -> Dict[str, An
     protected.update(s["dump"] for s in sets[-keep_last:] if keep_last > 0)
     protected.update(s["dump"] for s in sets if s["age_hours"] <= keep_days * 24 or s["keep"])
     doomed = [s for s in sets if s["dump"] not in protected]
-    return {"keep": [s["dump"] for s in sets if s["dump"] in protected], "delete": [s["dump"] for s in doomed]}
+    plan = {"keep": [s["dump"] for s in sets if s["dump"] in protected], "delete": [s["dump"] for s in doomed]}
+    plan.update(_plan_wal(directory, [s for s in sets if s["kind"] == "base" and s["dump"] in protected]))
+    return plan
+
+
+def _plan_wal(directory: str, kept_bases: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The WAL archive (DIR/wal) follows the base backups kept: every segment from the oldest kept base's start
+    stays (each base needs its WAL from its start onwards for a point-in-time restore); what is older goes. With no
+    base kept, or one whose start is unknown, nothing in the archive is touched. History files always stay."""
+    from toolkit.db import wal
+
+    archive_dir = os.path.join(directory, "wal")
+    result: Dict[str, Any] = {"wal_directory": archive_dir if os.path.isdir(archive_dir) else None,
+                              "wal_delete": [], "wal_note": None}
+    if result["wal_directory"] is None:
+        return result
+    starts = []
+    for entry in kept_bases:
+        sidecar = locate_set(entry["dump"]).load_sidecar() or {}
+        size = sidecar.get("wal_segment_size")
+        parsed = wal.parse_segment((sidecar.get("label") or {}).get("start_segment") or "", int(size)) if size else None
+        if parsed is None:
+            result["wal_note"] = "the base backup %s does not say where its WAL starts: the archive is kept whole" % (
+                entry["dump"])
+            return result
+        starts.append((parsed[1], int(size)))
+    if not starts:
+        result["wal_note"] = "no base backup is kept: the WAL archive is kept whole"
+        return result
+    oldest, size = min(starts)
+    for name in sorted(os.listdir(archive_dir)):
+        parsed = wal.parse_segment(name[:24], size)
+        suffix = name[24:]
+        if parsed is None or not (suffix == "" or suffix.endswith(".backup") or suffix == ".partial"):
+            continue  # history files, and anything that is not ours to judge
+        if parsed[1] < oldest:
+            result["wal_delete"].append(name)
+    result["wal_note"] = "WAL kept from segment %s on (the oldest kept base backup's start)" % wal.segment_name(
+        1, oldest, size)[8:]
+    return result
 
 
 def apply_prune(plan: Dict[str, Any]) -> List[str]:
     deleted = []
+    for name in plan.get("wal_delete") or []:
+        path = os.path.join(plan["wal_directory"], name)
+        if os.path.exists(path):
+            os.unlink(path)
     for dump in plan["delete"]:
         salvage = locate_set(dump).salvage_path if os.path.exists(dump) else None
         for path in (dump, salvage, dump + SIDECAR_SUFFIX):
