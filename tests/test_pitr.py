@@ -109,7 +109,7 @@ class World:
         breach after T. Returns the base backup, the tables' checksums at T, and T."""
         self.enable_archiving()
         base = self.base()
-        judge_base(self, base, tmp_path)
+        judge_base(self.key, base, tmp_path)
         with self.connect() as conn:
             conn.execute("INSERT INTO users (email) VALUES ('before@example.org')")
         expected = self.checksums()
@@ -148,11 +148,11 @@ def world(tmp_path):
         made.stop()
 
 
-def judge_base(world: World, base: dict, tmp_path: Path) -> None:
+def judge_base(key: Path, base: dict, tmp_path: Path) -> None:
     """age -d | zstd -d | tar -x, then pg_verifybackup: the outside judges, not our code."""
     target = tmp_path / ("judged-%s" % Path(base["base"]).name)
     target.mkdir()
-    plain = subprocess.run(["age", "-d", "-i", str(world.key), base["base"]], capture_output=True, check=True,
+    plain = subprocess.run(["age", "-d", "-i", str(key), base["base"]], capture_output=True, check=True,
                            timeout=300).stdout
     tar = subprocess.run(["zstd", "-d", "-c"], input=plain, capture_output=True, check=True, timeout=300).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=tar, check=True, timeout=300)
@@ -330,3 +330,47 @@ def test_a_restore_point_is_a_target(world, tmp_path):
                      "-i", str(world.key), "--yes")
     assert done.returncode == 0, done.stdout + done.stderr
     assert world.checksums() == expected
+
+
+def test_container_mode_base_backup_is_judged_by_pg_verifybackup(running_stack, tmp_path):
+    """bookgen-db runs: its own pg_basebackup over its local socket, streamed out through sha256, zstd and age."""
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    key = tmp_path / "dba.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True, timeout=60)
+    recipient = subprocess.run(["age-keygen", "-y", str(key)], capture_output=True, text=True, check=True,
+                               timeout=60).stdout.strip()
+    done = kit("--json", "backup", "base", "-r", recipient, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    base = json.loads(done.stdout)
+    sidecar = json.loads(Path(base["sidecar"]).read_text())
+    assert sidecar["source"]["mode"] == "container" and sidecar["pg_basebackup"]["path"].endswith("pg_basebackup")
+    judge_base(key, base, tmp_path)
+    verified = kit("--json", "backup", "verify", base["base"], "-i", str(key), env={"DOCKER_HOST": "unix:///none"})
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def test_container_mode_wal_archiving(running_stack, tmp_path):
+    """bookgen-db with the compose file's archive volume: enable (restarting the container for archive_mode),
+    the proof segment on the host, status clean; a directory on no mount of the container is refused unchanged."""
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    archive = running_stack.root / "wal-archive"
+    refused = kit("backup", "wal", "enable", "--archive-dir", str(tmp_path / "elsewhere"), env=env)
+    assert refused.returncode == 2 and "not on a writable mount" in refused.stderr, refused.stderr
+    db = running_stack.container("db")
+    try:
+        done = kit("--json", "backup", "wal", "enable", "--archive-dir", str(archive), "--restart", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(done.stdout)
+        assert result["archive_in_server"] == "/var/lib/postgresql/wal-archive" and result["restarted"]
+        assert (archive / result["proof"]["segment"]).is_file()
+        status = kit("--json", "backup", "wal", "status", "--archive-dir", str(archive), env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        live = json.loads(status.stdout)["server"]
+        assert live["archive_command_ours"] and live["failed_count"] == 0 and live["pg_wal_free_bytes"] > 0
+    finally:
+        db.exec_run(["psql", "-U", "postgres", "-c", "ALTER SYSTEM RESET archive_command", "-c",
+                     "ALTER SYSTEM RESET archive_mode"], user="postgres")
+        db.restart(timeout=30)
+        wait_until(lambda: running_stack.db_connect("postgres", "postgres").close() is None, 60, "bookgen-db")

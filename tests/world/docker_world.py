@@ -202,6 +202,9 @@ def start_bookgen_stack(engine: DockerEngine) -> BookgenStack:
     redis_password = "redis-" + secrets.token_hex(10)
     datadir = root / "pgdata"
     init_cluster(datadir, superuser_password, auth_local="trust", hba_extra="host all all 0.0.0.0/0 scram-sha-256\n")
+    wal_archive = root / "wal-archive"  # the compose file's archive volume (`backup wal enable` in container mode)
+    wal_archive.mkdir(mode=0o700)
+    os.chown(wal_archive, postgres.pw_uid, postgres.pw_gid)
     redis_conf = root / "redis.conf"
     redis_conf.write_text("bind 0.0.0.0\nport 6379\nprotected-mode no\nsave \"\"\nappendonly no\nrequirepass %s\n"
                           % redis_password)
@@ -215,7 +218,8 @@ def start_bookgen_stack(engine: DockerEngine) -> BookgenStack:
                              "-c", "listen_addresses=*", "-c", "fsync=off"],
             name="bookgen-db", user="postgres", detach=True, labels=labels("db"),
             volumes={"/usr": {"bind": "/usr", "mode": "ro"}, str(datadir): {"bind": "/var/lib/postgresql/data",
-                                                                             "mode": "rw"}})
+                                                                             "mode": "rw"},
+                     str(wal_archive): {"bind": "/var/lib/postgresql/wal-archive", "mode": "rw"}})
         client.containers.run(HOSTLIKE_IMAGE, ["/usr/bin/redis-server", "/etc/bookgen-redis.conf"],
                               name="bookgen-redis", detach=True, labels=labels("redis"), user="redis"
                               if _has_user("redis") else None,

@@ -171,15 +171,16 @@ def _archive_dir(archive_dir, deployment) -> str:
 
 @wal_group.command("enable")
 @click.option("--archive-dir", metavar="DIR", help="The WAL archive (default: APP_DIR/backups/wal).")
+@click.option("--restart", is_flag=True, help="Container mode: restart the container when archive_mode needs it.")
 @server_options
 @deployment_options
 @json_option
-def wal_enable_command(archive_dir, dsn, container, deployment) -> None:
+def wal_enable_command(archive_dir, restart, dsn, container, deployment) -> None:
     """Point archive_command at the archive (it never overwrites a segment, and fails loudly when one differs),
     archive_mode on; then archive one segment to prove it (or say that a restart is needed first)."""
     from toolkit.db.archiving import enable
 
-    result = enable(_server(deployment, dsn, container), _archive_dir(archive_dir, deployment))
+    result = enable(_server(deployment, dsn, container), _archive_dir(archive_dir, deployment), restart)
     out = current_output()
     out.remember(result)
     if out.json:

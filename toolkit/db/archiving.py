@@ -33,19 +33,32 @@ def _settings(server: Server) -> Dict[str, str]:
     return {name: value or "" for name, value in rows}
 
 
-def enable(server: Server, archive_dir: str) -> Dict[str, Any]:
-    if server.mode != "host":
-        raise UsageError("backup wal enable sets up an archive the server writes on this host: host mode (--dsn); "
-                         "this is %s" % server.description)
+def enable(server: Server, archive_dir: str, restart: bool = False) -> Dict[str, Any]:
+    """Host mode: the server writes archive_dir itself. Container mode: archive_dir must be on a writable mount of
+    the container (compose: `- /opt/bookgen/backups/wal:/var/lib/postgresql/wal-archive`), and the command names it
+    as the container sees it; --restart restarts the container when archive_mode needs it."""
     settings = _settings(server)
     if settings["wal_level"] == "minimal":
         raise EnvironmentProblem("wal_level is minimal: WAL cannot be archived (set wal_level = replica and restart)")
+    archive_dir = os.path.abspath(archive_dir)
     data_directory = settings["data_directory"]
-    if not os.path.isdir(data_directory):
-        raise EnvironmentProblem("the server's data directory %s is not on this host: its archive_command could not "
-                                 "write %s" % (data_directory, archive_dir))
+    if server.mode == "container":
+        seen_as = server.container_path(archive_dir)
+        data_on_host = server.host_path(data_directory)
+        if seen_as is None:
+            raise UsageError("%s is not on a writable mount of %s: the server could not write there: nothing was "
+                             "changed" % (archive_dir, server.description),
+                             hint="add a volume to its compose service, e.g. `- %s:/var/lib/postgresql/wal-archive`, "
+                                  "and recreate it" % archive_dir)
+    elif server.mode == "host":
+        seen_as, data_on_host = archive_dir, data_directory
+        if not os.path.isdir(data_directory):
+            raise EnvironmentProblem("the server's data directory %s is not on this host: its archive_command could "
+                                     "not write %s" % (data_directory, archive_dir))
+    else:
+        raise UsageError("backup wal enable needs the server (--dsn on its host, or --container)")
     try:
-        command = wal.archive_command(os.path.abspath(archive_dir))
+        command = wal.archive_command(seen_as)
     except ValueError as error:
         raise UsageError(str(error)) from None
     current = settings.get("archive_command", "")
@@ -54,15 +67,21 @@ def enable(server: Server, archive_dir: str) -> Dict[str, Any]:
                          "was changed" % len(current), hint="clear it (ALTER SYSTEM RESET archive_command) first")
     if settings.get("archive_library"):
         raise UsageError("archive_library is set: archiving is done by a module, not changed here")
-    owner = os.stat(data_directory)
-    blocked = _first_unreachable(os.path.dirname(os.path.abspath(archive_dir)), owner.st_uid, owner.st_gid)
-    if blocked:
-        raise EnvironmentProblem("the server runs as uid %d, which cannot reach %s (%s is closed to it): nothing was "
-                                 "changed" % (owner.st_uid, archive_dir, blocked),
-                                 hint="choose an archive directory the server's user can reach (--archive-dir)")
+    owner = os.stat(data_on_host) if data_on_host and os.path.isdir(data_on_host) else None
+    if server.mode == "host":
+        blocked = _first_unreachable(os.path.dirname(archive_dir), owner.st_uid, owner.st_gid)
+        if blocked:
+            raise EnvironmentProblem("the server runs as uid %d, which cannot reach %s (%s is closed to it): nothing "
+                                     "was changed" % (owner.st_uid, archive_dir, blocked),
+                                     hint="choose an archive directory the server's user can reach (--archive-dir)")
     os.makedirs(archive_dir, mode=0o700, exist_ok=True)
-    os.chown(archive_dir, owner.st_uid, owner.st_gid)
+    if owner is not None:
+        os.chown(archive_dir, owner.st_uid, owner.st_gid)
     os.chmod(archive_dir, 0o700)
+    if server.mode == "container" and not server.can_write(seen_as):
+        raise EnvironmentProblem("%s (%s inside %s) is not writable by the server's user there: nothing was "
+                                 "changed" % (archive_dir, seen_as, server.description),
+                                 hint="chown it to the uid the server runs as in the container")
     changed = []
     if current != command:
         server.query("ALTER SYSTEM SET archive_command = %s" % _literal(command))
@@ -71,15 +90,38 @@ def enable(server: Server, archive_dir: str) -> Dict[str, Any]:
         server.query("ALTER SYSTEM SET archive_mode = 'on'")
         changed.append("archive_mode")
     server.query("SELECT pg_reload_conf()")
-    result: Dict[str, Any] = {"archive": os.path.abspath(archive_dir), "changed": changed, "command": command}
+    result: Dict[str, Any] = {"archive": archive_dir, "archive_in_server": seen_as, "changed": changed,
+                              "command": command}
     if settings["archive_mode"] == "off":
-        result["restart_needed"] = True
-        result["next"] = ("archive_mode takes effect when the server restarts: restart it (systemctl restart "
-                          "postgresql, or pg_ctl restart -D %s), then run `bookgen-kit backup wal status`" %
-                          data_directory)
-        return result
+        if restart and server.mode == "container":
+            server.restart()
+            _wait_answering(server)
+            result["restarted"] = server.description
+        else:
+            result["restart_needed"] = True
+            result["next"] = ("archive_mode takes effect when the server restarts: restart it (%s), then run "
+                              "`bookgen-kit backup wal status`" % (
+                                  "docker restart %s, or --restart" % server.container_name
+                                  if server.mode == "container" else
+                                  "systemctl restart postgresql, or pg_ctl restart -D %s" % data_directory))
+            return result
     result["proof"] = prove(server, archive_dir)
     return result
+
+
+def _wait_answering(server: Server, timeout: float = 120.0) -> None:
+    from toolkit.errors import KitError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            server.query("SELECT 1")
+            return
+        except KitError:
+            if time.monotonic() > deadline:
+                raise EnvironmentProblem("%s does not answer %.0f s after its restart" % (server.description,
+                                                                                         timeout)) from None
+            time.sleep(0.5)
 
 
 def _first_unreachable(directory: str, uid: int, gid: int) -> Optional[str]:
@@ -162,7 +204,8 @@ def _server_side(server: Server, archive_dir: str, problems: List[str], warnings
                            "'%.ready')")[0]
     live: Dict[str, Any] = {
         "archive_mode": settings["archive_mode"],
-        "archive_command_ours": _ours(settings["archive_command"], archive_dir),
+        "archive_command_ours": _ours(settings["archive_command"], archive_dir if server.mode != "container" else
+                                      server.container_path(archive_dir) or archive_dir),
         "current_segment": current[0], "pg_wal_bytes": int(current[1]), "waiting_to_archive": int(current[2]),
         "archived_count": int(archiver[0]), "last_archived": archiver[1], "last_archived_time": archiver[2],
         "failed_count": int(archiver[3]), "last_failed": archiver[4], "last_failed_time": archiver[5],
@@ -173,8 +216,10 @@ def _server_side(server: Server, archive_dir: str, problems: List[str], warnings
     elif not live["archive_command_ours"]:
         warnings.append("archive_command is not the one `backup wal enable` sets for %s" % archive_dir)
     pg_wal = os.path.join(settings["data_directory"], "pg_wal")
+    if server.mode == "container":
+        pg_wal = server.host_path(pg_wal) or ""
     free = None
-    if os.path.isdir(pg_wal):
+    if pg_wal and os.path.isdir(pg_wal):
         info = os.statvfs(pg_wal)
         free = info.f_bavail * info.f_frsize
         live["pg_wal_free_bytes"] = free

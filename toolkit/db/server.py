@@ -422,6 +422,39 @@ class ContainerServer(Server):
 
         return PsqlSession(self, dbname)
 
+    def host_path(self, path: str) -> Optional[str]:
+        """Where a path inside the container is on this host, through its bind or volume mounts; None when it is
+        in the container's own layer."""
+        best = None
+        for mount in self._container.attrs.get("Mounts") or []:
+            inside = (mount.get("Destination") or "").rstrip("/") or "/"
+            if path == inside or path.startswith(inside.rstrip("/") + "/"):
+                if best is None or len(inside) > len(best[0]):
+                    best = (inside, mount.get("Source") or "", mount.get("RW", True))
+        if best is None or not best[1]:
+            return None
+        return os.path.join(best[1], os.path.relpath(path, best[0])) if path != best[0] else best[1]
+
+    def container_path(self, host_path: str) -> Optional[str]:
+        """Where a host path is seen inside the container (a writable mount holds it), or None."""
+        host_path = os.path.abspath(host_path)
+        best = None
+        for mount in self._container.attrs.get("Mounts") or []:
+            source = (mount.get("Source") or "").rstrip("/")
+            if source and mount.get("RW", True) and (host_path == source or host_path.startswith(source + "/")):
+                if best is None or len(source) > len(best[0]):
+                    best = (source, mount.get("Destination") or "")
+        if best is None:
+            return None
+        return best[1] if host_path == best[0] else os.path.join(best[1], os.path.relpath(host_path, best[0]))
+
+    def can_write(self, path: str) -> bool:
+        """Whether the container's user can write this directory (asked inside the container, as that user)."""
+        return self._exec(["test", "-d", path, "-a", "-w", path])[0] == 0
+
+    def restart(self, timeout: int = 60) -> None:
+        self._container.restart(timeout=timeout)
+
     def tool_record(self, tool: str) -> Dict[str, Any]:
         result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
         lines = result[1].decode("utf-8", "replace").splitlines()
@@ -442,6 +475,8 @@ class ContainerServer(Server):
             [tool] + args + ["-U", self.user, dbname or self.dbname]
         if tool == "pg_restore" and "-f" in args:
             argv = [tool] + args  # reading only: no server
+        elif tool == "pg_basebackup":
+            argv = [tool] + args + ["-U", self.user]  # its -d is a connection string: the local socket's default
         exec_id = api.exec_create(self._container.id, argv, stdout=True, stderr=True, stdin=stdin is not None,
                                   tty=False, environment=self._environment(), user=self.user)["Id"]
         captured: List[bytes] = []
