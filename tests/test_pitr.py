@@ -374,3 +374,49 @@ def test_container_mode_wal_archiving(running_stack, tmp_path):
                      "ALTER SYSTEM RESET archive_mode"], user="postgres")
         db.restart(timeout=30)
         wait_until(lambda: running_stack.db_connect("postgres", "postgres").close() is None, 60, "bookgen-db")
+
+
+def test_a_base_backup_rewritten_to_match_its_checksums_is_caught_by_its_manifest(world, tmp_path):
+    """An unencrypted base backup whose tar was changed (a data file's bytes) and whose sidecar sha256 was
+    rewritten to match: backup verify fails on the manifest (and pg_verifybackup agrees), the PITR refuses
+    before the live cluster is touched."""
+    import io
+    import tarfile
+
+    world.enable_archiving()
+    done = world.kit("--json", "backup", "base", "--dsn", world.dsn)
+    assert done.returncode == 0, done.stdout + done.stderr
+    base = json.loads(done.stdout)
+    tar = subprocess.run(["zstd", "-d", "-c", base["base"]], capture_output=True, check=True, timeout=300).stdout
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as source, tarfile.open(fileobj=out, mode="w",
+                                                                       format=tarfile.USTAR_FORMAT) as target:
+        for member in source:
+            data = source.extractfile(member).read() if member.isreg() else None
+            if member.name == "PG_VERSION":
+                data = b"14\n"  # the same size, another cluster's version
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    forged = subprocess.run(["zstd", "-3", "-c"], input=out.getvalue(), capture_output=True, check=True,
+                            timeout=300).stdout
+    Path(base["base"]).write_bytes(forged)
+    sidecar = json.loads(Path(base["sidecar"]).read_text())
+    forged_sha256 = __import__("hashlib").sha256(forged).hexdigest()
+    sidecar["dump"]["sha256"] = forged_sha256
+    Path(base["sidecar"]).write_text(json.dumps(sidecar))
+    sums = Path(base["base"]).parent / "SHA256SUMS"
+    sums.write_text("".join("%s  %s\n" % (forged_sha256, line.split("  ", 1)[1].strip()) if line.endswith(
+        Path(base["base"]).name + "\n") else line for line in sums.read_text().splitlines(True)))
+    verified = world.kit("--json", "backup", "verify", base["base"])
+    assert verified.returncode == 5, verified.stdout + verified.stderr
+    checks = {c["name"]: c for c in json.loads(verified.stdout)["checks"]}
+    assert not checks["manifest"]["ok"] and "PG_VERSION" in checks["manifest"]["detail"]
+    assert not checks["pg_verifybackup"]["ok"]
+    before = world.checksums()
+    moment = world.commit_time()
+    world.after(moment)
+    world.breach()
+    breached = world.checksums()
+    refused = world.kit("--json", "restore", base["base"], "--target-time", moment, "--dsn", world.dsn, "--yes")
+    assert refused.returncode == 5, refused.stdout + refused.stderr
+    assert "does not match its manifest (PG_VERSION" in json.loads(refused.stdout)["error"]["message"]
+    assert world.checksums() == breached != before

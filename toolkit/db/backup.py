@@ -206,6 +206,8 @@ def _write_stream(path: str, recipients: Sequence[Any], produce: Callable[[Calla
                   progress: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """produce(write) into path (age-encrypted to recipients when there are any), hashed as it goes; the file
     appears only when produce returned."""
+    from toolkit.host.streams import BackgroundWriter
+
     with AtomicFile(path, 0o600) as out:
         sink = HashingWriter(out)
         encryptor = None
@@ -213,7 +215,8 @@ def _write_stream(path: str, recipients: Sequence[Any], produce: Callable[[Calla
             from toolkit.crypto import age
 
             encryptor = age.Encryptor(sink, list(recipients))
-        target = encryptor or sink
+        # encryption, hashing and the file's writes on a thread of their own, beside the producer's work
+        target = BackgroundWriter(encryptor or sink, name="backup-writer")
         written = [0]
 
         def deliver(data: bytes) -> None:
@@ -223,7 +226,10 @@ def _write_stream(path: str, recipients: Sequence[Any], produce: Callable[[Calla
                 progress(len(data))
 
         try:
-            produce(deliver)
+            try:
+                produce(deliver)
+            finally:
+                target.close()
             if encryptor is not None:
                 encryptor.close()
         finally:
@@ -531,6 +537,9 @@ def _verify_base(backup: BackupSet, sidecar: Optional[Dict[str, Any]], identitie
             return
         result.add("extract", True, "%d files, %d bytes%s" % (counts["files"], counts["bytes"], " (decrypted)" if
                                                               backup.encrypted else ""))
+        problems = physical.check_manifest(directory, counts["digests"])
+        result.add("manifest", not problems, "every file's size and SHA-256 as backup_manifest lists them" if not
+                   problems else "; ".join(problems[:3]))
         judged = physical.verify_extracted(directory)
         result.add("pg_verifybackup", judged["ok"], "%s (%s %s)" % (judged["detail"], judged["tool"]["path"],
                                                                    judged["tool"]["version"]))

@@ -106,7 +106,7 @@ class _Compressing:
 
         self.deliver = deliver
         threads = (os.cpu_count() or 1)
-        self._writer = zstandard.ZstdCompressor(level=3, threads=threads, write_checksum=True).stream_writer(
+        self._writer = zstandard.ZstdCompressor(level=1, threads=threads, write_checksum=True).stream_writer(
             self, closefd=False, write_return_read=True)
 
     def write(self, data) -> int:  # called by zstandard with compressed bytes
@@ -216,22 +216,76 @@ def _size_setting(text: str) -> int:
     return int(match.group(1)) * {None: 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[match.group(2)]
 
 
+class _Prefetch(io.RawIOBase):
+    """Reads `stream` ahead on a thread (decryption and decompression there), hands the blocks over in order:
+    the extracting thread writes while the next blocks are decoded. A failure there is raised here."""
+
+    def __init__(self, stream, block: int = 1 << 20, depth: int = 8) -> None:
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(depth)
+        self._buffer = b""
+        self._done = False
+
+        def run() -> None:
+            try:
+                while True:
+                    data = stream.read(block)
+                    self._queue.put(data)
+                    if not data:
+                        return
+            except BaseException as error:  # raised on the reading side
+                self._queue.put(error)
+
+        self._thread = threading.Thread(target=run, daemon=True, name="base-backup-decode")
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        while not self._buffer:
+            if self._done:
+                return 0
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return 0
+            self._buffer = item
+        size = min(len(target), len(self._buffer))
+        target[:size] = self._buffer[:size]
+        self._buffer = self._buffer[size:]
+        return size
+
+
 def tar_chunks(chunks: Iterator[bytes]) -> io.BufferedReader:
-    """The plaintext tar of a base set's decrypted chunks (zstd decompressed), as a readable stream."""
+    """The plaintext tar of a base set's decrypted chunks (zstd decompressed, on a thread of its own), as a
+    readable stream."""
     import zstandard
 
     from toolkit.evidence.bundle import _ChunkReader
 
     raw = io.BufferedReader(_ChunkReader(chunks), 1 << 20)
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), 1 << 20)
+    decoded = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return io.BufferedReader(_Prefetch(decoded), 1 << 20)
 
 
-def extract(stream, directory: str, owner: Optional[tuple] = None) -> Dict[str, int]:
+# what pg_verifybackup does not hold against the manifest (its own list)
+NOT_IN_MANIFEST = ("backup_manifest", "postgresql.auto.conf", "standby.signal", "recovery.signal")
+
+
+def extract(stream, directory: str, owner: Optional[tuple] = None) -> Dict[str, Any]:
     """Every member of the tar stream into `directory` (which must be new): regular files and directories only,
-    each inside it, files 0600 and directories 0700, owned by `owner` (uid, gid) when given."""
+    each inside it, files 0600 and directories 0700, owned by `owner` (uid, gid) when given. Each file's SHA-256
+    is taken as it is written (`digests`). No fsync per file: PostgreSQL syncs the whole data directory when its
+    recovery starts."""
     os.makedirs(directory, mode=0o700)
     root = os.path.realpath(directory)
-    counts = {"files": 0, "directories": 0, "bytes": 0}
+    counts: Dict[str, Any] = {"files": 0, "directories": 0, "bytes": 0, "digests": {}}
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
@@ -252,12 +306,17 @@ def extract(stream, directory: str, owner: Optional[tuple] = None) -> Dict[str, 
                                                 "special file"))
                 os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
                 source = tar.extractfile(member)
+                digest = hashlib.sha256()
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
+                with os.fdopen(fd, "wb", buffering=0) as out:
+                    while True:
+                        data = source.read(1 << 20)
+                        if not data:
+                            break
+                        digest.update(data)
+                        out.write(data)
                 os.utime(target, (member.mtime, member.mtime))
+                counts["digests"][name] = (member.size, digest.hexdigest())
                 counts["files"] += 1
                 counts["bytes"] += member.size
     except tarfile.TarError as error:
@@ -268,6 +327,41 @@ def extract(stream, directory: str, owner: Optional[tuple] = None) -> Dict[str, 
                 os.lchown(entry, owner[0], owner[1])
     os.chmod(root, stat.S_IRWXU)
     return counts
+
+
+def check_manifest(directory: str, digests: Dict[str, tuple]) -> List[str]:
+    """What pg_verifybackup checks of the files, from the digests taken while extracting: the manifest's own
+    checksum, every file it lists there with its size and SHA-256, nothing there it does not list (pg_wal and
+    the files PostgreSQL itself writes aside). The WAL is read by the recovery that follows. Problems, in words."""
+    try:
+        with open(os.path.join(directory, "backup_manifest"), "rb") as handle:
+            text = handle.read()
+        manifest = json.loads(text)
+    except (OSError, ValueError) as error:
+        return ["backup_manifest: %s" % error]
+    problems = []
+    cut = text.rfind(b'"Manifest-Checksum"')
+    if cut < 0 or hashlib.sha256(text[:cut]).hexdigest() != manifest.get("Manifest-Checksum"):
+        problems.append("backup_manifest: its own checksum does not match")
+    listed = {}
+    for entry in manifest.get("Files") or []:
+        path = entry.get("Path") or ""
+        if path.startswith("pg_wal/"):
+            continue
+        listed[path] = entry
+        found = digests.get(os.path.normpath(path))
+        if found is None:
+            problems.append("%s: in the manifest, not in the backup" % path)
+        elif found[0] != int(entry.get("Size", -1)):
+            problems.append("%s: %d bytes, the manifest says %s" % (path, found[0], entry.get("Size")))
+        elif entry.get("Checksum-Algorithm") == "SHA256" and found[1] != entry.get("Checksum"):
+            problems.append("%s: SHA-256 does not match the manifest" % path)
+        elif entry.get("Checksum-Algorithm") not in ("SHA256", None):
+            problems.append("%s: checksum algorithm %s, not SHA256" % (path, entry.get("Checksum-Algorithm")))
+    for path in digests:
+        if path not in listed and not path.startswith("pg_wal/") and path not in NOT_IN_MANIFEST:
+            problems.append("%s: in the backup, not in the manifest" % path)
+    return problems
 
 
 def verify_extracted(directory: str) -> Dict[str, Any]:
