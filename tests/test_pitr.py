@@ -420,3 +420,30 @@ def test_a_base_backup_rewritten_to_match_its_checksums_is_caught_by_its_manifes
     assert refused.returncode == 5, refused.stdout + refused.stderr
     assert "does not match its manifest (PG_VERSION" in json.loads(refused.stdout)["error"]["message"]
     assert world.checksums() == breached != before
+
+
+def test_a_failing_archiver_is_a_problem_named_by_status(world):
+    """The archive directory taken away from the server's user: the archiver fails, the segment stays in
+    pg_wal, and `backup wal status` says so (exit 5) with pg_wal's size against its free space; given back, the
+    archiver catches up and status is clean."""
+    world.enable_archiving()
+    os.chown(world.archive, 0, 0)  # root's now, 0700: the server's user cannot write it
+    try:
+        with world.connect() as conn:
+            conn.execute("INSERT INTO users (email) VALUES ('while-failing@example.org')")
+            name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+
+        def failing() -> bool:
+            with world.cluster.connect() as conn:
+                return conn.execute("SELECT failed_count > 0 FROM pg_stat_archiver").fetchone()[0]
+        wait_until(failing, 60, "the archiver to fail")
+        status = world.kit("--json", "backup", "wal", "status", "--dsn", world.dsn)
+        assert status.returncode == 5, status.stdout + status.stderr
+        problems = json.loads(status.stdout)["problems"]
+        assert any("archiver is failing" in p and "MiB free on its filesystem" in p for p in problems), problems
+        assert not (world.archive / name).exists()
+    finally:
+        os.chown(world.archive, world.cluster.datadir.stat().st_uid, world.cluster.datadir.stat().st_gid)
+    wait_until(lambda: (world.archive / name).is_file(), 120, "the archiver to catch up")
+    wait_until(lambda: world.kit("backup", "wal", "status", "--dsn", world.dsn).returncode == 0, 60,
+               "status to be clean")
