@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import interpreter
 from tests.world import bookgen
 from tests.world.bookgen import make_host_tree
 from tests.world.services import launch, start_cluster, wait_until
@@ -26,11 +27,14 @@ CHECKSUM = "SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) 
 TABLES = ("users", "biography_jobs", "chapters")
 
 
-def kit(*args, env=None, timeout=600):
+def kit(*args, env=None, timeout=600, runner=None):
+    """The kit from the source tree, or `runner` (e.g. an old host Python and the pyz) as a responder runs it."""
     environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True,
-                          env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
+    if runner is not None:
+        del environment["PYTHONPATH"]
+    return subprocess.run(list(runner or [sys.executable, "-m", "toolkit"]) + list(args), capture_output=True,
+                          text=True, env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 class World:
@@ -63,8 +67,8 @@ class World:
             present = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
             return {t: conn.execute(CHECKSUM % t).fetchone()[0] if t in present else None for t in TABLES}
 
-    def kit(self, *args, timeout=600):
-        return kit(*args, env=self.env, timeout=timeout)
+    def kit(self, *args, timeout=600, runner=None):
+        return kit(*args, env=self.env, timeout=timeout, runner=runner)
 
     def restart(self) -> None:
         """Stop and start the cluster (archive_mode takes effect), whoever started it last."""
@@ -187,10 +191,12 @@ def test_point_in_time_restore_dump_mode(world, tmp_path):
     assert not list(world.archive.glob("*.history"))
 
 
-def test_point_in_time_restore_swap_mode(world, tmp_path):
+def test_point_in_time_restore_swap_mode(world, tmp_path, pyz):
+    """Run as a responder would on an old host: CPython 3.8 and the pyz (the detached swap starts from it)."""
     base, expected, moment = world.history_with_a_breach(tmp_path)
+    oldest = [interpreter("3.8"), "-I", str(pyz)]
     done = world.kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", "swap", "--dsn",
-                     world.dsn, "-i", str(world.key), "--yes")
+                     world.dsn, "-i", str(world.key), "--yes", runner=oldest)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert world.checksums() == expected

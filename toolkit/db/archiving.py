@@ -28,7 +28,9 @@ PROVE_SECONDS = 60.0
 
 
 def _settings(server: Server) -> Dict[str, str]:
-    rows = server.query("SELECT name, setting FROM pg_settings WHERE name IN ('archive_mode', 'archive_command', "
+    # with archive_mode off, `setting` shows archive_command as "(disabled)" whatever it is: reset_val is the value
+    rows = server.query("SELECT name, CASE WHEN name = 'archive_command' AND setting = '(disabled)' THEN reset_val "
+                        "ELSE setting END FROM pg_settings WHERE name IN ('archive_mode', 'archive_command', "
                         "'wal_level', 'data_directory', 'wal_segment_size', 'archive_library')")
     return {name: value or "" for name, value in rows}
 
@@ -62,7 +64,7 @@ def enable(server: Server, archive_dir: str, restart: bool = False) -> Dict[str,
     except ValueError as error:
         raise UsageError(str(error)) from None
     current = settings.get("archive_command", "")
-    if current and current != command and current != "(disabled)":
+    if current and current != command:
         raise UsageError("archive_command is already set, to another command (%d characters, not shown): nothing "
                          "was changed" % len(current), hint="clear it (ALTER SYSTEM RESET archive_command) first")
     if settings.get("archive_library"):

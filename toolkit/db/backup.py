@@ -540,7 +540,8 @@ def _verify_base(backup: BackupSet, sidecar: Optional[Dict[str, Any]], identitie
         problems = physical.check_manifest(directory, counts["digests"])
         result.add("manifest", not problems, "every file's size and SHA-256 as backup_manifest lists them" if not
                    problems else "; ".join(problems[:3]))
-        judged = physical.verify_extracted(directory)
+        version = str((sidecar or {}).get("server_version") or "")
+        judged = physical.verify_extracted(directory, int(version.split(".")[0]) if version[:2].isdigit() else None)
         result.add("pg_verifybackup", judged["ok"], "%s (%s %s)" % (judged["detail"], judged["tool"]["path"],
                                                                    judged["tool"]["version"]))
     finally:

@@ -106,6 +106,9 @@ def parse_time(target: str):
         text = text[:-1] + "+00:00"
     if "T" not in text:
         text = text.replace(" ", "T", 1)
+    zone = re.search(r"([+-])(\d\d):?(\d\d)?$", text)  # +00, +0530, +05:30 -> +HH:MM (3.8 takes only that)
+    if zone and re.search(r"T\d\d:\d\d", text[:zone.start()]):
+        text = text[:zone.start()] + "%s%s:%s" % (zone.group(1), zone.group(2), zone.group(3) or "00")
     match = re.match(r"^(.*T\d\d:\d\d:\d\d)(\.\d+)?([+-]\d\d:?\d\d)?$", text)
     if match and match.group(2):  # fromisoformat before 3.11 takes 3 or 6 fraction digits only
         text = match.group(1) + (match.group(2) + "000000")[:7] + (match.group(3) or "")
@@ -127,6 +130,16 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
     """Everything that can refuse, before anything is written. Returns what the steps need."""
     if plan.mode not in ("dump", "swap"):
         raise UsageError("--pitr-mode is dump or swap, not %r" % plan.mode)
+    if plan.target_kind == "time":
+        parse_time(plan.target)
+    elif plan.target_kind == "lsn" and not re.match(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", plan.target):
+        raise UsageError("--target-lsn %r is not an LSN (e.g. 0/3000A28)" % plan.target)
+    elif plan.target_kind == "xid" and not re.match(r"^\d{1,20}$", plan.target):
+        raise UsageError("--target-xid %r is not a transaction id (digits)" % plan.target)
+    elif plan.target_kind == "name" and not 0 < len(plan.target.encode()) < 64:
+        raise UsageError("--target-name must be a restore point's name (1 to 63 bytes)")
+    if "'" in plan.archive_dir or "%" in plan.archive_dir:
+        raise UsageError("an archive directory with ' or % cannot be put in a restore_command")
     sidecar = plan.base.load_sidecar()
     if not sidecar or sidecar.get("format") != physical.BASE_FORMAT:
         raise BadInputError("%s has no base backup sidecar: its WAL range is unknown" % plan.base.dump)
@@ -140,8 +153,11 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
         raise UsageError("point-in-time restore runs the scratch cluster beside the live data directory: host mode "
                          "only (give --dsn), this is %s" % server.description)
     live = server.query("SELECT system_identifier::text, current_setting('data_directory'), "
-                        "current_setting('server_version_num'), current_setting('archive_mode') "
-                        "FROM pg_control_system()")[0]
+                        "current_setting('server_version_num'), current_setting('archive_mode'), "
+                        "(SELECT rolname FROM pg_roles WHERE oid = 10) FROM pg_control_system()")[0]
+    live_settings = {name: value for name, value in server.query(
+        "SELECT name, setting FROM pg_settings WHERE name IN (%s)" % ", ".join(
+            "'%s'" % name for name in CONTROL_SETTINGS.values()))}
     if live[0] != sidecar["system_identifier"]:
         raise BadInputError("the base backup is of another cluster (system identifier %s, the server's is %s)" % (
             sidecar["system_identifier"], live[0]))
@@ -173,7 +189,14 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
                     path["last_commit"], "; replayed to its end (no commit after the target)" if
                     path["to_end"] else "", physical.free_bytes(os.path.dirname(data_directory.rstrip("/"))) >> 20,
                     data_directory))
-    return {"sidecar": sidecar, "data_directory": data_directory.rstrip("/"), "bindir": bindir,
+    from toolkit.db.archiving import _first_unreachable
+
+    blocked = _first_unreachable(plan.archive_dir, owner.st_uid, owner.st_gid)
+    if blocked:
+        raise EnvironmentProblem("the server's user (uid %d) cannot reach the archive %s (%s is closed to it): "
+                                 "nothing was changed" % (owner.st_uid, plan.archive_dir, blocked))
+    return {"superuser": live[4], "live_settings": live_settings,
+            "sidecar": sidecar, "data_directory": data_directory.rstrip("/"), "bindir": bindir,
             "owner": (owner.st_uid, owner.st_gid), "last_commit": path["last_commit"], "timeline": path["timeline"],
             "to_end": path["to_end"]}
 
@@ -258,8 +281,8 @@ def _switch_time(archive: wal.Archive, waldump: str, parent: int, lsn: str, reas
     found = wal.last_commit(waldump, [p for p in paths if os.path.isfile(p)], end_lsn=lsn)
     if found:
         return parse_time(found)
-    match = re.search(r"before (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?[+-]\d\d)", reason)
-    return parse_time(match.group(1) + ":00") if match else None
+    match = re.search(r"before (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?[+-]\d\d(?::?\d\d)?)", reason)
+    return parse_time(match.group(1)) if match else None
 
 
 def _unreachable(plan: PitrPlan, where: str, last_commit: Optional[str]) -> str:
@@ -292,6 +315,16 @@ def _switch_and_wait(server: Server, archive_dir: str, report: PitrReport, timeo
     return parse_time(row[1])
 
 
+def as_user(uid: int, gid: int) -> Callable[[], None]:
+    """A preexec_fn that runs the child as uid/gid with no supplementary groups (subprocess's user= and group=
+    are 3.9+; the kit runs on 3.8)."""
+    def drop() -> None:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return drop
+
+
 # --------------------------------------------------------------------------- the scratch cluster
 @dataclass
 class Scratch:
@@ -301,12 +334,14 @@ class Scratch:
     process: Optional[subprocess.Popen]
     owner: tuple
     bindir: str
+    superuser: str = "postgres"
 
     def server(self, dbname: str = "postgres") -> HostServer:
-        return HostServer(ConnectionParams(host=self.run_dir, port=self.port, dbname=dbname, user="postgres",
+        return HostServer(ConnectionParams(host=self.run_dir, port=self.port, dbname=dbname, user=self.superuser,
                                            password=None))
 
     def log_tail(self, lines: int = 5) -> List[str]:
+        """The server's last lines that say something (FATAL, PANIC, ERROR, LOG)."""
         try:
             with open(os.path.join(self.run_dir, "server.log"), encoding="utf-8", errors="replace") as handle:
                 text = handle.read().splitlines()
@@ -382,11 +417,26 @@ def _control_settings(bindir: str, directory: str) -> Dict[str, str]:
 
 def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any], report: PitrReport,
                   say: Callable[[str], None]) -> Scratch:
+    """The base extracted beside the live data directory and started as the scratch cluster; on any failure both
+    its directories are removed (they sit on the live cluster's filesystem)."""
+    from toolkit.host.atomic import environment_error
+
+    directory = facts["data_directory"] + SCRATCH_MARK + utc.stamp()
+    run_dir = tempfile.mkdtemp(prefix="bookgen-kit-pitr-run-")
+    try:
+        return _start_scratch(plan, facts, identities, report, say, directory, run_dir)
+    except BaseException as error:
+        physical.remove_tree(directory)
+        physical.remove_tree(run_dir)
+        if isinstance(error, OSError):
+            raise environment_error(error, "the scratch cluster at %s" % directory) from None
+        raise
+
+
+def _start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any], report: PitrReport,
+                   say: Callable[[str], None], directory: str, run_dir: str) -> Scratch:
     from toolkit.db.backup import _file_chunks
 
-    stamp = utc.stamp()
-    directory = facts["data_directory"] + SCRATCH_MARK + stamp
-    run_dir = tempfile.mkdtemp(prefix="bookgen-kit-pitr-run-")
     os.chown(run_dir, *facts["owner"])
     say("extracting %s into %s" % (os.path.basename(plan.base.dump), directory))
     counts = physical.extract(physical.tar_chunks(_file_chunks(plan.base.dump, plan.base.encrypted, identities)),
@@ -418,18 +468,22 @@ def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[An
         settings.update({"recovery_target_%s" % plan.target_kind: iso(parse_time(plan.target)).replace("Z", "+00")
                          if plan.target_kind == "time" else plan.target, "recovery_target_action": "pause",
                          "recovery_target_inclusive": "on"})
-    settings.update(_control_settings(facts["bindir"], directory))
+    for name, value in _control_settings(facts["bindir"], directory).items():
+        # hot standby pauses when a setting is below the primary's: the larger of the base's and today's
+        live = facts["live_settings"].get(name, "0")
+        settings[name] = str(max(int(value), int(live))) if value.isdigit() and live.isdigit() else value
+    settings["max_logical_replication_workers"] = "0"  # its subscriptions must not consume the publisher's slots
     argv = [os.path.join(facts["bindir"], "postgres"), "-D", directory]
     for key, value in settings.items():
         argv += ["-c", "%s=%s" % (key, value)]
     log = open(os.path.join(run_dir, "server.log"), "ab")
     try:
-        process = subprocess.Popen(argv, user=facts["owner"][0], group=facts["owner"][1], stdin=subprocess.DEVNULL,
+        process = subprocess.Popen(argv, preexec_fn=as_user(*facts["owner"]), stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=log, cwd="/", start_new_session=True,
                                    env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
     finally:
         log.close()
-    scratch = Scratch(directory, run_dir, port, process, facts["owner"], facts["bindir"])
+    scratch = Scratch(directory, run_dir, port, process, facts["owner"], facts["bindir"], facts["superuser"])
     report.step("scratch cluster", "started on a private socket (port %d, archive_mode off), replaying along "
                 "timeline %s to %s" % (port, facts["timeline"], "the end of the archive" if facts["to_end"] else
                                        "%s %s" % (plan.target_kind, plan.target)))
@@ -453,11 +507,17 @@ def wait_paused(scratch: Scratch, plan: PitrPlan, report: PitrReport, say: Calla
             raise VerificationFailed("the scratch cluster stopped before reaching the target: %s: nothing was changed"
                                      % why)
         try:
-            with psycopg.connect(host=scratch.run_dir, port=scratch.port, user="postgres", dbname="postgres",
+            with psycopg.connect(host=scratch.run_dir, port=scratch.port, user=scratch.superuser, dbname="postgres",
                                  connect_timeout=5, autocommit=True) as conn:
                 state = conn.execute("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
                                      "pg_get_wal_replay_pause_state() END").fetchone()
-                if (state[0] and state[1] == "paused") or (to_end and not state[0]):
+                if state[0] and state[1] == "paused":
+                    if any("pausing at the end of recovery" in line for line in scratch.log_tail(200)):
+                        return
+                    said = [line for line in scratch.log_tail(200) if "insufficient" in line or "paused" in line]
+                    raise VerificationFailed("the scratch cluster paused before the target (%s): nothing was changed"
+                                             % (said[-1].split(":  ", 1)[-1] if said else "not at the target"))
+                if to_end and not state[0]:
                     return
                 if not state[0]:
                     raise VerificationFailed("the scratch cluster ended its recovery without pausing at the target: "
@@ -509,32 +569,63 @@ def pitr_restore(server: Server, plan: PitrPlan, identities: Sequence[Any], reci
                  keep_stopped: bool = False) -> PitrReport:
     say = progress or (lambda message: None)
     report = PitrReport()
-    facts = preflight(server, plan, identities, report)
-    finished = resume_swap(facts["data_directory"])  # a killed run's swap journal: its state, then gone
-    if finished:
-        report.step("cleanup", "an earlier run's swap had ended %s" % finished)
-    clean_leftovers(facts["data_directory"], report)  # the first change: only after every refusal
-    scratch = start_scratch(plan, facts, identities, report, say)
-    try:
-        wait_paused(scratch, plan, report, say, facts["to_end"])
-        reached = prove(scratch, plan, facts, report)
-        promote(scratch)
-        report.step("promote", "the scratch cluster ended its recovery at the target (it does not archive)")
-        if plan.mode == "dump":
-            _dump_into_live(server, scratch, plan, identities, recipients, report, say, stop_services, keep_stopped)
+    with _exclusive(plan.backups_dir):
+        finished = resume_swap(plan.backups_dir)  # a killed run's swap: finished before anything else
+        if finished:
+            report.step("cleanup", "an earlier run's swap ended: %s" % finished)
+        facts = preflight(server, plan, identities, report)
+        clean_leftovers(facts["data_directory"], report)  # the first change: only after every refusal
+        scratch = start_scratch(plan, facts, identities, report, say)
+        handed_over = False
+        try:
+            wait_paused(scratch, plan, report, say, facts["to_end"])
+            reached = prove(scratch, plan, facts, report)
+            promote(scratch)
+            report.step("promote", "the scratch cluster ended its recovery at the target (it does not archive)")
+            if plan.mode == "dump":
+                _dump_into_live(server, scratch, plan, identities, recipients, report, say, stop_services,
+                                keep_stopped)
+                return report
+            server.query("CHECKPOINT")  # the live cluster's shutdown checkpoint is then short: less downtime
+            scratch.stop()
+            scratch.process = None
+            _archive_history_later(scratch.directory, facts["owner"])
+            handed_over = True  # from here the detached swap owns the scratch directory: never removed here
+            _swap(server, scratch, plan, facts, reached, report, say)
             return report
-        server.query("CHECKPOINT")
-        scratch.server().query("CHECKPOINT")
-        scratch.stop()
-        scratch.process = None
-        _archive_history_later(scratch.directory, facts["owner"])
-        _swap(server, scratch, plan, facts, reached, report, say)
-        return report
-    finally:
-        scratch.stop()
-        if os.path.isdir(scratch.directory):
-            physical.remove_tree(scratch.directory)
-        physical.remove_tree(scratch.run_dir)
+        finally:
+            scratch.stop()
+            if not handed_over and os.path.isdir(scratch.directory):
+                physical.remove_tree(scratch.directory)
+            physical.remove_tree(scratch.run_dir)
+
+
+class _exclusive:
+    """One point-in-time restore at a time per backups directory (flock on a file there, released by the kernel
+    when the kit dies)."""
+
+    def __init__(self, backups_dir: Optional[str]) -> None:
+        self.path = os.path.join(backups_dir, ".bookgen-kit-pitr-lock") if backups_dir else None
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_exclusive":
+        import fcntl
+
+        if self.path is None:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise EnvironmentProblem("another point-in-time restore is running on %s" % os.path.dirname(self.path))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _dump_into_live(server: Server, scratch: Scratch, plan: PitrPlan, identities: Sequence[Any],
@@ -575,6 +666,13 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
     document = {"live": live, "old": old, "new": scratch.directory, "opts": opts, "owner": list(facts["owner"]),
                 "bindir": facts["bindir"], "state": "planned", "log": live + OLD_MARK.rstrip("-") + ".log"}
     _write_journal(journal, document)
+    pointer = _pointer(plan.backups_dir)
+    if pointer:  # found by the next run before it asks the server anything (the server may be down)
+        from toolkit.host.atomic import AtomicFile
+
+        with AtomicFile(pointer, 0o600, overwrite=True) as out:
+            out.write(journal.encode())
+            out.commit()
     say("swapping the data directories (the live cluster is stopped for this)")
     from toolkit.host.detached import spawn
 
@@ -585,10 +683,12 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
             raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
         time.sleep(0.2)
     document = _read_journal(journal)
+    os.unlink(journal)
+    if pointer and os.path.exists(pointer):
+        os.unlink(pointer)
     if document.get("state") != "started":
         raise EnvironmentProblem("the swap failed (%s) and was rolled back: the live cluster runs from %s as before" %
                                  (document.get("error"), live))
-    os.unlink(journal)
     report.old_data_directory = old
     report.step("swap", "the live cluster was stopped, %s renamed to %s (kept), the cluster as of the target moved "
                 "into %s and started" % (live, old, live))
@@ -641,41 +741,63 @@ def _postmaster_argv(opts: str) -> List[str]:
 
 
 def swap_body(journal: str) -> None:
-    """The detached swap: each step recorded before it is taken; run again (by a rerun of the kit) it finishes
-    from where it stopped. On a failure the old data directory goes back and the old cluster is started."""
+    """The detached swap: each step recorded when done; run again it goes on from where it stopped. Every step is
+    checked (the live cluster really stopped, the new one really accepts connections); on any failure the old data
+    directory goes back into place and the old cluster is started."""
     document = _read_journal(journal)
     live, old, new = document["live"], document["old"], document["new"]
     uid, gid = document["owner"]
     document["pid"] = os.getpid()
     _write_journal(journal, document)
+    environment = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 
     def record(state: str, **extra: Any) -> None:
         document.update(extra, state=state)
         _write_journal(journal, document)
 
-    def start() -> None:
+    def start() -> subprocess.Popen:
         log = open(document["log"], "ab")
         try:
-            subprocess.Popen(_postmaster_argv(document["opts"]), user=uid, group=gid, stdin=subprocess.DEVNULL,
-                             stdout=log, stderr=log, cwd="/", start_new_session=True,
-                             env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            return subprocess.Popen(_postmaster_argv(document["opts"]), preexec_fn=as_user(uid, gid),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                                    start_new_session=True, env=environment)
         finally:
             log.close()
 
+    def ready(process: subprocess.Popen, timeout: float = 300.0) -> bool:
+        """Until the postmaster says `ready` in its postmaster.pid (it accepts connections); False if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                return False
+            try:
+                with open(os.path.join(live, "postmaster.pid")) as handle:
+                    lines = handle.read().splitlines()
+                if len(lines) > 7 and lines[7].strip() == "ready":
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
     try:
         if document["state"] == "planned":
-            subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
-                            "-t", "120"], user=uid, group=gid, capture_output=True, timeout=180, cwd="/",
-                           env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+            done = subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
+                                   "-t", "120"], preexec_fn=as_user(uid, gid), capture_output=True, timeout=180,
+                                  cwd="/", env=environment)
+            if _postmaster_running(live):
+                raise RuntimeError("the live cluster did not stop (pg_ctl exit %d)" % done.returncode)
             record("stopped")
         if document["state"] == "stopped":
-            if os.path.exists(os.path.join(live, "postmaster.pid")):
-                _stop_postmaster(live)
+            if not os.path.isfile(os.path.join(new, "PG_VERSION")):
+                raise RuntimeError("the cluster as of the target is not at %s" % new)
             if os.path.isdir(live) and not os.path.exists(old):
                 os.rename(live, old)
             record("moved aside")
         if document["state"] == "moved aside":
-            if os.path.isdir(new) and not os.path.exists(live):
+            if not os.path.exists(live):
+                if not os.path.isfile(os.path.join(new, "PG_VERSION")):
+                    raise RuntimeError("the cluster as of the target is not at %s" % new)
                 with open(os.path.join(old, "postmaster.opts")) as source, \
                         open(os.path.join(new, "postmaster.opts"), "w") as target:
                     target.write(source.read())
@@ -686,17 +808,30 @@ def swap_body(journal: str) -> None:
                 os.rename(new, live)
             record("moved in")
         if document["state"] == "moved in":
-            start()
+            if not _postmaster_running(live) and not ready(start()):
+                raise RuntimeError("the cluster as of the target did not start (its log: %s)" % document["log"])
             record("started")
-    except BaseException as error:  # put the old one back, start it
+    except BaseException as error:  # the old data directory back in place, the old cluster started
         try:
-            if not os.path.exists(os.path.join(live, "PG_VERSION")) and os.path.isdir(old):
+            if os.path.isdir(old):
+                _stop_postmaster(live)
                 if os.path.isdir(live):
-                    os.rename(live, new)
+                    os.rename(live, new if not os.path.exists(new) else new + ".failed")
                 os.rename(old, live)
-            start()
+            if not _postmaster_running(live):
+                ready(start())
         finally:
             record("rolled back", error=str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+
+
+def _postmaster_running(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "postmaster.pid")) as handle:
+            pid = int(handle.readline().strip())
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return b"postgres" in handle.read()
+    except (OSError, ValueError):
+        return False
 
 
 def _alive(pid: int, marker: str) -> bool:
@@ -707,17 +842,33 @@ def _alive(pid: int, marker: str) -> bool:
         return False
 
 
-def resume_swap(data_directory: str) -> Optional[str]:
-    """A swap journal left by a killed run (its detached process killed too): finished now. The state reached."""
-    journal = data_directory + SCRATCH_MARK + "swap.json"
-    if not os.path.exists(journal):
+def _pointer(backups_dir: Optional[str]) -> Optional[str]:
+    return os.path.join(backups_dir, ".bookgen-kit-pitr-swap") if backups_dir else None
+
+
+def resume_swap(backups_dir: Optional[str]) -> Optional[str]:
+    """A swap a killed run left (its pointer in the backups directory names the journal), before anything else and
+    whether or not the server answers: a swap never started is dropped (nothing was moved), one under way is
+    waited for while its detached process lives, then finished (or rolled back) here. The state it ended in."""
+    pointer = _pointer(backups_dir)
+    if pointer is None or not os.path.exists(pointer):
         return None
-    pid = _read_journal(journal).get("pid")
-    deadline = time.monotonic() + 300
+    with open(pointer, encoding="utf-8") as handle:
+        journal = handle.read().strip()
+    if not os.path.exists(journal):
+        os.unlink(pointer)
+        return None
+    document = _read_journal(journal)
+    pid = document.get("pid")
+    deadline = time.monotonic() + 600
     while pid and _alive(pid, "swap_body") and time.monotonic() < deadline:  # its detached process still works
         time.sleep(0.2)
-    swap_body(journal)
-    state = _read_journal(journal).get("state")
+    document = _read_journal(journal)
+    if document.get("state") == "planned":
+        state = "not started (dropped: nothing had moved)"
+    else:
+        swap_body(journal)
+        state = _read_journal(journal).get("state")
     os.unlink(journal)
+    os.unlink(pointer)
     return state
-

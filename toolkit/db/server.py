@@ -217,13 +217,14 @@ class ClientTools(HostServer):
 
     mode = "client"
 
-    def __init__(self) -> None:
+    def __init__(self, major: Optional[int] = None) -> None:
         self.description = "this host's client binaries (no server)"
+        self.major = major  # when given, that major's tool is chosen where the host has it
         self._tools = {}
 
     def tool(self, name: str) -> Tool:
         if name not in self._tools:
-            found = sorted(host_tools(name), key=lambda t: t.major)
+            found = sorted(host_tools(name), key=lambda t: (t.major == self.major, t.major))
             if not found:
                 raise EnvironmentProblem("%s is needed and this host has none" % name,
                                          hint="install the PostgreSQL client (postgresql-client), or give "
