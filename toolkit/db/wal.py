@@ -118,8 +118,9 @@ def read_archive(directory: str, segment_size: int = DEFAULT_SEGMENT_SIZE) -> Ar
             history = HISTORY.match(entry.name)
             if history:
                 histories.append(int(history.group(1), 16))
-            else:
-                stray.append(entry.name)
+            elif not (parse_segment(entry.name[:24], segment_size) and (entry.name.endswith(".backup") or
+                                                                        entry.name[24:] == ".partial")):
+                stray.append(entry.name)  # a backup history file or a timeline's last partial segment is ours
     timelines = {}
     for timeline, found in numbers.items():
         found.sort()
