@@ -194,6 +194,8 @@ def test_point_in_time_restore_dump_mode(world, tmp_path):
 def test_point_in_time_restore_swap_mode(world, tmp_path, pyz):
     """Run as a responder would on an old host: CPython 3.8 and the pyz (the detached swap starts from it)."""
     base, expected, moment = world.history_with_a_breach(tmp_path)
+    with world.cluster.connect() as conn:  # configuration set after the base: today's is kept, not the base's
+        conn.execute("ALTER SYSTEM SET work_mem = '7MB'")
     oldest = [interpreter("3.8"), "-I", str(pyz)]
     done = world.kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", "swap", "--dsn",
                      world.dsn, "-i", str(world.key), "--yes", runner=oldest)
@@ -206,6 +208,7 @@ def test_point_in_time_restore_swap_mode(world, tmp_path, pyz):
     # the swapped-in cluster archives again, on a new timeline, into the same archive
     with world.cluster.connect() as conn:
         assert conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()[0] == 2
+        assert conn.execute("SHOW work_mem").fetchone()[0] == "7MB"
     wait_until(lambda: (world.archive / "00000002.history").exists(), 60, "the new timeline's history archived")
     # life goes on along timeline 2, then a second breach: a restore to a moment on timeline 2 follows it
     with world.connect() as conn:

@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -41,6 +42,8 @@ CONTROL_SETTINGS = {"max_connections setting": "max_connections",
                     "max_prepared_xacts setting": "max_prepared_transactions",
                     "max_locks_per_xact setting": "max_locks_per_transaction"}
 SCRATCH_MARK = ".pitr-"
+# kept from the live data directory when the swapped-in one replaces it (RHEL keeps them there; Debian in /etc)
+CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
 OLD_MARK = ".pre-pitr-"
 
 
@@ -805,6 +808,10 @@ def swap_body(journal: str) -> None:
                 for name in ("recovery.signal", "standby.signal", "backup_manifest"):
                     if os.path.exists(os.path.join(new, name)):
                         os.unlink(os.path.join(new, name))
+                for name in CONFIG_FILES:  # configuration is not data: today's, where it lives in the directory
+                    if os.path.isfile(os.path.join(old, name)):
+                        shutil.copy2(os.path.join(old, name), os.path.join(new, name))
+                        os.chown(os.path.join(new, name), uid, gid)
                 os.rename(new, live)
             record("moved in")
         if document["state"] == "moved in":
