@@ -440,7 +440,7 @@ def test_a_restore_that_fails_after_stop_services_starts_them_again(running_stac
         assert running_stack.container("api").status == running_stack.container("worker").status == "running"
         assert checksums(connect) == before
         sidecar_path.write_text(honest)
-        failing = "#!/bin/sh\necho 'ERROR revision not found' >&2\nexit 1\n"
+        failing = "#!/bin/sh\necho ERROR revision not found >&2\nexit 1\n"  # printf's format: no quotes in it
         assert api.exec_run(["sh", "-c", "printf '%s' > /bin/alembic && chmod 755 /bin/alembic" %
                              failing.replace("\n", "\\n")]).exit_code == 0
         done = kit("--json", "restore", created["dump"], "--yes", "--stop-services", "api,worker", "--migrate",

@@ -133,7 +133,10 @@ class World:
             self.cluster.stop()
         stop_postmaster(self.cluster.datadir)
         for path in self.cluster.datadir.parent.glob(self.cluster.datadir.name + ".*"):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
         shutil.rmtree(self.cluster.root, ignore_errors=True)
 
 

@@ -481,8 +481,9 @@ def verify_backup(backup: BackupSet, server: Optional[Server], identities: Seque
 
             read = server.run_tool("pg_restore", ["-f", "/dev/null"], stdin=all_chunks())
             ok = read["exit_code"] == 0
-            result.add("full read", ok, "pg_restore %s (%s) read every entry" % (
-                read["tool"]["version"], read["tool"]["path"]) if ok else "pg_restore: %s" % (
+            said = " ".join(str(read["tool"][key]) for key in ("version", "path", "inside_container")
+                            if read["tool"].get(key))
+            result.add("full read", ok, "pg_restore (%s) read every entry" % said if ok else "pg_restore: %s" % (
                 read["stderr"].strip().splitlines() or ["exit %s" % read["exit_code"]])[-1])
         except EnvironmentProblem:
             raise  # nothing to read it with (exit 4): not a verdict on the set
