@@ -457,3 +457,43 @@ def test_a_restore_that_fails_after_stop_services_starts_them_again(running_stac
         running_stack.container("api").exec_run(["rm", "-f", "/bin/alembic"])
         if running_stack.container("worker").status != "running":
             running_stack.container("worker").start()
+
+
+def test_an_interrupted_container_mode_dump_leaves_no_pg_dump_behind(running_stack, tmp_path):
+    """pg_dump runs inside bookgen-db through the exec API, which has no kill call: interrupted, the kit signals
+    the exec's process itself. A session holds a lock pg_dump waits for, so the interrupt comes mid-dump."""
+    from tests.world.services import wait_until
+
+    host = make_host_tree(tmp_path / "host")
+    environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent",
+                   "DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    db = running_stack.container("db")
+
+    def ours_in_container():  # pg_dump, and psql holding its snapshot
+        return [row[-1] for row in db.top(ps_args="-eo pid,args")["Processes"] if "/bin/pg_dump " in row[-1] or
+                "/bin/psql " in row[-1]]
+
+    def dump_waits(conn):
+        assert process.poll() is None, process.communicate()
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'bookgen-kit' AND "
+                            "wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%'").fetchone()[0] > 0
+
+    with running_stack.db_connect() as locker, running_stack.db_connect(user="postgres") as watcher:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE chapters IN ACCESS EXCLUSIVE MODE")
+        process = subprocess.Popen([sys.executable, "-m", "toolkit", "backup", "create"], env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: dump_waits(watcher), 120, "pg_dump waiting for the lock")
+            assert any("/bin/pg_dump " in command for command in ours_in_container())
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        assert process.returncode == 130, stderr
+        # gone while the lock is still held: not a dump that went on to finish once the lock was released
+        wait_until(lambda: not ours_in_container(), 30, "pg_dump and psql gone from bookgen-db")
+        locker.execute("ROLLBACK")
+    assert not list((host.app_dir / "backups").glob("*.dump")), "an interrupted dump left a set that looks whole"

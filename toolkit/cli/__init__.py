@@ -193,7 +193,10 @@ def _run(args: List[str]) -> int:
         result = cli.main(args=args, prog_name="bookgen-kit", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as error:
+        if isinstance(error.__context__, KeyboardInterrupt):  # click turns ^C into Abort
+            click.echo("bookgen-kit: interrupted", err=True)
+            return 130
         click.echo("bookgen-kit: aborted", err=True)
         return EXIT_USAGE
     except click.ClickException as error:

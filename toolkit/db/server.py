@@ -547,12 +547,18 @@ class ContainerServer(Server):
             raise failure[0]
 
     def _kill(self, api, exec_id: str) -> None:
-        """exec has no kill call: kill its process inside the container."""
+        """exec has no kill call. Its Pid is the engine's, in the host's PID namespace (inside the container the
+        number means nothing, or another process): it is signalled from here, and only when this process sees
+        that PID in the container's own cgroup (the engine is local and shares our PID namespace)."""
+        import signal
+
         try:
-            pid = api.exec_inspect(exec_id).get("Pid")
-            if pid:
-                self._container.exec_run(["kill", "-TERM", str(pid)], user="root")
-        except Exception:
+            pid = int(api.exec_inspect(exec_id).get("Pid") or 0)
+            with open("/proc/%d/cgroup" % pid, encoding="utf-8", errors="replace") as handle:
+                cgroup = handle.read()
+            if pid > 1 and self._container.id in cgroup:
+                os.kill(pid, signal.SIGTERM)
+        except Exception:  # ended already, another namespace, or the engine is gone
             pass
 
 
