@@ -174,14 +174,36 @@ class BookgenStack:
                                connect_timeout=5, autocommit=True)
 
     def ensure_running(self) -> None:
-        """Bring every container back to running (tests stop, kill and pause them)."""
+        """Bring every container back to running (tests stop, kill and pause them). A bookgen-db that does not
+        answer is restarted once, so that the next test has its stack; the error says what state it was in."""
         for service in ("db", "redis", "api", "worker"):
             container = self.container(service)
             if container.status == "paused":
                 container.unpause()
             elif container.status != "running":
                 container.start()
-        wait_until(lambda: self.db_connect().close() is None, 30, "bookgen-db")
+        try:
+            wait_until(lambda: self.db_connect().close() is None, 30, "bookgen-db")
+        except RuntimeError as error:
+            found = "%s\n%s" % (error, self.describe("db"))
+            self.container("db").restart(timeout=10)
+            try:
+                wait_until(lambda: self.db_connect().close() is None, 60, "bookgen-db after a restart")
+            except RuntimeError as again:
+                found += "\n%s\n%s" % (again, self.describe("db"))
+            raise RuntimeError(found) from None
+
+    def describe(self, service: str) -> str:
+        """A container's state and the last lines of its log: why a service stopped answering."""
+        try:
+            container = self.container(service)
+            state = container.attrs.get("State", {})
+            log = container.logs(tail=40).decode("utf-8", "replace")
+        except Exception as error:  # the engine itself is gone
+            return "%s: cannot be inspected: %s" % (self.names[service], error)
+        facts = ", ".join("%s=%s" % (key, state.get(key)) for key in ("Status", "ExitCode", "OOMKilled", "StartedAt",
+                                                                     "FinishedAt", "Error"))
+        return "%s: %s\n--- its last log lines ---\n%s" % (self.names[service], facts, log)
 
     def stop(self) -> None:
         client = self.client()

@@ -125,6 +125,7 @@ def running_stack(bookgen_stack):
     """The stack, every container running before and after the test."""
     bookgen_stack.ensure_running()
     yield bookgen_stack
+    print(bookgen_stack.describe("db"))  # pytest shows it with a failure: what the database said meanwhile
     bookgen_stack.ensure_running()
 
 
