@@ -1,4 +1,9 @@
-"""A real Docker engine on its own socket, images made by `docker import`, and BookGen's containers.
+"""A real Docker engine on its own socket and its own bridge, images made by `docker import`, and BookGen's
+containers.
+
+The bridge is not docker0: two engines on one machine (two test sessions, or a neighbour's CI job on a shared
+kernel) would both put a container at 172.17.0.2 on docker0, and a connection to bookgen-db could reach the
+other engine's container. Each engine gets a bridge of its own on a free 10.24x.y.0/24.
 
 No registry is reachable: a busybox image is a rootfs of /usr/bin/busybox and its
 applet links; a "hostlike" image is an empty rootfs whose /usr is the host's
@@ -10,6 +15,7 @@ import io
 import os
 import pwd
 import grp
+import random
 import secrets
 import shutil
 import subprocess
@@ -34,6 +40,7 @@ class DockerEngine:
     root: Path
     socket: Path
     process: subprocess.Popen
+    bridge: Optional[str] = None
 
     @property
     def url(self) -> str:
@@ -47,19 +54,43 @@ class DockerEngine:
     def stop(self) -> None:
         stop_process(self.process, 30)
         subprocess.run(["umount", "-R", str(self.root / "data")], capture_output=True)
+        if self.bridge:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def private_bridge() -> str:
+    """A bridge named bkd<hex> with x.x.x.1/24 on a 10.240-254.y.0/24 no interface of this machine uses."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout + \
+        subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=True).stdout
+    for _ in range(100):
+        prefix = "10.%d.%d." % (random.randint(240, 254), random.randint(0, 255))
+        if prefix not in used:
+            break
+    else:
+        raise RuntimeError("no free 10.24x.y.0/24 for a Docker bridge")
+    name = "bkd" + secrets.token_hex(4)
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "addr", "add", prefix + "1/24", "dev", name], check=True, capture_output=True)
+        subprocess.run(["ip", "link", "set", name, "up"], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+        raise
+    return name
 
 
 def start_docker_engine() -> DockerEngine:
     root = Path(tempfile.mkdtemp(prefix="bkd-", dir="/tmp"))
     socket_path = root / "docker.sock"
     log = open(root / "dockerd.log", "wb")
+    bridge = private_bridge()
     process = subprocess.Popen(
         ["/usr/sbin/dockerd", "--iptables=false", "--ip6tables=false", "--storage-driver=overlay2",
-         "--data-root", str(root / "data"), "--exec-root", str(root / "exec"), "--pidfile", str(root / "pid"),
-         "-H", "unix://%s" % socket_path],
+         "--bridge", bridge, "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
+         "--pidfile", str(root / "pid"), "-H", "unix://%s" % socket_path],
         stdout=log, stderr=subprocess.STDOUT)
-    engine = DockerEngine(root, socket_path, process)
+    engine = DockerEngine(root, socket_path, process, bridge)
 
     def ready() -> bool:
         if process.poll() is not None:
