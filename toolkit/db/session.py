@@ -8,7 +8,9 @@ Invariants:
   and LAST_ERROR_MESSAGE variables, not from parsing stderr;
 - attempt() and copy_out() run under a savepoint: a failed read (a damaged page) costs that read only;
 - a psql that dies ends the session with an error (SessionLost), not a wait for output that cannot come;
-  a query the server takes long over is waited for, as psql itself would; close() kills what is left.
+  a query the server takes long over is waited for, as psql itself would; close() kills what is left, at
+  once when a request's marker has not come back (psql is still in a query: an interrupted dump whose count
+  waits on a lock must not wait for it).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class PsqlSession:
         self._serial = 0
         self._out = bytearray()
         self._ended = False
+        self._unanswered = 0  # requests sent whose marker has not been read back
         self._ready = threading.Condition()
         self._lock = threading.Lock()  # one request at a time
         self._reader = threading.Thread(target=self._read_frames, daemon=True)
@@ -68,6 +71,7 @@ class PsqlSession:
         and the rest of the marker's line (its status word and message)."""
         self._serial += 1
         marker = ("__bookgen_kit_%s_%d__" % (self._nonce, self._serial)).encode()
+        self._unanswered += 1
         try:
             self._sock.sendall(script.replace("@MARKER@", marker.decode()).encode("utf-8"))
         except OSError as error:
@@ -84,6 +88,7 @@ class PsqlSession:
                 self._ready.wait(1.0)
             output, line = bytes(self._out[:at]), bytes(self._out[at + len(marker):end])
             del self._out[:end + 1]
+        self._unanswered -= 1
         return output, line.decode("utf-8", "replace")
 
     def _run(self, sql: str, savepoint: bool) -> bytes:
@@ -110,6 +115,8 @@ class PsqlSession:
         return [[v if v != "" else None for v in row] for row in parsed[1:]]
 
     def close(self) -> None:
+        if self._unanswered and not self._ended:  # psql is in a query: a ROLLBACK would wait for it to end
+            self._server._kill(self._api, self._exec_id)
         try:
             self._sock.sendall(b"ROLLBACK;\n\\q\n")
             self._sock.shutdown(socket.SHUT_WR)
