@@ -388,6 +388,101 @@ def test_container_mode_wal_archiving(running_stack, tmp_path):
         wait_until(lambda: running_stack.db_connect("postgres", "postgres").close() is None, 60, "bookgen-db")
 
 
+def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypatch):
+    """bookgen-db in container mode: archiving on (the compose file's archive volume), a base backup by its own
+    pg_basebackup, rows, T, the breach; `restore --target-time T` replays in a scratch container of bookgen-db's
+    image (no network, the archive read-only) and dumps the database as of T into bookgen-db. Exactly the rows
+    of T; no scratch container or directory is left; swap mode is refused before any change."""
+    host = make_host_tree(tmp_path / "host")
+    env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
+    archive = running_stack.root / "wal-archive"
+    key = tmp_path / "dba.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True, timeout=60)
+    recipient = subprocess.run(["age-keygen", "-y", str(key)], capture_output=True, text=True, check=True,
+                               timeout=60).stdout.strip()
+    db = running_stack.container("db")
+
+    def checksums() -> dict:
+        with running_stack.db_connect() as conn:
+            present = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+            return {t: conn.execute(CHECKSUM % t).fetchone()[0] if t in present else None for t in TABLES}
+
+    try:
+        done = kit("--json", "backup", "wal", "enable", "--archive-dir", str(archive), "--restart", env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        done = kit("--json", "backup", "base", "-r", recipient, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        base = json.loads(done.stdout)
+        assert_waldump_inside_reads_as_the_hosts(running_stack, archive, monkeypatch)
+        with running_stack.db_connect() as conn:
+            conn.execute("INSERT INTO users (email) VALUES ('before-container@example.org')")
+            expected = checksums()
+            moment = conn.execute("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
+                                  "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')").fetchone()[0]
+            wait_until(lambda: conn.execute("SELECT clock_timestamp() > %s::timestamptz", (moment,)).fetchone()[0],
+                       10, "the server's clock to pass T")
+            conn.execute("INSERT INTO users (email) VALUES ('late-container@example.org')")
+            conn.execute("UPDATE biography_jobs SET status = 'pwned'")
+            conn.execute("DROP TABLE chapters")
+        assert checksums() != expected
+        refused = kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", "swap", "-i",
+                      str(key), "--archive-dir", str(archive), "--yes", env=env)
+        assert refused.returncode == 2 and "--pitr-mode dump" in refused.stderr, refused.stdout + refused.stderr
+        argv = ["--json", "restore", base["base"], "--target-time", moment, "-i", str(key), "--archive-dir",
+                str(archive), "--yes"]
+        client = running_stack.client()
+        breached = checksums()
+        # SIGKILL while the scratch container replays: bookgen-db serves as it was, and the rerun cleans up
+        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent"}
+        killed = subprocess.Popen([sys.executable, "-m", "toolkit"] + argv, env=dict(environment, **env),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: client.containers.list(filters={"label": "bookgen-kit.pitr-of"}), 120,
+                       "the scratch container")
+        finally:
+            killed.kill()
+            killed.wait()
+        assert checksums() == breached
+        done = kit(*argv, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert checksums() == expected
+        steps = {s["step"]: s["detail"] for s in report["steps"]}
+        assert "from bookgen-db's image" in steps["scratch cluster"], steps
+        cleaned = [s["detail"] for s in report["steps"] if s["step"] == "cleanup"]
+        assert any("removed container bookgen-kit-pitr-" in line for line in cleaned), report["steps"]
+        assert not client.containers.list(all=True, filters={"label": "bookgen-kit.pitr-of"})
+        assert not list((running_stack.root).glob("pgdata.pitr-*"))
+        old = report["restore"]["old_database"]
+        assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
+    finally:
+        db.exec_run(["psql", "-U", "postgres", "-c", "ALTER SYSTEM RESET archive_command", "-c",
+                     "ALTER SYSTEM RESET archive_mode"], user="postgres")
+        db.restart(timeout=30)
+        wait_until(lambda: running_stack.db_connect("postgres", "postgres").close() is None, 60, "bookgen-db")
+
+
+def assert_waldump_inside_reads_as_the_hosts(running_stack, archive: Path, monkeypatch) -> None:
+    """FAKE: this host has pg_waldump 15, as bookgen-db does; a host without one is made by hiding the host's
+    tools from the kit, so the runner is bookgen-db's own pg_waldump reading the archive through its mount."""
+    from toolkit.db import pitr, wal
+    from toolkit.db.server import ContainerServer
+
+    monkeypatch.setenv("DOCKER_HOST", running_stack.engine.url)
+    server = ContainerServer("bookgen-db")
+    bindir = pitr._container_bindir(server)
+    with running_stack.db_connect() as conn:
+        conn.execute("INSERT INTO users (email) VALUES ('waldump-probe@example.org')")
+    with running_stack.db_connect(user="postgres") as conn:
+        name = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]
+    wait_until(lambda: (archive / name).is_file(), 60, "segment %s archived" % name)
+    segments = [str(archive / name)]
+    on_host = wal.last_commit(pitr._waldump(server, 15, bindir), segments)
+    monkeypatch.setattr(pitr, "host_tools", lambda name: [])
+    inside = wal.last_commit(pitr._waldump(server, 15, bindir), segments)
+    assert on_host and inside == on_host, (on_host, inside)
+
+
 def test_a_base_backup_rewritten_to_match_its_checksums_is_caught_by_its_manifest(world, tmp_path):
     """An unencrypted base backup whose tar was changed (a data file's bytes) and whose sidecar sha256 was
     rewritten to match: backup verify fails on the manifest (and pg_verifybackup agrees), the PITR refuses

@@ -9,6 +9,8 @@ Invariants:
   directory, the tools.
 - The scratch cluster never archives (archive_mode=off on its command line, over whatever its copied
   configuration says), listens on a private socket only, and is stopped and removed at the end or by the next run.
+  In container mode it runs in a container of the live one's image with no network, the archive and every other
+  mount of the live container read-only, and the live data directory not mounted at all.
 - The live cluster is untouched until the scratch cluster has paused at the target and its proof passed; in
   `swap` mode the stop-rename-start is done by a detached process that finishes it (or puts the old data
   directory back) even when the kit is killed: at every moment one of the two runs, or is being started.
@@ -45,6 +47,11 @@ SCRATCH_MARK = ".pitr-"
 # kept from the live data directory when the swapped-in one replaces it (RHEL keeps them there; Debian in /etc)
 CONFIG_FILES = ("postgresql.conf", "pg_hba.conf", "pg_ident.conf", "postgresql.auto.conf")
 OLD_MARK = ".pre-pitr-"
+# container mode: where the scratch container sees its data directory, its socket and the archive (read-only)
+DATA_INSIDE = "/var/lib/bookgen-kit-pitr/data"
+RUN_INSIDE = "/var/run/bookgen-kit-pitr"
+ARCHIVE_INSIDE = "/var/lib/bookgen-kit-pitr/archive"
+SCRATCH_LABEL = "bookgen-kit.pitr-of"  # its value: the live data directory on this host
 
 
 @dataclass
@@ -152,9 +159,10 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
             plan.base.dump, actual, sidecar["dump"]["sha256"]))
     if plan.base.encrypted and not identities:
         raise UsageError("the base backup is encrypted: give -i IDENTITY")
-    if server.mode != "host":
-        raise UsageError("point-in-time restore runs the scratch cluster beside the live data directory: host mode "
-                         "only (give --dsn), this is %s" % server.description)
+    if server.mode != "host" and plan.mode == "swap":
+        raise UsageError("--pitr-mode swap stops the server and renames its data directory: host mode only (give "
+                         "--dsn); in container mode the scratch cluster runs from %s's image and is dumped into it "
+                         "(--pitr-mode dump)" % server.description)
     live = server.query("SELECT system_identifier::text, current_setting('data_directory'), "
                         "current_setting('server_version_num'), current_setting('archive_mode'), "
                         "(SELECT rolname FROM pg_roles WHERE oid = 10) FROM pg_control_system()")[0]
@@ -164,13 +172,15 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
     if live[0] != sidecar["system_identifier"]:
         raise BadInputError("the base backup is of another cluster (system identifier %s, the server's is %s)" % (
             sidecar["system_identifier"], live[0]))
-    data_directory = live[1]
-    if not os.path.isdir(data_directory):
-        raise EnvironmentProblem("the server's data directory %s is not on this host: the scratch cluster goes "
-                                 "beside it" % data_directory)
+    data_directory = live[1] if server.mode == "host" else server.host_path(live[1])
+    if not data_directory or not os.path.isdir(data_directory):
+        raise EnvironmentProblem("the server's data directory %s is not on this host%s: the scratch cluster goes "
+                                 "beside it" % (live[1], "" if server.mode == "host" else
+                                                " (no bind or volume mount of %s holds it)" % server.description))
     if os.geteuid() != 0:
         raise EnvironmentProblem("point-in-time restore writes a data directory for the server's user: run as root")
-    bindir = _bindir(int(live[2]) // 10000)
+    major = int(live[2]) // 10000
+    bindir = _bindir(major) if server.mode == "host" else _container_bindir(server)
     owner = os.stat(data_directory)
     segment_size = int(sidecar["wal_segment_size"])
     timeline = int(sidecar["label"]["timeline"])
@@ -179,7 +189,7 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
         raise BadInputError("no WAL archive at %s" % plan.archive_dir)
     switched_at = _switch_and_wait(server, plan.archive_dir, report) if live[3] != "off" else None
     archive = wal.read_archive(plan.archive_dir, segment_size)
-    path = plan_path(archive, timeline, start, os.path.join(bindir, "pg_waldump"), plan, switched_at)
+    path = plan_path(archive, timeline, start, _waldump(server, major, bindir), plan, switched_at)
     if plan.target_kind == "time" and parse_time(plan.target) < parse_time(sidecar["ended"]):
         raise UsageError("--target-time %s is before the base backup ended (%s): choose an older base backup" % (
             iso(parse_time(plan.target)), sidecar["ended"]))
@@ -194,17 +204,21 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
                     data_directory))
     from toolkit.db.archiving import _first_unreachable
 
-    blocked = _first_unreachable(plan.archive_dir, owner.st_uid, owner.st_gid)
+    # in container mode the archive is mounted into the scratch container: only the directory itself must open
+    blocked = _first_unreachable(plan.archive_dir, owner.st_uid, owner.st_gid) if server.mode == "host" else \
+        None if _readable_by(plan.archive_dir, owner.st_uid, owner.st_gid) else plan.archive_dir
     if blocked:
         raise EnvironmentProblem("the server's user (uid %d) cannot reach the archive %s (%s is closed to it): "
                                  "nothing was changed" % (owner.st_uid, plan.archive_dir, blocked))
-    return {"superuser": live[4], "live_settings": live_settings,
+    image = server.image_id() if server.mode == "container" else None
+    return {"superuser": live[4], "live_settings": live_settings, "image": image, "data_inside": live[1],
             "sidecar": sidecar, "data_directory": data_directory.rstrip("/"), "bindir": bindir,
             "owner": (owner.st_uid, owner.st_gid), "last_commit": path["last_commit"], "timeline": path["timeline"],
             "to_end": path["to_end"]}
 
 
-def plan_path(archive: wal.Archive, base_timeline: int, start: int, waldump: str, plan: PitrPlan,
+def plan_path(archive: wal.Archive, base_timeline: int, start: int, waldump: Callable[[List[str]], str],
+              plan: PitrPlan,
               switched_at: Optional[Any]) -> Dict[str, Any]:
     """Which timeline to recover along, and whether the archive holds every segment to the target.
 
@@ -270,13 +284,15 @@ def plan_path(archive: wal.Archive, base_timeline: int, start: int, waldump: str
             "last_commit": last_commit, "to_end": to_end}
 
 
-def _last_commit_before(archive: wal.Archive, waldump: str, names: List[str]) -> Optional[str]:
+def _last_commit_before(archive: wal.Archive, waldump: Callable[[List[str]], str],
+                        names: List[str]) -> Optional[str]:
     """The last commit in the newest of these segments that holds one (at most 64 read), as ISO 8601 UTC."""
     found = wal.last_commit(waldump, [os.path.join(archive.directory, name) for name in reversed(names[-64:])])
     return iso(parse_time(found)) if found else None
 
 
-def _switch_time(archive: wal.Archive, waldump: str, parent: int, lsn: str, reason: str):
+def _switch_time(archive: wal.Archive, waldump: Callable[[List[str]], str], parent: int, lsn: str,
+                 reason: str):
     """When the timeline after `parent` began: the last commit on the parent before the switch LSN."""
     number = wal.segment_of(lsn, archive.segment_size)
     paths = [os.path.join(archive.directory, wal.segment_name(parent, n, archive.segment_size))
@@ -291,6 +307,46 @@ def _switch_time(archive: wal.Archive, waldump: str, parent: int, lsn: str, reas
 def _unreachable(plan: PitrPlan, where: str, last_commit: Optional[str]) -> str:
     return "--target-%s %s cannot be reached: %s, and the last reachable commit is at %s: nothing was changed" % (
         plan.target_kind, plan.target, where, last_commit or "(none)")
+
+
+def _readable_by(directory: str, uid: int, gid: int) -> bool:
+    """Whether uid/gid may list and search this directory (its own mode bits; root may)."""
+    import stat
+
+    info = os.stat(directory)
+    bits = (stat.S_IRUSR | stat.S_IXUSR) if info.st_uid == uid else (stat.S_IRGRP | stat.S_IXGRP) if \
+        info.st_gid == gid else (stat.S_IROTH | stat.S_IXOTH)
+    return uid == 0 or info.st_mode & bits == bits
+
+
+def _container_bindir(server: Server) -> str:
+    """Where the live container's server binaries are (the server says; the scratch cluster runs the same)."""
+    rows = server.query("SELECT setting FROM pg_config WHERE name = 'BINDIR'")
+    if not rows or not rows[0][0]:
+        raise EnvironmentProblem("%s does not say where its binaries are (pg_config)" % server.description)
+    return rows[0][0]
+
+
+def _waldump(server: Server, major: int, bindir: str) -> Callable[[List[str]], str]:
+    """pg_waldump of the server's major: the host's when it has one, else the live container's own, reading
+    the archive through the container's mount of it. Returns a runner: its arguments, the last a host path."""
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"}
+    host = [tool.path for tool in host_tools("pg_waldump") if tool.major == major]
+    if server.mode == "host" or host:
+        binary = os.path.join(bindir, "pg_waldump") if server.mode == "host" else host[0]
+
+        def run_here(args: List[str]) -> str:
+            return subprocess.run([binary] + args, capture_output=True, text=True, timeout=60, env=env).stdout
+        return run_here
+
+    def run_inside(args: List[str]) -> str:
+        inside = server.container_path(args[-1])
+        if inside is None:
+            raise EnvironmentProblem("%s is on no mount of %s: its pg_waldump cannot read it" % (
+                args[-1], server.description))
+        code, out, _ = server.exec_argv([os.path.join(bindir, "pg_waldump")] + args[:-1] + [inside], env)
+        return out.decode("utf-8", "replace")
+    return run_inside
 
 
 def _bindir(major: int) -> str:
@@ -338,22 +394,63 @@ class Scratch:
     owner: tuple
     bindir: str
     superuser: str = "postgres"
+    container: Any = None  # container mode: the scratch container (its postgres is PID 1), else None
 
-    def server(self, dbname: str = "postgres") -> HostServer:
+    def server(self, dbname: str = "postgres") -> Server:
+        if self.container is not None:
+            from toolkit.db.server import ContainerServer
+
+            return ContainerServer(self.container.name, user=self.superuser, dbname=dbname, socket_dir=RUN_INSIDE)
         return HostServer(ConnectionParams(host=self.run_dir, port=self.port, dbname=dbname, user=self.superuser,
                                            password=None))
 
     def log_tail(self, lines: int = 5) -> List[str]:
         """The server's last lines that say something (FATAL, PANIC, ERROR, LOG)."""
         try:
-            with open(os.path.join(self.run_dir, "server.log"), encoding="utf-8", errors="replace") as handle:
-                text = handle.read().splitlines()
-        except OSError:
+            if self.container is not None:
+                text = self.container.logs(tail=2000).decode("utf-8", "replace").splitlines()
+            else:
+                with open(os.path.join(self.run_dir, "server.log"), encoding="utf-8", errors="replace") as handle:
+                    text = handle.read().splitlines()
+        except Exception:  # the log is gone, or the engine
             return []
         return [line for line in text if re.search(r"(FATAL|PANIC|ERROR|LOG):", line)][-lines:]
 
+    def exit_code(self) -> Optional[int]:
+        """None while the server runs, else how it ended."""
+        if self.container is not None:
+            self.container.reload()
+            state = self.container.attrs.get("State") or {}
+            return None if state.get("Running") else int(state.get("ExitCode") or 0)
+        return self.process.poll() if self.process is not None else 0
+
+    def recovery_state(self) -> Optional[tuple]:
+        """(in recovery, replay pause state) once it answers, else None."""
+        if self.container is not None:
+            from toolkit.errors import KitError
+
+            try:
+                row = self.server().query("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
+                                          "pg_get_wal_replay_pause_state() END")[0]
+            except KitError:
+                return None  # still starting, or not yet consistent
+            return row[0] in ("t", "true", "True"), row[1]
+        import psycopg
+
+        try:
+            with psycopg.connect(host=self.run_dir, port=self.port, user=self.superuser, dbname="postgres",
+                                 connect_timeout=5, autocommit=True) as conn:
+                return conn.execute("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
+                                    "pg_get_wal_replay_pause_state() END").fetchone()
+        except psycopg.OperationalError:
+            return None
+
     def stop(self) -> None:
-        """Fast shutdown (SIGINT), then SIGKILL after a grace; the process reaped."""
+        """Fast shutdown (SIGINT), then SIGKILL after a grace; the process reaped, the container removed."""
+        if self.container is not None:
+            _remove_scratch_container(self.container)
+            self.container = None
+            return
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -361,6 +458,22 @@ class Scratch:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _remove_scratch_container(container: Any) -> None:
+    try:
+        container.reload()
+        if container.status == "running":
+            container.kill(signal="SIGINT")  # fast shutdown
+            try:
+                container.wait(timeout=60)
+            except Exception:  # still running after the grace: removed by force below
+                pass
+        container.remove(force=True)
+    except Exception as error:
+        if "No such container" not in str(error) and "404" not in str(error):
+            raise EnvironmentProblem("the scratch container %s could not be removed: %s" % (
+                container.name, str(error).splitlines()[0][:200])) from None
 
 
 def _free_port() -> int:
@@ -418,8 +531,67 @@ def _control_settings(bindir: str, directory: str) -> Dict[str, str]:
     return settings
 
 
-def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any], report: PitrReport,
-                  say: Callable[[str], None]) -> Scratch:
+def _control_settings_inside(server: Server, facts: Dict[str, Any], directory: str) -> Dict[str, str]:
+    """pg_control's settings of the extracted base, read by the live image's own pg_controldata."""
+    engine = server.engine()
+    volumes = _inherited_mounts(server, facts)
+    volumes[directory] = {"bind": DATA_INSIDE, "mode": "ro"}
+    printed = engine.containers.run(facts["image"], [DATA_INSIDE], entrypoint=[os.path.join(facts["bindir"],
+                                                                                            "pg_controldata")],
+                                    user="%d:%d" % facts["owner"], network_mode="none", remove=True,
+                                    environment={"LC_ALL": "C"}, labels={SCRATCH_LABEL: facts["data_directory"]},
+                                    volumes=volumes)
+    settings = {}
+    for line in printed.decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in CONTROL_SETTINGS:
+            settings[CONTROL_SETTINGS[key.strip()]] = value.strip()
+    return settings
+
+
+def _run_scratch_container(server: Server, plan: PitrPlan, facts: Dict[str, Any], directory: str, run_dir: str,
+                           settings: Dict[str, str]) -> Any:
+    """The scratch cluster in a container of the live one's image: its postgres as PID 1, as the data directory's
+    owner, with no network; the extracted base, a socket directory and the archive (read-only) mounted."""
+    argv = ["-D", DATA_INSIDE]
+    for key, value in settings.items():
+        argv += ["-c", "%s=%s" % (key, value)]
+    volumes = _inherited_mounts(server, facts)
+    volumes.update({directory: {"bind": DATA_INSIDE, "mode": "rw"}, run_dir: {"bind": RUN_INSIDE, "mode": "rw"},
+                    plan.archive_dir: {"bind": ARCHIVE_INSIDE, "mode": "ro"}})
+    return server.engine().containers.run(
+        facts["image"], argv, entrypoint=[os.path.join(facts["bindir"], "postgres")],
+        name="bookgen-kit-pitr-%s" % utc.stamp().lower(), user="%d:%d" % facts["owner"], network_mode="none",
+        detach=True, labels={SCRATCH_LABEL: facts["data_directory"]}, volumes=volumes)
+
+
+def _inherited_mounts(server: Server, facts: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
+    """The live container's mounts other than its data directory, read-only: what its image leaves to them (its
+    binaries, configuration, extensions) is there for the scratch cluster too, which can write to none of them."""
+    data = facts["data_inside"].rstrip("/")
+    ours = (DATA_INSIDE, RUN_INSIDE, ARCHIVE_INSIDE)
+    volumes: Dict[str, Dict[str, str]] = {}
+    for mount in server.mounts():
+        source, inside = mount.get("Source") or "", (mount.get("Destination") or "").rstrip("/")
+        if not source or not inside or inside == data or data.startswith(inside + "/") or \
+                inside.startswith(data + "/") or any(inside == o or o.startswith(inside + "/") for o in ours):
+            continue  # the live data directory (or what holds it), and the scratch cluster's own mounts
+        volumes[source] = {"bind": inside, "mode": "ro"}
+    return volumes
+
+
+def remove_scratch_containers(server: Server, data_directory: str, report: PitrReport) -> None:
+    """A killed run's scratch containers (container mode), removed before their directories are."""
+    if server.mode != "container":
+        return
+    for container in server.engine().containers.list(all=True, filters={"label": "%s=%s" % (SCRATCH_LABEL,
+                                                                                           data_directory)}):
+        _remove_scratch_container(container)
+        report.step("cleanup", "removed container %s, left by an interrupted point-in-time restore" % container.name)
+
+
+def start_scratch(server: Server, plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any],
+                  report: PitrReport, say: Callable[[str], None]) -> Scratch:
     """The base extracted beside the live data directory and started as the scratch cluster; on any failure both
     its directories are removed (they sit on the live cluster's filesystem)."""
     from toolkit.host.atomic import environment_error
@@ -427,8 +599,13 @@ def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[An
     directory = facts["data_directory"] + SCRATCH_MARK + utc.stamp()
     run_dir = tempfile.mkdtemp(prefix="bookgen-kit-pitr-run-")
     try:
-        return _start_scratch(plan, facts, identities, report, say, directory, run_dir)
+        return _start_scratch(server, plan, facts, identities, report, say, directory, run_dir)
     except BaseException as error:
+        if facts["image"] is not None:
+            try:
+                remove_scratch_containers(server, facts["data_directory"], PitrReport())
+            except Exception:  # the engine is gone: the next run removes it
+                pass
         physical.remove_tree(directory)
         physical.remove_tree(run_dir)
         if isinstance(error, OSError):
@@ -436,8 +613,8 @@ def start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[An
         raise
 
 
-def _start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any], report: PitrReport,
-                   say: Callable[[str], None], directory: str, run_dir: str) -> Scratch:
+def _start_scratch(server: Server, plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any],
+                   report: PitrReport, say: Callable[[str], None], directory: str, run_dir: str) -> Scratch:
     from toolkit.db.backup import _file_chunks
 
     os.chown(run_dir, *facts["owner"])
@@ -462,20 +639,33 @@ def _start_scratch(plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[A
     with open(hba, "w") as handle:
         handle.write("local all all trust\n")  # the socket is in a 0700 directory of the server's user
     os.chown(hba, *facts["owner"])
-    port = _free_port()
-    settings = {"port": str(port), "listen_addresses": "", "unix_socket_directories": run_dir, "hba_file": hba,
+    inside = facts["image"] is not None  # container mode: the live container's image runs it, without a network
+    port = 5432 if inside else _free_port()
+    settings = {"port": str(port), "listen_addresses": "", "unix_socket_directories": RUN_INSIDE if inside else
+                run_dir, "hba_file": os.path.join(RUN_INSIDE, "pg_hba.conf") if inside else hba,
                 "archive_mode": "off", "archive_command": "", "logging_collector": "off", "hot_standby": "on",
-                "restore_command": "cp '%s/%%f' '%%p'" % plan.archive_dir,
+                "restore_command": "cp '%s/%%f' '%%p'" % (ARCHIVE_INSIDE if inside else plan.archive_dir),
                 "recovery_target_timeline": str(facts["timeline"])}
     if not facts["to_end"]:
         settings.update({"recovery_target_%s" % plan.target_kind: iso(parse_time(plan.target)).replace("Z", "+00")
                          if plan.target_kind == "time" else plan.target, "recovery_target_action": "pause",
                          "recovery_target_inclusive": "on"})
-    for name, value in _control_settings(facts["bindir"], directory).items():
+    control = _control_settings_inside(server, facts, directory) if inside else _control_settings(facts["bindir"],
+                                                                                                 directory)
+    for name, value in control.items():
         # hot standby pauses when a setting is below the primary's: the larger of the base's and today's
         live = facts["live_settings"].get(name, "0")
         settings[name] = str(max(int(value), int(live))) if value.isdigit() and live.isdigit() else value
     settings["max_logical_replication_workers"] = "0"  # its subscriptions must not consume the publisher's slots
+    if inside:
+        container = _run_scratch_container(server, plan, facts, directory, run_dir, settings)
+        scratch = Scratch(directory, run_dir, port, None, facts["owner"], facts["bindir"], facts["superuser"],
+                          container)
+        report.step("scratch cluster", "started in container %s from %s's image (no network, archive_mode off, "
+                    "the archive read-only), replaying along timeline %s to %s" % (
+                        container.name, server.container_name, facts["timeline"], "the end of the archive" if
+                        facts["to_end"] else "%s %s" % (plan.target_kind, plan.target)))
+        return scratch
     argv = [os.path.join(facts["bindir"], "postgres"), "-D", directory]
     for key, value in settings.items():
         argv += ["-c", "%s=%s" % (key, value)]
@@ -497,36 +687,30 @@ def wait_paused(scratch: Scratch, plan: PitrPlan, report: PitrReport, say: Calla
                 to_end: bool = False) -> None:
     """Until the scratch cluster has paused at the target (or, replaying to the end, ended its recovery);
     refused with the server's own words when recovery ends before the target."""
-    import psycopg
-
     say("replaying WAL to the target")
     deadline = time.monotonic() + plan.timeout
     while True:
-        if scratch.process.poll() is not None:
+        ended = scratch.exit_code()
+        if ended is not None:
             said = scratch.log_tail(50)
             worst = [line for line in said if re.search(r"(FATAL|PANIC):", line)] or said
             why = re.split(r"(?:FATAL|PANIC|ERROR|LOG):\s*", worst[-1], 1)[-1].strip() if worst else \
-                "exit %s" % scratch.process.returncode
+                "exit %s" % ended
             raise VerificationFailed("the scratch cluster stopped before reaching the target: %s: nothing was changed"
                                      % why)
-        try:
-            with psycopg.connect(host=scratch.run_dir, port=scratch.port, user=scratch.superuser, dbname="postgres",
-                                 connect_timeout=5, autocommit=True) as conn:
-                state = conn.execute("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
-                                     "pg_get_wal_replay_pause_state() END").fetchone()
-                if state[0] and state[1] == "paused":
-                    if any("pausing at the end of recovery" in line for line in scratch.log_tail(200)):
-                        return
-                    said = [line for line in scratch.log_tail(200) if "insufficient" in line or "paused" in line]
-                    raise VerificationFailed("the scratch cluster paused before the target (%s): nothing was changed"
-                                             % (said[-1].split(":  ", 1)[-1] if said else "not at the target"))
-                if to_end and not state[0]:
+        state = scratch.recovery_state()
+        if state is not None:
+            if state[0] and state[1] == "paused":
+                if any("pausing at the end of recovery" in line for line in scratch.log_tail(200)):
                     return
-                if not state[0]:
-                    raise VerificationFailed("the scratch cluster ended its recovery without pausing at the target: "
-                                             "nothing was changed")
-        except psycopg.OperationalError:
-            pass  # still starting, or not yet consistent
+                said = [line for line in scratch.log_tail(200) if "insufficient" in line or "paused" in line]
+                raise VerificationFailed("the scratch cluster paused before the target (%s): nothing was changed"
+                                         % (said[-1].split(":  ", 1)[-1] if said else "not at the target"))
+            if to_end and not state[0]:
+                return
+            if not state[0]:
+                raise VerificationFailed("the scratch cluster ended its recovery without pausing at the target: "
+                                         "nothing was changed")
         if time.monotonic() > deadline:
             raise EnvironmentProblem("the scratch cluster did not reach the target within %.0f s" % plan.timeout)
         time.sleep(0.2)
@@ -577,8 +761,9 @@ def pitr_restore(server: Server, plan: PitrPlan, identities: Sequence[Any], reci
         if finished:
             report.step("cleanup", "an earlier run's swap ended: %s" % finished)
         facts = preflight(server, plan, identities, report)
-        clean_leftovers(facts["data_directory"], report)  # the first change: only after every refusal
-        scratch = start_scratch(plan, facts, identities, report, say)
+        remove_scratch_containers(server, facts["data_directory"], report)  # the first change: after every refusal
+        clean_leftovers(facts["data_directory"], report)
+        scratch = start_scratch(server, plan, facts, identities, report, say)
         handed_over = False
         try:
             wait_paused(scratch, plan, report, say, facts["to_end"])

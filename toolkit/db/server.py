@@ -364,13 +364,14 @@ class ContainerServer(Server):
     mode = "container"
 
     def __init__(self, container: str, user: str = "postgres", password: Optional[str] = None,
-                 dbname: str = "postgres") -> None:
+                 dbname: str = "postgres", socket_dir: Optional[str] = None) -> None:
         from toolkit.containers.engine import client
 
         self.container_name = container
         self.user = user
         self.password = password
         self.dbname = dbname
+        self.socket_dir = socket_dir  # inside the container; None: the client's default
         self.description = "container %s" % container
         self._client = client(timeout=3600)
         try:
@@ -382,6 +383,8 @@ class ContainerServer(Server):
 
     def _environment(self) -> Dict[str, str]:
         env = {"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "bookgen-kit", "LC_ALL": "C"}
+        if self.socket_dir:
+            env["PGHOST"] = self.socket_dir
         if self.password:
             env["PGPASSWORD"] = self.password
         return env
@@ -456,6 +459,25 @@ class ContainerServer(Server):
     def restart(self, timeout: int = 60) -> None:
         self._container.restart(timeout=timeout)
 
+    def image_id(self) -> str:
+        """The image the container runs (a scratch cluster runs the same binaries)."""
+        return self._container.attrs["Image"]
+
+    def engine(self):
+        """The Docker client this server is reached through."""
+        return self._client
+
+    def mounts(self) -> List[Dict[str, Any]]:
+        """The container's mounts as the engine lists them (Source on this host, Destination inside, RW)."""
+        return list(self._container.attrs.get("Mounts") or [])
+
+    def exec_argv(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> Tuple[int, bytes, bytes]:
+        """A command inside the container as its postgres user: exit code, stdout, stderr."""
+        result = self._container.exec_run(argv, demux=True, environment=dict(self._environment(), **(env or {})),
+                                          user=self.user)
+        stdout, stderr = result.output
+        return result.exit_code, stdout or b"", stderr or b""
+
     def tool_record(self, tool: str) -> Dict[str, Any]:
         result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
         lines = result[1].decode("utf-8", "replace").splitlines()
@@ -464,9 +486,7 @@ class ContainerServer(Server):
                 "inside_container": self.container_name}
 
     def _exec(self, argv: List[str]) -> Tuple[int, bytes, bytes]:
-        result = self._container.exec_run(argv, demux=True, environment=self._environment(), user=self.user)
-        stdout, stderr = result.output
-        return result.exit_code, stdout or b"", stderr or b""
+        return self.exec_argv(argv)
 
     def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
                  stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None,

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 HISTORY = re.compile(r"^([0-9A-F]{8})\.history$")
@@ -152,17 +152,14 @@ def read_history(path: str) -> List[Tuple[int, str, str]]:
     return entries
 
 
-def last_commit(waldump: str, segment_paths: Iterable[str], timeout: float = 60.0,
+def last_commit(waldump: Callable[[List[str]], str], segment_paths: Iterable[str],
                 end_lsn: Optional[str] = None) -> Optional[str]:
     """The time of the last COMMIT record in these segments (read newest first; before end_lsn when given), as
-    pg_waldump prints it (UTC), or None when none holds a commit."""
-    import subprocess
-
+    pg_waldump prints it (UTC), or None when none holds a commit. `waldump` runs pg_waldump with these arguments
+    (the last, a segment's path on this host) and returns what it printed."""
     for path in segment_paths:
-        done = subprocess.run([waldump, "--rmgr=Transaction"] + (["--end=%s" % end_lsn] if end_lsn else []) +
-                              [path], capture_output=True, text=True,
-                              timeout=timeout, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "TZ": "UTC"})
-        found = re.findall(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \w+)", done.stdout)
+        printed = waldump(["--rmgr=Transaction"] + (["--end=%s" % end_lsn] if end_lsn else []) + [path])
+        found = re.findall(r"desc: COMMIT (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \w+)", printed)
         if found:
             return found[-1]
     return None
