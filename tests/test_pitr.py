@@ -392,7 +392,8 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
     """bookgen-db in container mode: archiving on (the compose file's archive volume), a base backup by its own
     pg_basebackup, rows, T, the breach; `restore --target-time T` replays in a scratch container of bookgen-db's
     image (no network, the archive read-only) and dumps the database as of T into bookgen-db. Exactly the rows
-    of T; no scratch container or directory is left; swap mode is refused before any change."""
+    of T; no scratch container or directory is left. Then swap mode: bookgen-db stopped, its data directory
+    replaced by the cluster as of T, started, the old directory kept."""
     host = make_host_tree(tmp_path / "host")
     env = {"DOCKER_HOST": running_stack.engine.url, "BOOKGEN_KIT_APP_DIR": str(host.app_dir)}
     archive = running_stack.root / "wal-archive"
@@ -425,9 +426,6 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
             conn.execute("UPDATE biography_jobs SET status = 'pwned'")
             conn.execute("DROP TABLE chapters")
         assert checksums() != expected
-        refused = kit("--json", "restore", base["base"], "--target-time", moment, "--pitr-mode", "swap", "-i",
-                      str(key), "--archive-dir", str(archive), "--yes", env=env)
-        assert refused.returncode == 2 and "--pitr-mode dump" in refused.stderr, refused.stdout + refused.stderr
         argv = ["--json", "restore", base["base"], "--target-time", moment, "-i", str(key), "--archive-dir",
                 str(archive), "--yes"]
         client = running_stack.client()
@@ -437,8 +435,8 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         killed = subprocess.Popen([sys.executable, "-m", "toolkit"] + argv, env=dict(environment, **env),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_until(lambda: client.containers.list(filters={"label": "bookgen-kit.pitr-of"}), 120,
-                       "the scratch container")
+            wait_until(lambda: [c for c in client.containers.list(filters={"label": "bookgen-kit.pitr-of"})
+                                if c.name.startswith("bookgen-kit-pitr-")], 120, "the scratch cluster's container")
         finally:
             killed.kill()
             killed.wait()
@@ -455,7 +453,19 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         assert not list((running_stack.root).glob("pgdata.pitr-*"))
         old = report["restore"]["old_database"]
         assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
+        # swap mode: bookgen-db stopped, its data mount's directory renamed aside (kept), the one as of T in its place
+        with running_stack.db_connect() as conn:
+            conn.execute("UPDATE biography_jobs SET status = 'pwned-again'")
+        swapped = kit(*(argv + ["--pitr-mode", "swap"]), env=env)
+        assert swapped.returncode == 0, swapped.stdout + swapped.stderr
+        assert checksums() == expected
+        kept = json.loads(swapped.stdout)["old_data_directory"]
+        assert Path(kept).parent == running_stack.root and (Path(kept) / "PG_VERSION").is_file()
+        assert running_stack.container("db").status == "running"
+        assert not client.containers.list(all=True, filters={"label": "bookgen-kit.pitr-of"})
     finally:
+        for path in running_stack.root.glob("pgdata.pre-pitr-*"):
+            shutil.rmtree(path, ignore_errors=True)
         db.exec_run(["psql", "-U", "postgres", "-c", "ALTER SYSTEM RESET archive_command", "-c",
                      "ALTER SYSTEM RESET archive_mode"], user="postgres")
         db.restart(timeout=30)

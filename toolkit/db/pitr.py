@@ -159,10 +159,6 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
             plan.base.dump, actual, sidecar["dump"]["sha256"]))
     if plan.base.encrypted and not identities:
         raise UsageError("the base backup is encrypted: give -i IDENTITY")
-    if server.mode != "host" and plan.mode == "swap":
-        raise UsageError("--pitr-mode swap stops the server and renames its data directory: host mode only (give "
-                         "--dsn); in container mode the scratch cluster runs from %s's image and is dumped into it "
-                         "(--pitr-mode dump)" % server.description)
     live = server.query("SELECT system_identifier::text, current_setting('data_directory'), "
                         "current_setting('server_version_num'), current_setting('archive_mode'), "
                         "(SELECT rolname FROM pg_roles WHERE oid = 10) FROM pg_control_system()")[0]
@@ -853,6 +849,10 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
         opts = handle.read().strip()
     document = {"live": live, "old": old, "new": scratch.directory, "opts": opts, "owner": list(facts["owner"]),
                 "bindir": facts["bindir"], "state": "planned", "log": live + OLD_MARK.rstrip("-") + ".log"}
+    if server.mode == "container":  # the container is stopped and started; its data mount's source is renamed
+        from toolkit.containers.engine import docker_url
+
+        document.update(container=server.container_name, docker_url=docker_url())
     _write_journal(journal, document)
     pointer = _pointer(plan.backups_dir)
     if pointer:  # found by the next run before it asks the server anything (the server may be down)
@@ -969,12 +969,58 @@ def swap_body(journal: str) -> None:
         return False
 
     try:
+        container = _swap_container(document)
+    except Exception as error:  # the engine does not answer: nothing done yet is left as it is, for the next run
         if document["state"] == "planned":
-            done = subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
-                                   "-t", "120"], preexec_fn=as_user(uid, gid), capture_output=True, timeout=180,
-                                  cwd="/", env=environment)
-            if _postmaster_running(live):
-                raise RuntimeError("the live cluster did not stop (pg_ctl exit %d)" % done.returncode)
+            record("rolled back", error="the Docker engine: %s" % str(error).splitlines()[0][:300])
+        raise
+
+    def running() -> bool:
+        if container is not None:
+            container.reload()
+            return container.status in ("running", "restarting", "paused")
+        return _postmaster_running(live)
+
+    def stop() -> str:
+        """The live server stopped fast; what was said about it."""
+        if container is not None:
+            if running():
+                container.kill(signal="SIGINT")  # PostgreSQL's fast shutdown, whatever the image's STOPSIGNAL
+                try:
+                    container.wait(timeout=120)
+                except Exception:  # still running: said by the check that follows
+                    pass
+            return "docker kill -s INT"
+        if not _postmaster_running(live):
+            return "not running"
+        done = subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
+                               "-t", "120"], preexec_fn=as_user(uid, gid), capture_output=True, timeout=180,
+                              cwd="/", env=environment)
+        return "pg_ctl exit %d" % done.returncode
+
+    def start_ready() -> bool:
+        if container is None:
+            return ready(start())
+        container.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if not running():
+                return False
+            try:
+                with open(os.path.join(live, "postmaster.pid")) as handle:
+                    lines = handle.read().splitlines()
+                if len(lines) > 7 and lines[7].strip() == "ready":
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
+
+    try:
+        if document["state"] == "planned":
+            said = stop()
+            if running():
+                raise RuntimeError("the live cluster did not stop (%s)" % said)
             record("stopped")
         if document["state"] == "stopped":
             if not os.path.isfile(os.path.join(new, "PG_VERSION")):
@@ -1000,20 +1046,34 @@ def swap_body(journal: str) -> None:
                 os.rename(new, live)
             record("moved in")
         if document["state"] == "moved in":
-            if not _postmaster_running(live) and not ready(start()):
-                raise RuntimeError("the cluster as of the target did not start (its log: %s)" % document["log"])
+            if not running() and not start_ready():
+                raise RuntimeError("the cluster as of the target did not start (its log: %s)" % (
+                    "docker logs %s" % container.name if container is not None else document["log"]))
             record("started")
     except BaseException as error:  # the old data directory back in place, the old cluster started
         try:
             if os.path.isdir(old):
-                _stop_postmaster(live)
+                if container is not None:
+                    stop()
+                else:
+                    _stop_postmaster(live)
                 if os.path.isdir(live):
                     os.rename(live, new if not os.path.exists(new) else new + ".failed")
                 os.rename(old, live)
-            if not _postmaster_running(live):
-                ready(start())
+            if not running():
+                start_ready()
         finally:
             record("rolled back", error=str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+
+
+def _swap_container(document: Dict[str, Any]) -> Any:
+    """Container mode's live container (from the journal), or None in host mode."""
+    if not document.get("container"):
+        return None
+    import docker
+
+    return docker.DockerClient(base_url=document["docker_url"], timeout=180, version="1.41").containers.get(
+        document["container"])
 
 
 def _postmaster_running(directory: str) -> bool:

@@ -16,9 +16,10 @@ def spawn(call: str) -> subprocess.Popen:
     boot = sys.modules.get("_bkboot")
     if boot is not None:  # from the pyz: its bootstrap sets up the bundled code again
         prefix = "import sys; sys.path.insert(0, %r); import _bkboot; _bkboot.setup(); " % boot.STATE["archive"]
-    else:
+    else:  # from a source tree: this interpreter's path (the tree, and where its dependencies are installed)
         import toolkit
 
-        prefix = "import sys; sys.path.insert(0, %r); " % os.path.dirname(os.path.dirname(toolkit.__file__))
+        path = [os.path.dirname(os.path.dirname(toolkit.__file__))] + [p for p in sys.path if p]
+        prefix = "import sys; sys.path[:0] = %r; " % path
     return subprocess.Popen([sys.executable, "-I", "-S", "-c", prefix + call], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
