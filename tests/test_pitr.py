@@ -463,6 +463,32 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         assert Path(kept).parent == running_stack.root and (Path(kept) / "PG_VERSION").is_file()
         assert running_stack.container("db").status == "running"
         assert not client.containers.list(all=True, filters={"label": "bookgen-kit.pitr-of"})
+        # SIGKILL once the swap's journal is written: the detached swap (or the next run) finishes it
+        with running_stack.db_connect() as conn:
+            conn.execute("UPDATE biography_jobs SET status = 'pwned-a-third-time'")
+        breached = checksums()
+        journal = running_stack.root / "pgdata.pitr-swap.json"
+        killed = subprocess.Popen([sys.executable, "-m", "toolkit"] + argv + ["--pitr-mode", "swap"],
+                                  env=dict(environment, **env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_until(journal.exists, 120, "the swap's journal")
+        finally:
+            killed.kill()
+            killed.wait()
+
+        def serving():
+            try:
+                return checksums()
+            except Exception:  # stopped for the swap, or starting
+                return None
+        wait_until(lambda: serving() in (breached, expected), 120, "bookgen-db serving, breached or as of T")
+        rerun = kit(*argv, env=env)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert checksums() == expected
+        assert not journal.exists() and running_stack.container("db").status == "running"
+        old = json.loads(rerun.stdout)["restore"]["old_database"]
+        assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
     finally:
         for path in running_stack.root.glob("pgdata.pre-pitr-*"):
             shutil.rmtree(path, ignore_errors=True)
