@@ -487,6 +487,7 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert checksums() == expected
         assert not journal.exists() and running_stack.container("db").status == "running"
+        assert not Path(str(journal) + ".lock").exists()
         old = json.loads(rerun.stdout)["restore"]["old_database"]
         assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
     finally:

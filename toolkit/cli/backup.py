@@ -444,7 +444,6 @@ def _pitr(set_path, target, database, mode, archive_dir, identity_files, passphr
     base = choose_base(set_path, target[0], target[1])
     sidecar = base.load_sidecar() or {}
     archive = os.path.abspath(archive_dir or sidecar.get("archive") or os.path.join(deployment.backups_dir, "wal"))
-    server = _server(deployment, dsn, container)
     out = current_output()
     what = "database %s" % database if mode == "dump" else "the whole cluster (its data directory is kept)"
     if not yes:
@@ -457,8 +456,9 @@ def _pitr(set_path, target, database, mode, archive_dir, identity_files, passphr
     plan = PitrPlan(base=base, target_kind=target[0], target=target[1], archive_dir=archive, database=database,
                     mode=mode, backups_dir=deployment.backups_dir)
     say = (lambda message: out.err_console.print("[dim]%s[/dim]" % message)) if out.interactive else None
-    report = pitr_restore(server, plan, _identities(identity_files, passphrase_file), recipients, say, services,
-                          keep_stopped)
+    report = pitr_restore(lambda: _server(deployment, dsn, container), plan, _identities(identity_files,
+                                                                                          passphrase_file),
+                          recipients, say, services, keep_stopped)
     out.remember({"ok": True, "base": base.dump, "archive": archive, "target": {target[0]: target[1]}, "mode": mode,
                   "steps": report.steps, "reached": report.reached, "restore": report.restore,
                   "old_data_directory": report.old_data_directory})

@@ -747,15 +747,18 @@ def promote(scratch: Scratch, timeout: float = 120.0) -> None:
 
 
 # --------------------------------------------------------------------------- the whole
-def pitr_restore(server: Server, plan: PitrPlan, identities: Sequence[Any], recipients: Sequence[Any] = (),
-                 progress: Optional[Callable[[str], None]] = None, stop_services: Sequence[str] = (),
-                 keep_stopped: bool = False) -> PitrReport:
+def pitr_restore(connect: Callable[[], Server], plan: PitrPlan, identities: Sequence[Any],
+                 recipients: Sequence[Any] = (), progress: Optional[Callable[[str], None]] = None,
+                 stop_services: Sequence[str] = (), keep_stopped: bool = False) -> PitrReport:
+    """`connect` finds the live server: only after a killed run's swap is finished (until then it may be down, and
+    in container mode a stopped bookgen-db cannot even be resolved)."""
     say = progress or (lambda message: None)
     report = PitrReport()
     with _exclusive(plan.backups_dir):
         finished = resume_swap(plan.backups_dir)  # a killed run's swap: finished before anything else
         if finished:
             report.step("cleanup", "an earlier run's swap ended: %s" % finished)
+        server = connect()
         facts = preflight(server, plan, identities, report)
         remove_scratch_containers(server, facts["data_directory"], report)  # the first change: after every refusal
         clean_leftovers(facts["data_directory"], report)
@@ -864,14 +867,19 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
     say("swapping the data directories (the live cluster is stopped for this)")
     from toolkit.host.detached import spawn
 
-    helper = spawn("from toolkit.db.pitr import swap_body; swap_body(%r)" % journal)
-    deadline = time.monotonic() + plan.timeout
-    while helper.poll() is None:
-        if time.monotonic() > deadline:
-            raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
-        time.sleep(0.2)
+    held = _swap_lock(journal, wait=0)  # held from before the helper exists until it ends (it inherits it)
+    try:
+        helper = spawn("from toolkit.db.pitr import swap_body; swap_body(%r)" % journal, pass_fds=(held,))
+        deadline = time.monotonic() + plan.timeout
+        while helper.poll() is None:
+            if time.monotonic() > deadline:
+                raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
+            time.sleep(0.2)
+    finally:
+        os.close(held)
     document = _read_journal(journal)
     os.unlink(journal)
+    _unlink_quietly(journal + ".lock")
     if pointer and os.path.exists(pointer):
         os.unlink(pointer)
     if document.get("state") != "started":
@@ -1086,14 +1094,6 @@ def _postmaster_running(directory: str) -> bool:
         return False
 
 
-def _alive(pid: int, marker: str) -> bool:
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return marker.encode() in handle.read()
-    except OSError:
-        return False
-
-
 def _pointer(backups_dir: Optional[str]) -> Optional[str]:
     return os.path.join(backups_dir, ".bookgen-kit-pitr-swap") if backups_dir else None
 
@@ -1110,17 +1110,43 @@ def resume_swap(backups_dir: Optional[str]) -> Optional[str]:
     if not os.path.exists(journal):
         os.unlink(pointer)
         return None
-    document = _read_journal(journal)
-    pid = document.get("pid")
-    deadline = time.monotonic() + 600
-    while pid and _alive(pid, "swap_body") and time.monotonic() < deadline:  # its detached process still works
-        time.sleep(0.2)
-    document = _read_journal(journal)
-    if document.get("state") == "planned":
-        state = "not started (dropped: nothing had moved)"
-    else:
-        swap_body(journal)
-        state = _read_journal(journal).get("state")
-    os.unlink(journal)
-    os.unlink(pointer)
+    held = _swap_lock(journal, wait=600)  # its detached process, while it lives, holds this lock
+    try:
+        document = _read_journal(journal)
+        if document.get("state") == "planned":  # no process ever took it up: nothing had moved
+            state = "not started (dropped: nothing had moved)"
+        else:
+            swap_body(journal)
+            state = _read_journal(journal).get("state")
+        os.unlink(journal)
+        os.unlink(pointer)
+    finally:
+        os.close(held)
+    _unlink_quietly(journal + ".lock")
     return state
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _swap_lock(journal: str, wait: float) -> int:
+    """The swap's lock (flock on `<journal>.lock`): taken by the kit before it spawns the swap's process, which
+    inherits it, so it is held from before that process exists until it ends; a later run waits for it."""
+    import fcntl
+
+    fd = os.open(journal + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise EnvironmentProblem("an earlier run's swap (journal %s) is still under way after %.0f s" % (
+                    journal, wait)) from None
+            time.sleep(0.2)

@@ -2,7 +2,8 @@
 work that must finish even when the kit is killed (a dead-man switch, a data directory swap).
 
 Invariant: the child runs the same code as the parent (from the pyz through its bootstrap, else from the source
-tree), with -I -S: no environment, no site directory, nothing from the host's Python paths.
+tree and the parent's own path, where its dependencies are), with -I -S: no environment, no site directory.
+A lock the parent holds can be handed over (pass_fds): the child then holds it for as long as it lives.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 
-def spawn(call: str) -> subprocess.Popen:
+def spawn(call: str, pass_fds: tuple = ()) -> subprocess.Popen:
     """Run `call` (Python statements, e.g. "from toolkit.x import f; f(1)") in a detached interpreter."""
     boot = sys.modules.get("_bkboot")
     if boot is not None:  # from the pyz: its bootstrap sets up the bundled code again
@@ -22,4 +23,5 @@ def spawn(call: str) -> subprocess.Popen:
         path = [os.path.dirname(os.path.dirname(toolkit.__file__))] + [p for p in sys.path if p]
         prefix = "import sys; sys.path[:0] = %r; " % path
     return subprocess.Popen([sys.executable, "-I", "-S", "-c", prefix + call], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            pass_fds=pass_fds)
