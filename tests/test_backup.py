@@ -481,14 +481,22 @@ def test_an_interrupted_container_mode_dump_leaves_no_pg_dump_behind(running_sta
     with running_stack.db_connect() as locker, running_stack.db_connect(user="postgres") as watcher:
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE chapters IN ACCESS EXCLUSIVE MODE")
-        process = subprocess.Popen([sys.executable, "-m", "toolkit", "backup", "create"], env=environment,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # ^C's default action, even when this run's own SIGINT is ignored (started in the background by a shell)
+        process = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "toolkit", "backup", "create"],
+                                   env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             wait_until(lambda: dump_waits(watcher), 120, "pg_dump waiting for the lock")
             assert any("/bin/pg_dump " in command for command in ours_in_container())
             process.send_signal(signal.SIGINT)
             # promptly: the snapshot's psql is in a count waiting on the same lock, and is killed, not waited for
-            _, stderr = process.communicate(timeout=20)
+            try:
+                _, stderr = process.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGABRT)  # faulthandler: where each thread waits
+                raise AssertionError("the kit did not end within 20 s of ^C:\n%s" % process.communicate()[1].decode(
+                    "utf-8", "replace")[-6000:]) from None
         finally:
             if process.poll() is None:
                 process.kill()
