@@ -290,6 +290,9 @@ def test_sigkill_during_a_point_in_time_restore_leaves_the_live_cluster_serving(
     assert done.returncode == 0, done.stdout + done.stderr
     assert world.checksums() == expected
     assert not [p for p in world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*")]
+    from toolkit.db.pitr import _run_prefix
+
+    assert not list(Path("/tmp").glob(_run_prefix(str(world.cluster.datadir)) + "*"))  # the killed runs' sockets' too
     with world.cluster.connect() as conn:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
     assert not [n for n in names if "_restore_" in n and "_pre_restore_" not in n]

@@ -488,8 +488,31 @@ def clean_leftovers(data_directory: str, report: PitrReport) -> None:
         _stop_postmaster(path)
         physical.remove_tree(path)
         report.step("cleanup", "removed %s, left by an interrupted point-in-time restore" % path)
-    # a killed run's socket directory in the temp directory is left (a log and a socket-only hba line): removing
-    # every bookgen-kit-pitr-run-* would take a concurrent restore's, of another cluster, from under it
+    # a killed run's socket directory in the temp directory: only this cluster's (its name says which), whose
+    # postmaster is gone (a restore of another cluster keeps its own)
+    for path in sorted(glob.glob(os.path.join(tempfile.gettempdir(), _run_prefix(data_directory) + "*"))):
+        if os.path.isdir(path) and not _socket_in_use(path):
+            physical.remove_tree(path)
+
+
+def _run_prefix(data_directory: str) -> str:
+    """The scratch cluster's socket directory's name: which live cluster it is for."""
+    import hashlib
+
+    return "bookgen-kit-pitr-run-%s-" % hashlib.sha256(data_directory.encode()).hexdigest()[:12]
+
+
+def _socket_in_use(run_dir: str) -> bool:
+    """Whether a postmaster still holds a socket there (its lock file names a live process)."""
+    for lock in glob.glob(os.path.join(run_dir, ".s.PGSQL.*.lock")):
+        try:
+            with open(lock) as handle:
+                pid = int(handle.readline().strip())
+        except (OSError, ValueError):
+            continue
+        if os.path.exists("/proc/%d" % pid):
+            return True
+    return False
 
 
 def _stop_postmaster(directory: str) -> None:
@@ -593,7 +616,7 @@ def start_scratch(server: Server, plan: PitrPlan, facts: Dict[str, Any], identit
     from toolkit.host.atomic import environment_error
 
     directory = facts["data_directory"] + SCRATCH_MARK + utc.stamp()
-    run_dir = tempfile.mkdtemp(prefix="bookgen-kit-pitr-run-")
+    run_dir = tempfile.mkdtemp(prefix=_run_prefix(facts["data_directory"]))
     try:
         return _start_scratch(server, plan, facts, identities, report, say, directory, run_dir)
     except BaseException as error:
