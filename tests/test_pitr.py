@@ -289,10 +289,11 @@ def test_sigkill_during_a_point_in_time_restore_leaves_the_live_cluster_serving(
                      world.dsn, "-i", str(world.key), "--yes")
     assert done.returncode == 0, done.stdout + done.stderr
     assert world.checksums() == expected
-    assert not [p for p in world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*")]
+    assert not list(world.cluster.datadir.parent.glob(world.cluster.datadir.name + ".pitr-*"))
     from toolkit.db.pitr import _run_prefix
 
-    assert not list(Path("/tmp").glob(_run_prefix(str(world.cluster.datadir)) + "*"))  # the killed runs' sockets' too
+    # the killed runs' socket directories too (the cluster's lock file stays)
+    assert not [p for p in Path("/tmp").glob(_run_prefix(str(world.cluster.datadir)) + "*") if p.is_dir()]
     with world.cluster.connect() as conn:
         names = [r[0] for r in conn.execute("SELECT datname FROM pg_database")]
     assert not [n for n in names if "_restore_" in n and "_pre_restore_" not in n]
@@ -453,15 +454,17 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         cleaned = [s["detail"] for s in report["steps"] if s["step"] == "cleanup"]
         assert any("removed container bookgen-kit-pitr-" in line for line in cleaned), report["steps"]
         assert not client.containers.list(all=True, filters={"label": "bookgen-kit.pitr-of"})
-        assert not list((running_stack.root).glob("pgdata.pitr-*"))
+        assert not list(running_stack.root.glob("pgdata.pitr-*"))
         old = report["restore"]["old_database"]
         assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
         # swap mode: bookgen-db stopped, its data mount's directory renamed aside (kept), the one as of T in its place
         with running_stack.db_connect() as conn:
             conn.execute("UPDATE biography_jobs SET status = 'pwned-again'")
+        db.update(restart_policy={"Name": "always"})  # compose's `restart: always`: "no" during the swap, then back
         swapped = kit(*(argv + ["--pitr-mode", "swap"]), env=env)
         assert swapped.returncode == 0, swapped.stdout + swapped.stderr
         assert checksums() == expected
+        assert running_stack.container("db").attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
         kept = json.loads(swapped.stdout)["old_data_directory"]
         assert Path(kept).parent == running_stack.root and (Path(kept) / "PG_VERSION").is_file()
         assert running_stack.container("db").status == "running"
@@ -494,6 +497,7 @@ def test_container_mode_point_in_time_restore(running_stack, tmp_path, monkeypat
         old = json.loads(rerun.stdout)["restore"]["old_database"]
         assert kit("db", "drop-old", old, "--yes", env=env).returncode == 0
     finally:
+        db.update(restart_policy={"Name": "no"})
         for path in running_stack.root.glob("pgdata.pre-pitr-*"):
             shutil.rmtree(path, ignore_errors=True)
         db.exec_run(["psql", "-U", "postgres", "-c", "ALTER SYSTEM RESET archive_command", "-c",

@@ -178,6 +178,9 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
     major = int(live[2]) // 10000
     bindir = _bindir(major) if server.mode == "host" else _container_bindir(server)
     owner = os.stat(data_directory)
+    if plan.mode == "swap" and owner.st_dev != os.stat(os.path.dirname(data_directory.rstrip("/"))).st_dev:
+        raise EnvironmentProblem("%s is a mount point of its own: swap mode renames it, which its filesystem refuses "
+                                 "(use --pitr-mode dump): nothing was changed" % data_directory)
     segment_size = int(sidecar["wal_segment_size"])
     timeline = int(sidecar["label"]["timeline"])
     start = wal.parse_segment(sidecar["label"]["start_segment"], segment_size)[1]
@@ -423,13 +426,11 @@ class Scratch:
     def recovery_state(self) -> Optional[tuple]:
         """(in recovery, replay pause state) once it answers, else None."""
         if self.container is not None:
-            from toolkit.errors import KitError
-
             try:
                 row = self.server().query("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN "
                                           "pg_get_wal_replay_pause_state() END")[0]
-            except KitError:
-                return None  # still starting, or not yet consistent
+            except Exception:  # still starting, not yet consistent, or just ended (the engine's 409): the caller
+                return None  # looks at how it ended next
             return row[0] in ("t", "true", "True"), row[1]
         import psycopg
 
@@ -465,7 +466,7 @@ def _remove_scratch_container(container: Any) -> None:
                 container.wait(timeout=60)
             except Exception:  # still running after the grace: removed by force below
                 pass
-        container.remove(force=True)
+        container.remove(v=True, force=True)  # and its anonymous volumes (an image's VOLUME)
     except Exception as error:
         if "No such container" not in str(error) and "404" not in str(error):
             raise EnvironmentProblem("the scratch container %s could not be removed: %s" % (
@@ -510,8 +511,12 @@ def _socket_in_use(run_dir: str) -> bool:
                 pid = int(handle.readline().strip())
         except (OSError, ValueError):
             continue
-        if os.path.exists("/proc/%d" % pid):
-            return True
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                if run_dir.encode() in handle.read():  # a container's PID 1 is another process here
+                    return True
+        except OSError:
+            continue
     return False
 
 
@@ -552,20 +557,53 @@ def _control_settings(bindir: str, directory: str) -> Dict[str, str]:
 
 def _control_settings_inside(server: Server, facts: Dict[str, Any], directory: str) -> Dict[str, str]:
     """pg_control's settings of the extracted base, read by the live image's own pg_controldata."""
-    engine = server.engine()
-    volumes = _inherited_mounts(server, facts)
-    volumes[directory] = {"bind": DATA_INSIDE, "mode": "ro"}
-    printed = engine.containers.run(facts["image"], [DATA_INSIDE], entrypoint=[os.path.join(facts["bindir"],
-                                                                                            "pg_controldata")],
-                                    user="%d:%d" % facts["owner"], network_mode="none", remove=True,
-                                    environment={"LC_ALL": "C"}, labels={SCRATCH_LABEL: facts["data_directory"]},
-                                    volumes=volumes)
+    mounts = _inherited_mounts(server, facts) + [_mount(directory, DATA_INSIDE, read_only=True)]
+    container = _create(server, "pg_controldata", [DATA_INSIDE], facts, mounts)
+    try:
+        container.start()
+        _wait_container(container, 120)
+        printed = container.logs(stdout=True, stderr=False).decode("utf-8", "replace")
+    except Exception as error:
+        raise _engine_problem(error, "pg_controldata in a container of %s's image" % server.container_name)
+    finally:
+        _remove_scratch_container(container)
     settings = {}
-    for line in printed.decode("utf-8", "replace").splitlines():
+    for line in printed.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in CONTROL_SETTINGS:
             settings[CONTROL_SETTINGS[key.strip()]] = value.strip()
     return settings
+
+
+def _mount(source: str, target: str, read_only: bool) -> Any:
+    from docker.types import Mount
+
+    return Mount(target, source, type="bind", read_only=read_only)
+
+
+def _create(server: Server, program: str, argv: List[str], facts: Dict[str, Any], mounts: List[Any],
+            name: Optional[str] = None) -> Any:
+    """A container of the live one's image running its `program`, as the data directory's owner, without a
+    network, its log kept by the engine (json-file, whatever the daemon's default driver), labelled for cleanup."""
+    from docker.types import LogConfig
+
+    try:
+        return server.engine().containers.create(
+            facts["image"], argv, entrypoint=[os.path.join(facts["bindir"], program)], name=name,
+            user="%d:%d" % facts["owner"], network_mode="none", labels={SCRATCH_LABEL: facts["data_directory"]},
+            mounts=mounts, environment={"LC_ALL": "C"}, log_config=LogConfig(type=LogConfig.types.JSON))
+    except Exception as error:
+        raise _engine_problem(error, "a container of %s's image for %s" % (server.container_name, program))
+
+
+def _engine_problem(error: BaseException, what: str) -> Exception:
+    """The engine's refusal in one line (a KitError as it is)."""
+    from toolkit.errors import KitError
+
+    if isinstance(error, KitError):
+        return error
+    return EnvironmentProblem("%s: %s: nothing was changed in the live cluster" % (
+        what, (str(error).splitlines() or [type(error).__name__])[0][:300]))
 
 
 def _run_scratch_container(server: Server, plan: PitrPlan, facts: Dict[str, Any], directory: str, run_dir: str,
@@ -575,28 +613,35 @@ def _run_scratch_container(server: Server, plan: PitrPlan, facts: Dict[str, Any]
     argv = ["-D", DATA_INSIDE]
     for key, value in settings.items():
         argv += ["-c", "%s=%s" % (key, value)]
-    volumes = _inherited_mounts(server, facts)
-    volumes.update({directory: {"bind": DATA_INSIDE, "mode": "rw"}, run_dir: {"bind": RUN_INSIDE, "mode": "rw"},
-                    plan.archive_dir: {"bind": ARCHIVE_INSIDE, "mode": "ro"}})
-    return server.engine().containers.run(
-        facts["image"], argv, entrypoint=[os.path.join(facts["bindir"], "postgres")],
-        name="bookgen-kit-pitr-%s" % utc.stamp().lower(), user="%d:%d" % facts["owner"], network_mode="none",
-        detach=True, labels={SCRATCH_LABEL: facts["data_directory"]}, volumes=volumes)
+    mounts = _inherited_mounts(server, facts) + [_mount(directory, DATA_INSIDE, read_only=False),
+                                                 _mount(run_dir, RUN_INSIDE, read_only=False),
+                                                 _mount(plan.archive_dir, ARCHIVE_INSIDE, read_only=True)]
+    container = _create(server, "postgres", argv, facts, mounts, name="bookgen-kit-pitr-%s" % utc.stamp().lower())
+    try:
+        container.start()
+    except Exception as error:
+        _remove_scratch_container(container)
+        raise _engine_problem(error, "the scratch container %s" % container.name)
+    return container
 
 
-def _inherited_mounts(server: Server, facts: Dict[str, Any]) -> Dict[str, Dict[str, str]]:
+def _inherited_mounts(server: Server, facts: Dict[str, Any]) -> List[Any]:
     """The live container's mounts other than its data directory, read-only: what its image leaves to them (its
-    binaries, configuration, extensions) is there for the scratch cluster too, which can write to none of them."""
-    data = facts["data_inside"].rstrip("/")
+    binaries, configuration, extensions) is there for the scratch cluster too, which can write to none of them.
+    A mount that holds the live data directory (inside, or on this host) is left out."""
+    data, data_here = facts["data_inside"].rstrip("/"), facts["data_directory"].rstrip("/")
     ours = (DATA_INSIDE, RUN_INSIDE, ARCHIVE_INSIDE)
-    volumes: Dict[str, Dict[str, str]] = {}
+    mounts = []
     for mount in server.mounts():
-        source, inside = mount.get("Source") or "", (mount.get("Destination") or "").rstrip("/")
-        if not source or not inside or inside == data or data.startswith(inside + "/") or \
-                inside.startswith(data + "/") or any(inside == o or o.startswith(inside + "/") for o in ours):
-            continue  # the live data directory (or what holds it), and the scratch cluster's own mounts
-        volumes[source] = {"bind": inside, "mode": "ro"}
-    return volumes
+        source = (mount.get("Source") or "").rstrip("/") or "/"
+        inside = (mount.get("Destination") or "").rstrip("/")
+        if not mount.get("Source") or not inside or inside == data or data.startswith(inside + "/") or \
+                inside.startswith(data + "/") or data_here == source or \
+                data_here.startswith(source.rstrip("/") + "/") or \
+                any(inside == o or o.startswith(inside + "/") for o in ours):
+            continue
+        mounts.append(_mount(source, inside, read_only=True))
+    return mounts
 
 
 def remove_scratch_containers(server: Server, data_directory: str, report: PitrReport) -> None:
@@ -783,39 +828,48 @@ def pitr_restore(connect: Callable[[], Server], plan: PitrPlan, identities: Sequ
             report.step("cleanup", "an earlier run's swap ended: %s" % finished)
         server = connect()
         facts = preflight(server, plan, identities, report)
-        remove_scratch_containers(server, facts["data_directory"], report)  # the first change: after every refusal
-        clean_leftovers(facts["data_directory"], report)
-        scratch = start_scratch(server, plan, facts, identities, report, say)
-        handed_over = False
-        try:
-            wait_paused(scratch, plan, report, say, facts["to_end"])
-            reached = prove(scratch, plan, facts, report)
-            promote(scratch)
-            report.step("promote", "the scratch cluster ended its recovery at the target (it does not archive)")
-            if plan.mode == "dump":
-                _dump_into_live(server, scratch, plan, identities, recipients, report, say, stop_services,
+        # one per cluster too (two backups directories may point at one): its lock in the temp directory
+        with _exclusive(None, os.path.join(tempfile.gettempdir(), _run_prefix(facts["data_directory"]) + "lock")):
+            return _pitr_locked(server, plan, facts, identities, recipients, report, say, stop_services,
                                 keep_stopped)
-                return report
-            server.query("CHECKPOINT")  # the live cluster's shutdown checkpoint is then short: less downtime
-            scratch.stop()
-            scratch.process = None
-            _archive_history_later(scratch.directory, facts["owner"])
-            handed_over = True  # from here the detached swap owns the scratch directory: never removed here
-            _swap(server, scratch, plan, facts, reached, report, say)
+
+
+def _pitr_locked(server: Server, plan: PitrPlan, facts: Dict[str, Any], identities: Sequence[Any],
+                 recipients: Sequence[Any], report: PitrReport, say: Callable[[str], None],
+                 stop_services: Sequence[str], keep_stopped: bool) -> PitrReport:
+    remove_scratch_containers(server, facts["data_directory"], report)  # the first change: after every refusal
+    clean_leftovers(facts["data_directory"], report)
+    scratch = start_scratch(server, plan, facts, identities, report, say)
+    handed_over = False
+    try:
+        wait_paused(scratch, plan, report, say, facts["to_end"])
+        reached = prove(scratch, plan, facts, report)
+        promote(scratch)
+        report.step("promote", "the scratch cluster ended its recovery at the target (it does not archive)")
+        if plan.mode == "dump":
+            _dump_into_live(server, scratch, plan, identities, recipients, report, say, stop_services,
+                            keep_stopped)
             return report
-        finally:
-            scratch.stop()
-            if not handed_over and os.path.isdir(scratch.directory):
-                physical.remove_tree(scratch.directory)
-            physical.remove_tree(scratch.run_dir)
+        server.query("CHECKPOINT")  # the live cluster's shutdown checkpoint is then short: less downtime
+        scratch.stop()
+        scratch.process = None
+        _archive_history_later(scratch.directory, facts["owner"])
+        handed_over = True  # from here the detached swap owns the scratch directory: never removed here
+        _swap(server, scratch, plan, facts, reached, report, say)
+        return report
+    finally:
+        scratch.stop()
+        if not handed_over and os.path.isdir(scratch.directory):
+            physical.remove_tree(scratch.directory)
+        physical.remove_tree(scratch.run_dir)
 
 
 class _exclusive:
     """One point-in-time restore at a time per backups directory (flock on a file there, released by the kernel
     when the kit dies)."""
 
-    def __init__(self, backups_dir: Optional[str]) -> None:
-        self.path = os.path.join(backups_dir, ".bookgen-kit-pitr-lock") if backups_dir else None
+    def __init__(self, backups_dir: Optional[str], path: Optional[str] = None) -> None:
+        self.path = path or (os.path.join(backups_dir, ".bookgen-kit-pitr-lock") if backups_dir else None)
         self.fd: Optional[int] = None
 
     def __enter__(self) -> "_exclusive":
@@ -830,7 +884,7 @@ class _exclusive:
         except OSError:
             os.close(self.fd)
             self.fd = None
-            raise EnvironmentProblem("another point-in-time restore is running on %s" % os.path.dirname(self.path))
+            raise EnvironmentProblem("another point-in-time restore is running (%s is locked)" % self.path)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -879,32 +933,19 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
         from toolkit.containers.engine import docker_url
 
         document.update(container=server.container_name, docker_url=docker_url())
-    _write_journal(journal, document)
-    pointer = _pointer(plan.backups_dir)
-    if pointer:  # found by the next run before it asks the server anything (the server may be down)
-        from toolkit.host.atomic import AtomicFile
-
-        with AtomicFile(pointer, 0o600, overwrite=True) as out:
-            out.write(journal.encode())
-            out.commit()
-    say("swapping the data directories (the live cluster is stopped for this)")
-    from toolkit.host.detached import spawn
-
-    held = _swap_lock(journal, wait=0)  # held from before the helper exists until it ends (it inherits it)
+    held = _swap_lock(journal, wait=0)  # before the journal exists; the helper inherits it and holds it to its end
     try:
-        helper = spawn("from toolkit.db.pitr import swap_body; swap_body(%r)" % journal, pass_fds=(held,))
-        deadline = time.monotonic() + plan.timeout
-        while helper.poll() is None:
-            if time.monotonic() > deadline:
-                raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
-            time.sleep(0.2)
+        _run_swap(journal, document, plan, held, say)
     finally:
         os.close(held)
     document = _read_journal(journal)
-    os.unlink(journal)
-    _unlink_quietly(journal + ".lock")
-    if pointer and os.path.exists(pointer):
-        os.unlink(pointer)
+    pointer = _pointer(plan.backups_dir)
+    if document.get("state") not in ("started", "rolled back"):  # its process died, or its rollback failed
+        raise EnvironmentProblem("the swap ended in state %r (%s); its journal %s is kept: run the restore again, "
+                                 "and it finishes the swap or puts %s back first" % (
+                                     document.get("state"), document.get("error") or "its process died", journal,
+                                     live))
+    _end_swap(journal, pointer, document)
     if document.get("state") != "started":
         raise EnvironmentProblem("the swap failed (%s) and was rolled back: the live cluster runs from %s as before" %
                                  (document.get("error"), live))
@@ -925,6 +966,28 @@ def _swap(server: Server, scratch: Scratch, plan: PitrPlan, facts: Dict[str, Any
         raise VerificationFailed("the swapped-in cluster does not hold what was proven at the target (the old data "
                                  "directory is %s)" % old)
     report.step("compare", "the live cluster now holds the rows and schema proven at the target")
+
+
+def _run_swap(journal: str, document: Dict[str, Any], plan: PitrPlan, held: int,
+              say: Callable[[str], None]) -> None:
+    """The journal and the pointer to it written (under the swap's lock), the detached swap spawned with that lock,
+    and waited for."""
+    from toolkit.host.atomic import AtomicFile
+    from toolkit.host.detached import spawn
+
+    _write_journal(journal, document)
+    pointer = _pointer(plan.backups_dir)
+    if pointer:  # found by the next run before it asks the server anything (the server may be down)
+        with AtomicFile(pointer, 0o600, overwrite=True) as out:
+            out.write(journal.encode())
+            out.commit()
+    say("swapping the data directories (the live cluster is stopped for this)")
+    helper = spawn("from toolkit.db.pitr import swap_body; swap_body(%r)" % journal, pass_fds=(held,))
+    deadline = time.monotonic() + plan.timeout
+    while helper.poll() is None:
+        if time.monotonic() > deadline:
+            raise EnvironmentProblem("the swap did not end within %.0f s (journal %s)" % (plan.timeout, journal))
+        time.sleep(0.2)
 
 
 def _archive_history_later(directory: str, owner: tuple) -> None:
@@ -959,10 +1022,13 @@ def _postmaster_argv(opts: str) -> List[str]:
     return shlex.split(opts)
 
 
-def swap_body(journal: str) -> None:
+def swap_body(journal: str, roll_back: bool = False) -> None:
     """The detached swap: each step recorded when done; run again it goes on from where it stopped. Every step is
     checked (the live cluster really stopped, the new one really accepts connections); on any failure the old data
-    directory goes back into place and the old cluster is started."""
+    directory goes back into place and the old cluster is started. A directory is never renamed under a running
+    server. "rolled back" is recorded only once the old cluster is back and ready; else "rollback failed", which
+    the next run takes up again. In container mode the container's restart policy is "no" while the swap runs
+    (the engine must not start it between the steps), then what it was."""
     document = _read_journal(journal)
     live, old, new = document["live"], document["old"], document["new"]
     uid, gid = document["owner"]
@@ -983,21 +1049,13 @@ def swap_body(journal: str) -> None:
         finally:
             log.close()
 
-    def ready(process: subprocess.Popen, timeout: float = 300.0) -> bool:
-        """Until the postmaster says `ready` in its postmaster.pid (it accepts connections); False if it exits."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False
-            try:
-                with open(os.path.join(live, "postmaster.pid")) as handle:
-                    lines = handle.read().splitlines()
-                if len(lines) > 7 and lines[7].strip() == "ready":
-                    return True
-            except OSError:
-                pass
-            time.sleep(0.1)
-        return False
+    def pid_file_ready() -> bool:
+        try:
+            with open(os.path.join(live, "postmaster.pid")) as handle:
+                lines = handle.read().splitlines()
+            return len(lines) > 7 and lines[7].strip() == "ready"
+        except OSError:
+            return False
 
     try:
         container = _swap_container(document)
@@ -1012,55 +1070,89 @@ def swap_body(journal: str) -> None:
             return container.status in ("running", "restarting", "paused")
         return _postmaster_running(live)
 
-    def stop() -> str:
-        """The live server stopped fast; what was said about it."""
+    def stop() -> None:
+        """The server running from `live` stopped fast, else killed; raises when it still runs."""
+        said = "not running"
         if container is not None:
             if running():
                 container.kill(signal="SIGINT")  # PostgreSQL's fast shutdown, whatever the image's STOPSIGNAL
-                try:
-                    container.wait(timeout=120)
-                except Exception:  # still running: said by the check that follows
-                    pass
-            return "docker kill -s INT"
-        if not _postmaster_running(live):
-            return "not running"
-        done = subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast", "-w",
-                               "-t", "120"], preexec_fn=as_user(uid, gid), capture_output=True, timeout=180,
-                              cwd="/", env=environment)
-        return "pg_ctl exit %d" % done.returncode
+                said = "docker kill -s INT"
+                _wait_container(container, 120)
+            if running():
+                container.kill()  # SIGKILL: a directory is never renamed under a running server
+                said += ", then SIGKILL"
+                _wait_container(container, 60)
+        elif _postmaster_running(live):
+            done = subprocess.run([os.path.join(document["bindir"], "pg_ctl"), "stop", "-D", live, "-m", "fast",
+                                   "-w", "-t", "120"], preexec_fn=as_user(uid, gid), capture_output=True,
+                                  timeout=180, cwd="/", env=environment)
+            said = "pg_ctl exit %d" % done.returncode
+            if _postmaster_running(live):
+                _stop_postmaster(live)  # SIGINT, then SIGKILL after a grace
+        if running():
+            raise RuntimeError("the live cluster did not stop (%s)" % said)
 
-    def start_ready() -> bool:
+    def start_ready(timeout: float = 300.0) -> bool:
+        """Started from `live` and `ready` in its postmaster.pid; False if it exits or the time runs out."""
+        process = None
         if container is None:
-            return ready(start())
-        container.start()
-        deadline = time.monotonic() + 300
+            process = start()
+        else:
+            container.start()
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not running():
+            if (process.poll() is not None) if process is not None else not running():
                 return False
-            try:
-                with open(os.path.join(live, "postmaster.pid")) as handle:
-                    lines = handle.read().splitlines()
-                if len(lines) > 7 and lines[7].strip() == "ready":
-                    return True
-            except OSError:
-                pass
+            if pid_file_ready():
+                return True
             time.sleep(0.1)
         return False
 
+    def policy(restore: bool) -> None:
+        if container is None:
+            return
+        if not restore and "restart_policy" not in document:
+            record(document["state"], restart_policy=(container.attrs.get("HostConfig") or {}).get(
+                "RestartPolicy") or {"Name": "no"})
+            container.update(restart_policy={"Name": "no"})
+        elif restore and "restart_policy" in document:
+            container.update(restart_policy=document["restart_policy"])
+
+    def undo(why: str) -> None:
+        ok, said = False, why
+        try:
+            if os.path.isdir(old):
+                stop()
+                if os.path.isdir(live):
+                    os.rename(live, new if not os.path.exists(new) else new + ".failed")
+                os.rename(old, live)
+            ok = (running() and pid_file_ready()) or start_ready()
+            policy(restore=True)
+        except BaseException as again:  # recorded below; the next run tries again
+            said += "; the rollback: %s" % (str(again).splitlines()[0][:200] if str(again) else
+                                            type(again).__name__)
+        record("rolled back" if ok else "rollback failed", error=said[:400])
+
+    if roll_back or document["state"] == "rollback failed":
+        undo(document.get("error") or "an earlier run's swap was not finished")
+        return
     try:
         if document["state"] == "planned":
-            said = stop()
-            if running():
-                raise RuntimeError("the live cluster did not stop (%s)" % said)
+            policy(restore=False)
+            stop()
             record("stopped")
         if document["state"] == "stopped":
             if not os.path.isfile(os.path.join(new, "PG_VERSION")):
                 raise RuntimeError("the cluster as of the target is not at %s" % new)
+            if running():
+                raise RuntimeError("the live cluster runs again (restarted by whom?)")
             if os.path.isdir(live) and not os.path.exists(old):
                 os.rename(live, old)
             record("moved aside")
         if document["state"] == "moved aside":
-            if not os.path.exists(live):
+            if os.path.exists(new):
+                if os.path.exists(live):
+                    raise RuntimeError("%s exists again while the cluster was stopped (made by the engine?)" % live)
                 if not os.path.isfile(os.path.join(new, "PG_VERSION")):
                     raise RuntimeError("the cluster as of the target is not at %s" % new)
                 with open(os.path.join(old, "postmaster.opts")) as source, \
@@ -1075,26 +1167,24 @@ def swap_body(journal: str) -> None:
                         shutil.copy2(os.path.join(old, name), os.path.join(new, name))
                         os.chown(os.path.join(new, name), uid, gid)
                 os.rename(new, live)
+            elif not os.path.isfile(os.path.join(live, "PG_VERSION")):
+                raise RuntimeError("the cluster as of the target is neither at %s nor at %s" % (new, live))
             record("moved in")
         if document["state"] == "moved in":
-            if not running() and not start_ready():
+            if not (running() and pid_file_ready()) and not start_ready():
                 raise RuntimeError("the cluster as of the target did not start (its log: %s)" % (
                     "docker logs %s" % container.name if container is not None else document["log"]))
+            policy(restore=True)
             record("started")
     except BaseException as error:  # the old data directory back in place, the old cluster started
-        try:
-            if os.path.isdir(old):
-                if container is not None:
-                    stop()
-                else:
-                    _stop_postmaster(live)
-                if os.path.isdir(live):
-                    os.rename(live, new if not os.path.exists(new) else new + ".failed")
-                os.rename(old, live)
-            if not running():
-                start_ready()
-        finally:
-            record("rolled back", error=str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+        undo(str(error).splitlines()[0][:300] if str(error) else type(error).__name__)
+
+
+def _wait_container(container: Any, timeout: float) -> None:
+    try:
+        container.wait(timeout=timeout)
+    except Exception:  # still running after the time: the caller checks
+        pass
 
 
 def _swap_container(document: Dict[str, Any]) -> Any:
@@ -1135,18 +1225,29 @@ def resume_swap(backups_dir: Optional[str]) -> Optional[str]:
         return None
     held = _swap_lock(journal, wait=600)  # its detached process, while it lives, holds this lock
     try:
+        # planned: nothing was moved, but the server may have been stopped: it is started if it is not running
+        swap_body(journal, roll_back=_read_journal(journal).get("state") == "planned")
         document = _read_journal(journal)
-        if document.get("state") == "planned":  # no process ever took it up: nothing had moved
-            state = "not started (dropped: nothing had moved)"
-        else:
-            swap_body(journal)
-            state = _read_journal(journal).get("state")
-        os.unlink(journal)
-        os.unlink(pointer)
+        if document.get("state") not in ("started", "rolled back"):
+            raise EnvironmentProblem("an earlier run's swap could not be finished nor rolled back (%s); its journal "
+                                     "%s is kept" % (document.get("error"), journal))
+        _end_swap(journal, pointer, document)
     finally:
         os.close(held)
+    return "%s%s" % (document.get("state"), " (%s)" % document["error"] if document.get("error") else "")
+
+
+def _end_swap(journal: str, pointer: Optional[str], document: Dict[str, Any]) -> None:
+    """A swap that ended (started, or rolled back and checked): its journal, lock and pointer removed, and after a
+    rollback the cluster as of the target too (a whole cluster on the live filesystem)."""
+    if document.get("state") == "rolled back":
+        for path in (document["new"], document["new"] + ".failed"):
+            if os.path.isdir(path):
+                physical.remove_tree(path)
+    os.unlink(journal)
     _unlink_quietly(journal + ".lock")
-    return state
+    if pointer:
+        _unlink_quietly(pointer)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -567,19 +567,38 @@ class ContainerServer(Server):
             raise failure[0]
 
     def _kill(self, api, exec_id: str) -> None:
-        """exec has no kill call. Its Pid is the engine's, in the host's PID namespace (inside the container the
-        number means nothing, or another process): it is signalled from here, and only when this process sees
-        that PID in the container's own cgroup (the engine is local and shares our PID namespace)."""
+        """exec has no kill call. Its Pid is the engine's, in the host's PID namespace. It gets SIGINT (psql and
+        pg_dump then cancel their query on the server, and end): from here when this process shares that namespace
+        and may signal it (the PID's cgroup names the container), else inside the container as root, by the PID
+        it has there (the last NSpid of the host's /proc, or nothing when we cannot see it)."""
         import signal
 
         try:
             pid = int(api.exec_inspect(exec_id).get("Pid") or 0)
+        except Exception:  # the engine is gone
+            return
+        if pid <= 1:
+            return
+        try:
             with open("/proc/%d/cgroup" % pid, encoding="utf-8", errors="replace") as handle:
-                cgroup = handle.read()
-            if pid > 1 and self._container.id in cgroup:
-                os.kill(pid, signal.SIGTERM)
-        except Exception:  # ended already, another namespace, or the engine is gone
+                ours = self._container.id in handle.read()
+            with open("/proc/%d/status" % pid, encoding="utf-8", errors="replace") as handle:
+                nspid = [line.split()[1:] for line in handle if line.startswith("NSpid:")]
+        except (OSError, ValueError):
+            return  # ended already, or not in our PID namespace: nothing we can name
+        if not ours:
+            return
+        try:
+            os.kill(pid, signal.SIGINT)
+            return
+        except OSError:  # not ours to signal (a docker-group user): the container's own kill, as root
             pass
+        inside = nspid[0][-1] if nspid and nspid[0] else None
+        if inside and inside != "1":
+            try:
+                self._container.exec_run(["kill", "-INT", inside], user="root")
+            except Exception:  # the engine is gone
+                pass
 
 
 class ToolFailed(EnvironmentProblem):
