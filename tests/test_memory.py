@@ -318,7 +318,9 @@ def test_a_capture_ended_mid_dump_continues_the_frozen_process(pyz, out_dir, tea
         kit = subprocess.Popen([HOST_PYTHON, "-I", str(pyz), "capture", "--out", str(out_dir), "-r", recipient,
                                 "--only", "process-memory", "--process-memory", str(big.pid), "--freeze",
                                 "--process-memory-limit", "2G"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"})
+                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/nonexistent"},
+                               # Ctrl-C's default action, even when this run was started with SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         wait_until(lambda: state() == "T", 60, "the kit to freeze the process")
         kit.send_signal(signal_number)
         kit.wait(60)
