@@ -60,8 +60,8 @@ def seed_rows(conn, jobs: int = 50, stuck: int = 0, users: int = 10, chapters_pe
         with cur.copy("COPY users (email, created_at) FROM STDIN") as copy:
             for i in range(users):
                 copy.write_row(("user%d@example.org" % (offset + i), now - timedelta(days=rng.randint(1, 400))))
-        cur.execute("SELECT min(id), max(id) FROM users")
-        low, high = cur.fetchone()
+        cur.execute("SELECT id FROM users ORDER BY id")  # not min..max: ids have gaps (a rolled-back insert, a
+        user_ids = [row[0] for row in cur.fetchall()]     # sequence that jumped after a point-in-time restore)
         with cur.copy("COPY biography_jobs (job_id, character, status, created_at, updated_at, error_message, "
                       "user_id) FROM STDIN") as copy:
             for i in range(jobs + stuck):
@@ -74,7 +74,7 @@ def seed_rows(conn, jobs: int = 50, stuck: int = 0, users: int = 10, chapters_pe
                     created = now - timedelta(minutes=rng.randint(1, 60 * 24 * 30))
                 error = "LLM timeout" if status == "failed" else None
                 copy.write_row((job_id, rng.choice(CHARACTERS), status, created, created, error,
-                                rng.randint(low, high)))
+                                rng.choice(user_ids)))
         if chapters_per_job:
             cur.execute("INSERT INTO chapters (job_id, number, title, body) "
                         "SELECT j.job_id, n, 'Chapter ' || n, repeat(md5(j.job_id::text || n), 8) "
