@@ -342,8 +342,22 @@ def test_a_restore_point_is_a_target(world, tmp_path):
         conn.execute("SELECT pg_create_restore_point('before-migration-42')")
     expected = world.checksums()
     world.breach()
-    done = world.kit("--json", "restore", base["base"], "--target-name", "before-migration-42", "--dsn", world.dsn,
-                     "-i", str(world.key), "--yes")
+    breached = world.checksums()
+    argv = ["--json", "restore", base["base"], "--target-name", "before-migration-42", "--dsn", world.dsn, "-i",
+            str(world.key), "--yes"]
+    # the host is the adversary: the cluster's lock in /tmp planted as a symlink is refused, nothing made through it
+    from toolkit.db.pitr import _run_prefix
+
+    planted, aimed = Path("/tmp") / (_run_prefix(str(world.cluster.datadir)) + "lock"), tmp_path / "made-through-it"
+    planted.unlink(missing_ok=True)
+    planted.symlink_to(aimed)
+    try:
+        refused = world.kit(*argv)
+        assert refused.returncode == 4 and "lock file" in refused.stderr, refused.stdout + refused.stderr
+        assert not aimed.exists() and world.checksums() == breached
+    finally:
+        planted.unlink()
+    done = world.kit(*argv)
     assert done.returncode == 0, done.stdout + done.stderr
     assert world.checksums() == expected
 

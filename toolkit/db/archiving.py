@@ -139,10 +139,15 @@ def _first_unreachable(directory: str, uid: int, gid: int) -> Optional[str]:
             return None  # made below, by root, for the server's user
         if not stat.S_ISDIR(info.st_mode):
             return path
-        bits = stat.S_IXUSR if info.st_uid == uid else stat.S_IXGRP if info.st_gid == gid else stat.S_IXOTH
-        if uid != 0 and not info.st_mode & bits:
+        if uid != 0 and not class_bits(info, uid, gid) & 1:
             return path
     return None
+
+
+def class_bits(info: os.stat_result, uid: int, gid: int) -> int:
+    """The rwx bits (0-7) that apply to uid/gid on this file: its owner's, its group's or everyone else's."""
+    shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+    return (info.st_mode >> shift) & 7
 
 
 def _literal(text: str) -> str:

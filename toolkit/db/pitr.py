@@ -217,8 +217,7 @@ def preflight(server: Server, plan: PitrPlan, identities: Sequence[Any], report:
 
 
 def plan_path(archive: wal.Archive, base_timeline: int, start: int, waldump: Callable[[List[str]], str],
-              plan: PitrPlan,
-              switched_at: Optional[Any]) -> Dict[str, Any]:
+              plan: PitrPlan, switched_at: Optional[Any]) -> Dict[str, Any]:
     """Which timeline to recover along, and whether the archive holds every segment to the target.
 
     The path is the newest timeline's ancestry from the base's timeline (what `latest` follows). For a time target
@@ -310,12 +309,9 @@ def _unreachable(plan: PitrPlan, where: str, last_commit: Optional[str]) -> str:
 
 def _readable_by(directory: str, uid: int, gid: int) -> bool:
     """Whether uid/gid may list and search this directory (its own mode bits; root may)."""
-    import stat
+    from toolkit.db.archiving import class_bits
 
-    info = os.stat(directory)
-    bits = (stat.S_IRUSR | stat.S_IXUSR) if info.st_uid == uid else (stat.S_IRGRP | stat.S_IXGRP) if \
-        info.st_gid == gid else (stat.S_IROTH | stat.S_IXOTH)
-    return uid == 0 or info.st_mode & bits == bits
+    return uid == 0 or class_bits(os.stat(directory), uid, gid) & 5 == 5
 
 
 def _container_bindir(server: Server) -> str:
@@ -492,7 +488,7 @@ def clean_leftovers(data_directory: str, report: PitrReport) -> None:
     # a killed run's socket directory in the temp directory: only this cluster's (its name says which), whose
     # postmaster is gone (a restore of another cluster keeps its own)
     for path in sorted(glob.glob(os.path.join(tempfile.gettempdir(), _run_prefix(data_directory) + "*"))):
-        if os.path.isdir(path) and not _socket_in_use(path):
+        if os.path.isdir(path) and not os.path.islink(path) and not _socket_in_use(path):
             physical.remove_tree(path)
 
 
@@ -505,17 +501,14 @@ def _run_prefix(data_directory: str) -> str:
 
 def _socket_in_use(run_dir: str) -> bool:
     """Whether a postmaster still holds a socket there (its lock file names a live process)."""
+    from toolkit.host.hostfs import kernel_bytes, read_host_file
+
     for lock in glob.glob(os.path.join(run_dir, ".s.PGSQL.*.lock")):
         try:
-            with open(lock) as handle:
-                pid = int(handle.readline().strip())
+            pid = int(read_host_file(lock, 64, follow=False).split(b"\n", 1)[0])
+            if run_dir.encode() in kernel_bytes("/proc/%d/cmdline" % pid):  # a container's PID 1 is another here
+                return True
         except (OSError, ValueError):
-            continue
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as handle:
-                if run_dir.encode() in handle.read():  # a container's PID 1 is another process here
-                    return True
-        except OSError:
             continue
     return False
 
@@ -547,12 +540,7 @@ def _stop_postmaster(directory: str) -> None:
 def _control_settings(bindir: str, directory: str) -> Dict[str, str]:
     done = subprocess.run([os.path.join(bindir, "pg_controldata"), directory], capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
-    settings = {}
-    for line in done.stdout.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in CONTROL_SETTINGS:
-            settings[CONTROL_SETTINGS[key.strip()]] = value.strip()
-    return settings
+    return _parse_control(done.stdout)
 
 
 def _control_settings_inside(server: Server, facts: Dict[str, Any], directory: str) -> Dict[str, str]:
@@ -567,6 +555,11 @@ def _control_settings_inside(server: Server, facts: Dict[str, Any], directory: s
         raise _engine_problem(error, "pg_controldata in a container of %s's image" % server.container_name)
     finally:
         _remove_scratch_container(container)
+    return _parse_control(printed)
+
+
+def _parse_control(printed: str) -> Dict[str, str]:
+    """The max_* settings pg_controldata printed (its C-locale labels)."""
     settings = {}
     for line in printed.splitlines():
         key, _, value = line.partition(":")
@@ -637,7 +630,7 @@ def _inherited_mounts(server: Server, facts: Dict[str, Any]) -> List[Any]:
         inside = (mount.get("Destination") or "").rstrip("/")
         if not mount.get("Source") or not inside or inside == data or data.startswith(inside + "/") or \
                 inside.startswith(data + "/") or data_here == source or \
-                data_here.startswith(source.rstrip("/") + "/") or \
+                data_here.startswith(source + "/") or \
                 any(inside == o or o.startswith(inside + "/") for o in ours):
             continue
         mounts.append(_mount(source, inside, read_only=True))
@@ -865,8 +858,8 @@ def _pitr_locked(server: Server, plan: PitrPlan, facts: Dict[str, Any], identiti
 
 
 class _exclusive:
-    """One point-in-time restore at a time per backups directory (flock on a file there, released by the kernel
-    when the kit dies)."""
+    """One point-in-time restore at a time per backups directory, or per `path` (flock on that file, never through
+    a symlink, released by the kernel when the kit dies)."""
 
     def __init__(self, backups_dir: Optional[str], path: Optional[str] = None) -> None:
         self.path = path or (os.path.join(backups_dir, ".bookgen-kit-pitr-lock") if backups_dir else None)
@@ -878,7 +871,7 @@ class _exclusive:
         if self.path is None:
             return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self.fd = _open_lock(self.path)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1250,6 +1243,15 @@ def _end_swap(journal: str, pointer: Optional[str], document: Dict[str, Any]) ->
         _unlink_quietly(pointer)
 
 
+def _open_lock(path: str) -> int:
+    """A lock file opened for flock; a planted symlink (or anything but a file we can open) is refused in words."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as error:
+        raise EnvironmentProblem("the lock file %s cannot be opened (%s): nothing was changed" % (
+            path, error.strerror or error)) from None
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -1262,7 +1264,7 @@ def _swap_lock(journal: str, wait: float) -> int:
     inherits it, so it is held from before that process exists until it ends; a later run waits for it."""
     import fcntl
 
-    fd = os.open(journal + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    fd = _open_lock(journal + ".lock")
     deadline = time.monotonic() + wait
     while True:
         try:

@@ -286,7 +286,7 @@ def _space_check(server: Server, database: Optional[str], backup: BackupSet) -> 
     except Exception:  # not a superuser: the data directory is not ours to see
         data_dir = None
     if data_dir and getattr(server, "mode", "") == "container":
-        code, out, _err = server._exec(["df", "-Pk", data_dir])
+        code, out, _err = server.exec_argv(["df", "-Pk", data_dir])
         lines = out.decode("utf-8", "replace").splitlines()
         if code == 0 and len(lines) > 1:
             free = int(lines[1].split()[3]) * 1024

@@ -454,7 +454,7 @@ class ContainerServer(Server):
 
     def can_write(self, path: str) -> bool:
         """Whether the container's user can write this directory (asked inside the container, as that user)."""
-        return self._exec(["test", "-d", path, "-a", "-w", path])[0] == 0
+        return self.exec_argv(["test", "-d", path, "-a", "-w", path])[0] == 0
 
     def restart(self, timeout: int = 60) -> None:
         self._container.restart(timeout=timeout)
@@ -479,14 +479,11 @@ class ContainerServer(Server):
         return result.exit_code, stdout or b"", stderr or b""
 
     def tool_record(self, tool: str) -> Dict[str, Any]:
-        result = self._exec(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
+        result = self.exec_argv(["sh", "-c", 'p=$(command -v %s) && echo "$p" && "$p" --version && sha256sum "$p"' % tool])
         lines = result[1].decode("utf-8", "replace").splitlines()
         return {"name": tool, "path": lines[0] if lines else None, "version": tool_version(lines[1]) if len(lines) > 1
                 else None, "sha256": lines[2].split()[0] if len(lines) > 2 else None,
                 "inside_container": self.container_name}
-
-    def _exec(self, argv: List[str]) -> Tuple[int, bytes, bytes]:
-        return self.exec_argv(argv)
 
     def run_tool(self, tool: str, args: List[str], stdin: Optional[Iterable[bytes]] = None,
                  stdout: Optional[Callable[[bytes], None]] = None, dbname: Optional[str] = None,
@@ -579,12 +576,13 @@ class ContainerServer(Server):
             return
         if pid <= 1:
             return
+        from toolkit.host.hostfs import kernel_bytes
+
         try:
-            with open("/proc/%d/cgroup" % pid, encoding="utf-8", errors="replace") as handle:
-                ours = self._container.id in handle.read()
-            with open("/proc/%d/status" % pid, encoding="utf-8", errors="replace") as handle:
-                nspid = [line.split()[1:] for line in handle if line.startswith("NSpid:")]
-        except (OSError, ValueError):
+            ours = self._container.id.encode() in kernel_bytes("/proc/%d/cgroup" % pid)
+            nspid = [line.split()[1:] for line in kernel_bytes("/proc/%d/status" % pid).decode(
+                "utf-8", "replace").splitlines() if line.startswith("NSpid:")]
+        except OSError:
             return  # ended already, or not in our PID namespace: nothing we can name
         if not ours:
             return
